@@ -1,0 +1,44 @@
+# The two commands a newcomer runs (see README.md):
+#   make demo   set everything up, then run the main job on a SoftHSM token
+#   make test   set everything up, then run the whole test suite
+# Both are idempotent: finished steps are not redone.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STATE  := .state
+EXTRAS := dev
+
+SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates
+
+.PHONY: setup system venv demo test lint bench clean
+
+setup: system venv
+
+system:
+	@bash hardware/install-system-packages.sh $(SYSTEM_PACKAGES)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $@
+
+demo: setup
+	$(PY) -m agent.demo --state-dir $(STATE)/demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) benchmarks/pkcs11_provider.py
+
+clean:
+	rm -rf $(STATE) build *.egg-info
