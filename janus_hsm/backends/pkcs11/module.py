@@ -1,0 +1,114 @@
+"""Loading PKCS#11 modules, and the one lock per module that keeps SoftHSM alive.
+
+python-pkcs11 initialises modules with ``C_Initialize(NULL)``, which tells SoftHSM (and
+other modules) that the application is single-threaded: they then skip their own
+locking, and concurrent calls crash the process.  So every call into a module goes
+through :attr:`LoadedModule.lock`.  Parallelism comes from processes, each with its
+own module instance and session.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pkcs11
+
+from janus_hsm.errors import BackendError, ModuleLoadError
+
+MODULE_ENV = "JANUS_PKCS11_MODULE"
+
+# Where distributions put SoftHSM2; the first that exists is the default module.
+SOFTHSM_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/lib/pkcs11/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
+# p11-kit's module directories, searched for module-name=….
+MODULE_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/pkcs11",
+    "/usr/lib/aarch64-linux-gnu/pkcs11",
+    "/usr/lib64/pkcs11",
+    "/usr/lib/pkcs11",
+    "/usr/local/lib/pkcs11",
+)
+
+
+def resolve_module_path(module_path: str | None, module_name: str | None = None) -> str:
+    """URI module-path, else module-name, else $JANUS_PKCS11_MODULE, else local SoftHSM."""
+    if module_path:
+        return module_path
+    if module_name:
+        for directory in MODULE_DIRS:
+            for candidate in (f"{module_name}.so", f"lib{module_name}.so"):
+                path = Path(directory, candidate)
+                if path.exists():
+                    return str(path)
+        raise ModuleLoadError(
+            f"no PKCS#11 module named {module_name!r} in {', '.join(MODULE_DIRS)}; "
+            "give module-path=/absolute/path/to/module.so instead"
+        )
+    env = os.environ.get(MODULE_ENV)
+    if env:
+        return env
+    for candidate in SOFTHSM_CANDIDATES:
+        if Path(candidate).exists():
+            return candidate
+    raise ModuleLoadError(
+        "no PKCS#11 module given and SoftHSM2 is not installed: add "
+        f"module-path=/path/to/module.so to the URI or set {MODULE_ENV}"
+    )
+
+
+@dataclass
+class LoadedModule:
+    """One PKCS#11 library in this process, with the lock all calls into it share."""
+
+    path: str
+    lib: pkcs11.lib
+    pid: int = field(default_factory=os.getpid)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def check_process(self) -> None:
+        """A module initialised in a parent process must not be used after fork()."""
+        if os.getpid() != self.pid:
+            raise BackendError(
+                f"the PKCS#11 module {self.path} was initialised in another process; "
+                "open the provider again in this process (PKCS#11 state does not survive fork)"
+            )
+
+
+_modules: dict[str, LoadedModule] = {}
+_modules_lock = threading.Lock()
+
+
+def load_module(path: str) -> LoadedModule:
+    """Load (once per process) and initialise the module at ``path``."""
+    with _modules_lock:
+        loaded = _modules.get(path)
+        if loaded is not None and loaded.pid == os.getpid():
+            return loaded
+        if not os.path.isabs(path):
+            raise ModuleLoadError(f"PKCS#11 module path must be absolute: {path!r}")
+        if not os.path.exists(path):
+            raise ModuleLoadError(
+                f"PKCS#11 module {path} does not exist; install the vendor's library or fix "
+                f"module-path / {MODULE_ENV}"
+            )
+        try:
+            lib = pkcs11.lib(path)
+        except pkcs11.PKCS11Error as exc:
+            raise ModuleLoadError(
+                f"cannot load PKCS#11 module {path}: {exc}. Check that it is a PKCS#11 "
+                "library for this architecture and that its configuration (e.g. "
+                "SOFTHSM2_CONF) is readable"
+            ) from None
+        loaded = LoadedModule(path=path, lib=lib)
+        _modules[path] = loaded
+        return loaded
