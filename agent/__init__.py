@@ -1,1 +1,1 @@
-"""placeholder"""
+"""agent: the edge agent, the cloud agent service, envelopes, transports and the CLI."""

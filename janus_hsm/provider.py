@@ -225,9 +225,21 @@ class KeyProvider(abc.ABC):
     def generate(self, uri: str, algorithm: Algorithm) -> KeyHandle:
         """Create a new key named by ``uri`` inside the store; refuse duplicate names."""
 
-    @abc.abstractmethod
     def find(self, uri: str) -> KeyHandle:
-        """The one key ``uri`` names; KeyNotFoundError / AmbiguousKeyError otherwise."""
+        """The one key ``uri`` names, refused if it is not fit for custody (see check_custody).
+
+        Raises KeyNotFoundError / AmbiguousKeyError when the URI names no key or several.
+        """
+        handle = self.lookup(uri)
+        handle.check_custody()
+        return handle
+
+    @abc.abstractmethod
+    def lookup(self, uri: str) -> KeyHandle:
+        """Like find, without the custody check: for showing, listing and deleting keys.
+
+        The handle still refuses to sign or exchange with an unfit key.
+        """
 
     @abc.abstractmethod
     def keys(self) -> list[KeyHandle]:

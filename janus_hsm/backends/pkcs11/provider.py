@@ -167,7 +167,7 @@ class Pkcs11Provider(KeyProvider):
             )
         return handle
 
-    def find(self, uri: str | Pkcs11Uri) -> Pkcs11KeyHandle:
+    def lookup(self, uri: str | Pkcs11Uri) -> Pkcs11KeyHandle:
         parsed = _as_uri(uri)
         if parsed.type not in (None, "private"):
             raise UriError(
@@ -200,9 +200,7 @@ class Pkcs11Provider(KeyProvider):
                 f"{len(found)} private keys on {self._ts.describe()} match {name!r}; "
                 "add id= to the URI to choose one"
             )
-        handle = self._load(*found[0])
-        handle.check_custody()
-        return handle
+        return self._load(*found[0])
 
     def keys(self) -> list[Pkcs11KeyHandle]:
         def ids(session: Any) -> list[tuple[bytes, str]]:
@@ -220,18 +218,8 @@ class Pkcs11Provider(KeyProvider):
         return handles
 
     def delete(self, uri: str | Pkcs11Uri) -> None:
-        handle = self.find_any(uri)
+        handle = self.lookup(uri)
         self._destroy(handle.key_id, handle.label)
-
-    def find_any(self, uri: str | Pkcs11Uri) -> Pkcs11KeyHandle:
-        """Like find, but returns extractable keys too (for listing, showing, deleting)."""
-        allow, self.allow_extractable = self.allow_extractable, True
-        try:
-            handle = self.find(uri)
-        finally:
-            self.allow_extractable = allow
-        handle.allow_extractable = allow
-        return handle
 
     def close(self) -> None:
         self._ts.close()

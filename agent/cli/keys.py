@@ -1,0 +1,254 @@
+"""``janus keys …``: generate, show, list, sign with, delete and certify hardware keys."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from agent.cli.output import CommandError, print_json, read_input, write_output
+from janus_hsm import open_provider
+from janus_hsm.algorithms import Algorithm
+from janus_hsm.provider import KeyHandle, SignatureFormat
+from janus_hsm.public_keys import b64url_encode
+
+
+def describe(handle: KeyHandle) -> dict[str, Any]:
+    """The ``keys show`` object: a stable contract for scripts (see docs/cli.md)."""
+    props = handle.properties
+    return {
+        "uri": handle.uri,
+        "alg": props.algorithm.value,
+        "did": handle.did,
+        "jwk": handle.jwk(),
+        "backend": props.backend,
+        "custody_grade": props.custody_grade,
+        "properties": {
+            "sensitive": props.sensitive,
+            "extractable": props.extractable,
+            "always_sensitive": props.always_sensitive,
+            "never_extractable": props.never_extractable,
+            "local": props.local,
+        },
+    }
+
+
+def _print_human(info: dict[str, Any]) -> None:
+    props = info["properties"]
+    flags = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in props.items())
+    print(info["uri"])
+    print(f"  alg:        {info['alg']}")
+    print(f"  did:        {info['did']}")
+    print(f"  kid:        {info['jwk']['kid']}")
+    print(f"  properties: {flags}")
+    if not info["custody_grade"]:
+        print("  WARNING:    this private key is or was extractable; it is refused for use")
+
+
+def _provider(args: argparse.Namespace) -> Any:
+    return open_provider(args.uri, allow_extractable=args.allow_extractable)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    algorithm = _algorithm(args.alg)
+    with _provider(args) as provider:
+        handle = provider.generate(args.uri, algorithm)
+        info = describe(handle)
+    if args.json:
+        print_json(info)
+    else:
+        print(f"generated {algorithm.value} key inside the device")
+        _print_human(info)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _provider(args) as provider:
+        info = describe(provider.lookup(args.uri))
+    if args.json:
+        print_json(info)
+    else:
+        _print_human(info)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _provider(args) as provider:
+        infos = [describe(h) for h in provider.keys()]
+    if args.json:
+        print_json(infos)
+    else:
+        if not infos:
+            print("no keys")
+        for info in infos:
+            _print_human(info)
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    data = read_input(args.input)
+    fmt = SignatureFormat(args.format)
+    with _provider(args) as provider:
+        handle = provider.find(args.uri)
+        signature = handle.sign(data, format=fmt)
+        uri, alg = handle.uri, handle.algorithm.value
+    if args.out:
+        write_output(args.out, signature)
+    if args.json:
+        result = {"uri": uri, "alg": alg, "format": fmt.value,
+                  "signature": b64url_encode(signature)}
+        if args.out:
+            result["out"] = args.out
+        print_json(result)
+    elif not args.out:
+        print(b64url_encode(signature))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _provider(args) as provider:
+        handle = provider.lookup(args.uri)
+        uri = handle.uri
+        if sys.stdin.isatty() and not args.yes and not args.json:
+            answer = input(f"Destroy {uri} for good? Type 'yes': ")
+            if answer.strip() != "yes":
+                raise CommandError("not confirmed; nothing was deleted")
+        provider.delete(args.uri)
+    if args.json:
+        print_json({"deleted": uri})
+    else:
+        print(f"deleted {uri}")
+    return 0
+
+
+def _name(subject: str) -> x509.Name:
+    try:
+        name = x509.Name.from_rfc4514_string(subject)
+    except ValueError as exc:
+        raise CommandError(f"--subject {subject!r} is not an RFC 4514 name: {exc}") from None
+    if not list(name):
+        raise CommandError("--subject must not be empty, e.g. --subject 'CN=edge-root'")
+    return name
+
+
+def _signing_hash(handle: KeyHandle) -> hashes.HashAlgorithm | None:
+    return handle.algorithm.hash_algorithm  # None for Ed25519, as the builders require
+
+
+def cmd_csr(args: argparse.Namespace) -> int:
+    with _provider(args) as provider:
+        handle = provider.find(args.uri)
+        builder = x509.CertificateSigningRequestBuilder().subject_name(_name(args.subject))
+        csr = builder.sign(handle.as_cryptography_key(), _signing_hash(handle))  # type: ignore[arg-type]
+    pem = csr.public_bytes(serialization.Encoding.PEM)
+    return _emit_pem(args, pem, "csr")
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    if not 1 <= args.days <= 36500:
+        raise CommandError("--days must be between 1 and 36500")
+    with _provider(args) as provider:
+        handle = provider.find(args.uri)
+        key = handle.as_cryptography_key()
+        name = _name(args.subject)
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=args.days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, _signing_hash(handle))  # type: ignore[arg-type]
+        )
+    return _emit_pem(args, cert.public_bytes(serialization.Encoding.PEM), "certificate")
+
+
+def _emit_pem(args: argparse.Namespace, pem: bytes, field: str) -> int:
+    if args.out:
+        write_output(args.out, pem)
+    if args.json:
+        print_json({field: pem.decode("ascii"), **({"out": args.out} if args.out else {})})
+    elif not args.out:
+        sys.stdout.write(pem.decode("ascii"))
+    return 0
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    with _provider(args) as provider:
+        handle = provider.lookup(args.uri)
+        attestation = handle.attest()
+    result = {
+        "uri": handle.uri,
+        "format": attestation.format,
+        "generated_on_device": attestation.generated_on_device,
+        "certificates": [
+            c.public_bytes(serialization.Encoding.PEM).decode("ascii")
+            for c in attestation.certificates
+        ],
+        "details": attestation.details,
+    }
+    if args.json:
+        print_json(result)
+    else:
+        print(f"{handle.uri}: {attestation.format}, generated on device: "
+              f"{'yes' if attestation.generated_on_device else 'no'}")
+    return 0
+
+
+def _algorithm(name: str) -> Algorithm:
+    try:
+        return Algorithm.parse(name)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def register(commands: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument(
+        "--allow-extractable",
+        action="store_true",
+        help="accept a private key that is or was extractable (not fit for custody)",
+    )
+
+    keys = commands.add_parser("keys", help="manage keys in hardware and keystores")
+    sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+
+    def add(name: str, handler: Any, help_text: str, uri_help: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=help_text)
+        p.add_argument("uri", metavar="URI", help=uri_help)
+        p.set_defaults(handler=handler)
+        return p
+
+    key_uri = "key URI, e.g. pkcs11:token=janus;object=edge-root"
+    p = add("generate", cmd_generate, "generate a key pair inside the device", key_uri)
+    p.add_argument("--alg", required=True, metavar="ALG",
+                   help="ES256 | ES384 | EdDSA | X25519")
+    add("show", cmd_show, "show a key's public key, did:key and properties", key_uri)
+    add("list", cmd_list, "list the keys of a token or keystore",
+        "token URI, e.g. pkcs11:token=janus")
+    p = add("sign", cmd_sign, "sign a file (ECDSA over its SHA-256/384; Ed25519 over it)",
+            key_uri)
+    p.add_argument("--in", dest="input", required=True, metavar="FILE", help="file, or -")
+    p.add_argument("--format", choices=["raw", "der"], default="raw",
+                   help="raw (JOSE r||s, default) or der (X.509 style ECDSA)")
+    p.add_argument("--out", metavar="FILE", help="write the signature bytes here")
+    p = add("delete", cmd_delete, "destroy a key pair", key_uri)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p = add("csr", cmd_csr, "make a PKCS#10 certificate request signed inside the device",
+            key_uri)
+    p.add_argument("--subject", required=True, help="RFC 4514 name, e.g. 'CN=edge-root'")
+    p.add_argument("--out", metavar="FILE", help="write the PEM here")
+    p = add("cert", cmd_cert, "make a self-signed certificate signed inside the device",
+            key_uri)
+    p.add_argument("--subject", required=True, help="RFC 4514 name, e.g. 'CN=edge-root'")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p.add_argument("--out", metavar="FILE", help="write the PEM here")
+    add("attest", cmd_attest, "show evidence that the key was generated in hardware", key_uri)
