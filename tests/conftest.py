@@ -13,8 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from hardware.softhsm import SoftHSMToken, ensure_token
+
+# Shared, noisy machines: no per-example deadline; correctness, not speed, is tested here.
+settings.register_profile(
+    "janus", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=200
+)
+settings.load_profile("janus")
 
 _STATE = Path(tempfile.mkdtemp(prefix="janus-tests-"))
 
@@ -28,10 +35,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# Every token the suite uses. SoftHSM only sees tokens that existed when the module was
+# loaded into the process, so they are all created before any test runs.
+TOKEN_LABELS = ("janus-test", "pin-test", "interop")
+_tokens: dict[str, SoftHSMToken] = {}
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ["SOFTHSM2_CONF"] = str(_STATE / "softhsm" / "softhsm2.conf")
     os.environ.pop("JANUS_PIN", None)
     os.environ.pop("JANUS_PKCS11_MODULE", None)
+    for label in TOKEN_LABELS:
+        _tokens[label] = ensure_token(_STATE / "softhsm", label)
+    _tokens[TOKEN_LABELS[0]].activate()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -50,9 +65,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def softhsm_token() -> SoftHSMToken:
     """The session's SoftHSM token, its PIN in a 0600 file the URI points at."""
-    token = ensure_token(_STATE / "softhsm", "janus-test")
-    token.activate()
-    return token
+    return _tokens["janus-test"]
+
+
+@pytest.fixture(scope="session")
+def pin_test_token() -> SoftHSMToken:
+    """A token for wrong-PIN tests, so they never disturb the main token."""
+    return _tokens["pin-test"]
+
+
+@pytest.fixture(scope="session")
+def interop_token() -> SoftHSMToken:
+    """A token that other PKCS#11 tools (pkcs11-tool) write to and read from."""
+    return _tokens["interop"]
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,10 @@ class Pkcs11Provider(KeyProvider):
             if session is None or session.module is not module:
                 session = TokenSession(module, token_uri, pin_source)
                 _sessions[identity] = session
+            else:
+                # PKCS#11 login state is per process: once logged in, every provider on
+                # this token shares it. Until then, the newest PIN source is the one used.
+                session.replace_pin_source(pin_source)
         # Keys this provider prints are named by label (and module, when one was given).
         query = {k: v for k, v in parsed.query.items() if k in ("module-path", "module-name")}
         base = Pkcs11Uri({"token": str(token.label)}, query)

@@ -120,6 +120,11 @@ class TokenSession:
         self._session: Any = None
         self._objects: dict[tuple[int, bytes, str], Any] = {}
 
+    def replace_pin_source(self, pin_source: PinSource) -> None:
+        with self.module.lock:
+            if self._session is None:
+                self._pin_source = pin_source
+
     @property
     def token(self) -> Any:
         with self.module.lock:

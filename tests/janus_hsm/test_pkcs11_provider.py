@@ -1,0 +1,385 @@
+"""The PKCS#11 backend against a real SoftHSM2 token (no mocks of PKCS#11)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pkcs11
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+from hardware.softhsm import SoftHSMToken
+from janus_hsm import open_key, open_provider
+from janus_hsm.algorithms import Algorithm
+from janus_hsm.backends.pkcs11 import Pkcs11Provider
+from janus_hsm.backends.pkcs11.export_probe import probe_export
+from janus_hsm.errors import (
+    AmbiguousKeyError,
+    ExportRefusedError,
+    ExtractableKeyError,
+    KeyExistsError,
+    KeyNotFoundError,
+    MechanismUnsupportedError,
+    ModuleLoadError,
+    PinIncorrectError,
+    PinUnavailableError,
+    TokenLostError,
+    TokenNotFoundError,
+    UriError,
+)
+from janus_hsm.provider import SignatureFormat, raw_to_der
+from janus_hsm.public_keys import from_did_key, from_jwk
+
+SIGNING = [Algorithm.ES256, Algorithm.ES384, Algorithm.EdDSA]
+
+
+@pytest.fixture
+def provider(pkcs11_provider: Pkcs11Provider) -> Pkcs11Provider:
+    return pkcs11_provider
+
+
+@pytest.fixture
+def fresh_key(provider: Pkcs11Provider, key_name: str) -> Iterator[Any]:
+    """Generate keys under the test's own label and delete them afterwards."""
+    made: list[str] = []
+
+    def make(alg: Algorithm, suffix: str = "") -> Any:
+        handle = provider.generate(f"pkcs11:object={key_name}{suffix}-{alg.value}", alg)
+        made.append(handle.uri)
+        return handle
+
+    yield make
+    for uri in made:
+        try:
+            provider.delete(uri)
+        except KeyNotFoundError:
+            pass
+
+
+def raw_session(token: SoftHSMToken) -> Any:
+    """A python-pkcs11 session of our own: what an attacker holding the PIN would use."""
+    lib = pkcs11.lib(token.module_path)
+    tok = lib.get_token(token_label=token.label)
+    try:
+        return tok.open(rw=True, user_pin=token.pin_file.read_text().strip())
+    except pkcs11.exceptions.UserAlreadyLoggedIn:
+        return tok.open(rw=True)
+
+
+@pytest.mark.parametrize("alg", list(Algorithm))
+def test_generated_keys_have_custody_properties(fresh_key: Any, alg: Algorithm) -> None:
+    handle = fresh_key(alg)
+    props = handle.properties
+    assert props.algorithm is alg
+    assert props.sensitive and props.always_sensitive
+    assert not props.extractable and props.never_extractable
+    assert props.local
+    assert props.custody_grade
+    assert from_did_key(handle.did) == handle.public_key()
+    assert from_jwk(handle.jwk()) == handle.public_key()
+
+
+@pytest.mark.parametrize("alg", list(Algorithm))
+def test_token_attributes_as_set_explicitly(
+    fresh_key: Any, alg: Algorithm, softhsm_token: SoftHSMToken
+) -> None:
+    handle = fresh_key(alg)
+    session = raw_session(softhsm_token)
+    private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=handle.key_id)
+    assert private[Attribute.TOKEN] and private[Attribute.PRIVATE]
+    assert private[Attribute.SENSITIVE] and not private[Attribute.EXTRACTABLE]
+    assert private[Attribute.SIGN] is alg.can_sign
+    assert private[Attribute.DERIVE] is alg.can_exchange
+
+
+@pytest.mark.parametrize("alg", SIGNING)
+def test_signatures_verify_with_cryptography(fresh_key: Any, alg: Algorithm) -> None:
+    handle = fresh_key(alg)
+    message = b"pay 100 EUR to alice"
+    signature = handle.sign(message)
+    public = handle.public_key()
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        assert len(signature) == 64
+        public.verify(signature, message)
+        with pytest.raises(InvalidSignature):
+            public.verify(signature, message + b"0")
+        with pytest.raises(MechanismUnsupportedError):
+            handle.sign(message, format=SignatureFormat.DER)
+        return
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert alg.hash_algorithm is not None
+    assert len(signature) == 2 * alg.coordinate_size
+    public.verify(raw_to_der(signature, alg.coordinate_size), message, ec.ECDSA(alg.hash_algorithm))
+    der = handle.sign(message, format=SignatureFormat.DER)
+    public.verify(der, message, ec.ECDSA(alg.hash_algorithm))
+    with pytest.raises(InvalidSignature):
+        public.verify(der, message + b"0", ec.ECDSA(alg.hash_algorithm))
+
+
+@pytest.mark.parametrize("alg", [Algorithm.ES256, Algorithm.ES384, Algorithm.X25519])
+def test_ecdh_equals_software_ecdh(fresh_key: Any, alg: Algorithm) -> None:
+    handle = fresh_key(alg)
+    for _ in range(3):
+        if alg is Algorithm.X25519:
+            peer_x = x25519.X25519PrivateKey.generate()
+            expected = peer_x.exchange(handle.public_key())
+            assert handle.exchange(peer_x.public_key()) == expected
+        else:
+            assert alg.curve is not None
+            peer_ec = ec.generate_private_key(alg.curve)
+            expected = peer_ec.exchange(ec.ECDH(), handle.public_key())
+            assert handle.exchange(peer_ec.public_key()) == expected
+        assert len(expected) == alg.coordinate_size
+
+
+def test_wrong_kinds_of_operation_are_refused(fresh_key: Any) -> None:
+    agreement = fresh_key(Algorithm.X25519)
+    with pytest.raises(MechanismUnsupportedError, match="key agreement only"):
+        agreement.sign(b"x")
+    signer = fresh_key(Algorithm.EdDSA)
+    with pytest.raises(MechanismUnsupportedError, match="X25519"):
+        signer.exchange(x25519.X25519PrivateKey.generate().public_key())
+    p256 = fresh_key(Algorithm.ES256)
+    with pytest.raises(MechanismUnsupportedError, match="P-384"):
+        p256.exchange(ec.generate_private_key(ec.SECP384R1()).public_key())
+
+
+def test_ecdh_derives_no_token_objects(
+    fresh_key: Any, softhsm_token: SoftHSMToken
+) -> None:
+    handle = fresh_key(Algorithm.ES256)
+    session = raw_session(softhsm_token)
+    before = len(list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})))
+    handle.exchange(ec.generate_private_key(ec.SECP256R1()).public_key())
+    after = len(list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})))
+    assert after == before
+
+
+def test_every_export_route_is_refused(fresh_key: Any, softhsm_token: SoftHSMToken) -> None:
+    handle = fresh_key(Algorithm.ES256)
+    session = raw_session(softhsm_token)
+    private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=handle.key_id)
+    with pytest.raises(pkcs11.exceptions.AttributeSensitive):
+        private[Attribute.VALUE]
+    with pytest.raises(pkcs11.exceptions.AttributeReadOnly):
+        private[Attribute.EXTRACTABLE] = True
+    with pytest.raises(pkcs11.exceptions.AttributeReadOnly):
+        private[Attribute.SENSITIVE] = False
+    with pytest.raises(pkcs11.exceptions.AttributeReadOnly):
+        private.copy({Attribute.EXTRACTABLE: True})
+    kek = session.generate_key(KeyType.AES, 256, store=False, template={Attribute.WRAP: True})
+    with pytest.raises(pkcs11.exceptions.KeyUnextractable):
+        kek.wrap_key(private, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+    with pytest.raises(ExportRefusedError):
+        handle.as_cryptography_key().private_numbers()
+    # The probe the demo shows must agree with what we just saw.
+    assert all(attempt.refused for attempt in probe_export(handle))
+    # And the key is still exactly as protected as before.
+    assert handle.properties.custody_grade
+    assert private[Attribute.NEVER_EXTRACTABLE]
+
+
+def test_extractable_key_is_refused_unless_allowed(
+    provider: Pkcs11Provider, softhsm_token: SoftHSMToken, key_name: str
+) -> None:
+    session = raw_session(softhsm_token)
+    params = session.create_domain_parameters(
+        KeyType.EC, {Attribute.EC_PARAMS: pkcs11.util.ec.encode_named_curve_parameters(
+            "secp256r1")}, local=True
+    )
+    params.generate_keypair(
+        store=True, label=key_name, id=key_name.encode(),
+        private_template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+    )
+    provider.token_session.forget()
+    try:
+        uri = f"pkcs11:object={key_name}"
+        with pytest.raises(ExtractableKeyError, match="EXTRACTABLE is true"):
+            provider.find(uri)
+        shown = provider.lookup(uri)  # showing and listing still work
+        assert shown.properties.extractable and not shown.properties.custody_grade
+        with pytest.raises(ExtractableKeyError):
+            shown.sign(b"x")
+        allowing = Pkcs11Provider.open(softhsm_token.uri(), allow_extractable=True)
+        signature = allowing.find(uri).sign(b"x")
+        assert len(signature) == 64
+    finally:
+        provider.delete(f"pkcs11:object={key_name}")
+
+
+def test_duplicate_labels_and_ids_are_refused(fresh_key: Any, provider: Pkcs11Provider) -> None:
+    handle = fresh_key(Algorithm.ES256)
+    with pytest.raises(KeyExistsError, match="labelled"):
+        provider.generate(f"pkcs11:object={handle.label}", Algorithm.EdDSA)
+    other = "pkcs11:object=unused-label;id=" + "".join(f"%{b:02X}" for b in handle.key_id)
+    with pytest.raises(KeyExistsError, match="id"):
+        provider.generate(other, Algorithm.ES256)
+
+
+def test_ambiguous_lookup_is_refused(
+    provider: Pkcs11Provider, softhsm_token: SoftHSMToken, key_name: str
+) -> None:
+    session = raw_session(softhsm_token)
+    for key_id in (b"one", b"two"):
+        params = session.create_domain_parameters(
+            KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: bytes.fromhex("06032b6570")}, local=True
+        )
+        params.generate_keypair(store=True, label=key_name, id=key_name.encode() + key_id,
+                                private_template={Attribute.SENSITIVE: True,
+                                                  Attribute.EXTRACTABLE: False})
+    provider.token_session.forget()
+    try:
+        with pytest.raises(AmbiguousKeyError, match="id="):
+            provider.find(f"pkcs11:object={key_name}")
+        chosen = provider.find(f"pkcs11:object={key_name};id={key_name}two")
+        assert chosen.key_id == key_name.encode() + b"two"
+    finally:
+        for key_id in (b"one", b"two"):
+            provider.delete(f"pkcs11:id={key_name}{key_id.decode()}")
+
+
+def test_find_list_delete(fresh_key: Any, provider: Pkcs11Provider) -> None:
+    handle = fresh_key(Algorithm.ES384)
+    assert provider.find(handle.uri).public_key() == handle.public_key()
+    assert provider.find(f"pkcs11:object={handle.label}").key_id == handle.key_id
+    assert handle.uri in [h.uri for h in provider.keys()]
+    provider.delete(handle.uri)
+    assert handle.uri not in [h.uri for h in provider.keys()]
+    with pytest.raises(KeyNotFoundError, match="janus keys list"):
+        provider.find(handle.uri)
+
+
+def test_uri_for_generation_and_lookup_must_name_a_key(provider: Pkcs11Provider) -> None:
+    with pytest.raises(UriError, match="object="):
+        provider.generate("pkcs11:token=janus-test", Algorithm.ES256)
+    with pytest.raises(UriError, match="object="):
+        provider.find("pkcs11:token=janus-test")
+    with pytest.raises(UriError, match="type=cert"):
+        provider.find("pkcs11:object=x;type=cert")
+
+
+def test_open_key_by_full_uri(fresh_key: Any, softhsm_token: SoftHSMToken) -> None:
+    handle = fresh_key(Algorithm.EdDSA)
+    opened = open_key(softhsm_token.uri(object=handle.label))
+    assert opened.public_key() == handle.public_key()
+
+
+def test_wrong_pin_is_a_typed_error(pin_test_token: SoftHSMToken, tmp_path: Any) -> None:
+    wrong = tmp_path / "wrong.pin"
+    wrong.write_text("00000000\n")
+    wrong.chmod(0o600)
+    uri = f"pkcs11:token={pin_test_token.label}?pin-source=file:{wrong}"
+    provider = open_provider(uri)
+    with pytest.raises(PinIncorrectError, match="wrong PIN for token 'pin-test'") as info:
+        provider.keys()
+    assert "does not retry" in str(info.value)
+    assert "00000000" not in str(info.value)
+
+
+def test_pin_source_is_required_and_never_defaulted(
+    pin_test_token: SoftHSMToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("JANUS_PIN", raising=False)
+    provider = Pkcs11Provider.open(
+        f"pkcs11:token={pin_test_token.label}",
+        pin_source=None,
+    )
+    # pytest's stdin is not a terminal, so no prompt: a clear error instead.
+    provider.token_session.close()
+    with pytest.raises(PinUnavailableError, match="JANUS_PIN"):
+        provider.keys()
+
+
+def test_pin_from_environment(pin_test_token: SoftHSMToken, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JANUS_PIN", pin_test_token.pin_file.read_text().strip())
+    provider = Pkcs11Provider.open(f"pkcs11:token={pin_test_token.label}")
+    provider.token_session.close()
+    assert isinstance(provider.keys(), list)
+
+
+def test_missing_module_token_and_key_say_what_to_do(provider: Pkcs11Provider) -> None:
+    with pytest.raises(ModuleLoadError, match="does not exist"):
+        open_provider("pkcs11:token=x?module-path=/nonexistent/libnothing.so")
+    with pytest.raises(ModuleLoadError, match="module-path"):
+        open_provider("pkcs11:token=x?module-name=no-such-module")
+    with pytest.raises(TokenNotFoundError, match="janus-test") as info:
+        open_provider("pkcs11:token=no-such-token")
+    assert "SOFTHSM2_CONF" in str(info.value)
+    with pytest.raises(TokenNotFoundError, match="serial="):
+        open_provider("pkcs11:model=SoftHSM%20v2")  # every token matches
+    with pytest.raises(KeyNotFoundError, match="no private key 'absent'"):
+        provider.find("pkcs11:object=absent")
+
+
+def test_module_from_environment(
+    softhsm_token: SoftHSMToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JANUS_PKCS11_MODULE", "/nonexistent/from-env.so")
+    with pytest.raises(ModuleLoadError, match="from-env.so"):
+        open_provider(f"pkcs11:token={softhsm_token.label}")
+
+
+def test_many_threads_share_one_key(fresh_key: Any) -> None:
+    """SoftHSM crashes under concurrent calls; the module lock must prevent that."""
+    signer = fresh_key(Algorithm.ES256)
+    agreement = fresh_key(Algorithm.X25519)
+    public = signer.public_key()
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def work(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(60):
+                message = f"{n}-{i}".encode()
+                sig = signer.sign(message, format=SignatureFormat.DER)
+                public.verify(sig, message, ec.ECDSA(Algorithm.ES256.hash_algorithm))
+                peer = x25519.X25519PrivateKey.generate()
+                assert agreement.exchange(peer.public_key()) == peer.exchange(
+                    agreement.public_key()
+                )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_dropped_session_is_recovered_once(fresh_key: Any, provider: Pkcs11Provider) -> None:
+    handle = fresh_key(Algorithm.ES256)
+    ts = provider.token_session
+    with ts.module.lock:
+        ts._session.close()  # the HSM dropped us (as YubiHSM 2 does when idle)
+    assert len(handle.sign(b"after the drop")) == 64
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_session_lost_twice_is_a_clear_error(provider: Pkcs11Provider) -> None:
+    def always_loses_the_session(session: Any) -> Any:
+        session.close()
+        return list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
+
+    with pytest.raises(TokenLostError, match="could not reopen"):
+        provider.token_session.run(always_loses_the_session, what="a test operation")
+    assert isinstance(provider.keys(), list)  # and the provider works again afterwards
+
+
+def test_one_session_per_token_per_process(softhsm_token: SoftHSMToken) -> None:
+    a = Pkcs11Provider.open(softhsm_token.uri())
+    b = Pkcs11Provider.open(f"pkcs11:token={softhsm_token.label}")
+    assert a.token_session is b.token_session
+
+
+def test_unsupported_algorithm_names() -> None:
+    with pytest.raises(ValueError, match="ES256"):
+        Algorithm.parse("RS256")
+    assert Algorithm.parse("p-256") is Algorithm.ES256
+    assert Algorithm.parse("Ed25519") is Algorithm.EdDSA
