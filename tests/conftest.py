@@ -37,7 +37,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # Every token the suite uses. SoftHSM only sees tokens that existed when the module was
 # loaded into the process, so they are all created before any test runs.
-TOKEN_LABELS = ("janus-test", "pin-test", "interop")
+TOKEN_LABELS = ("janus-test", "pin-test", "interop", "cli")
 _tokens: dict[str, SoftHSMToken] = {}
 
 
@@ -72,6 +72,12 @@ def softhsm_token() -> SoftHSMToken:
 def pin_test_token() -> SoftHSMToken:
     """A token for wrong-PIN tests, so they never disturb the main token."""
     return _tokens["pin-test"]
+
+
+@pytest.fixture(scope="session")
+def cli_token() -> SoftHSMToken:
+    """A token the CLI tests drive through `janus` subprocesses."""
+    return _tokens["cli"]
 
 
 @pytest.fixture(scope="session")
