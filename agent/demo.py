@@ -69,8 +69,11 @@ def run(state_dir: Path) -> None:
         if isinstance(value, bool):
             print(f"    {name:18} {value}")
     check(
-        props.sensitive and not props.extractable and props.never_extractable
-        and props.always_sensitive and props.local,
+        props.sensitive
+        and not props.extractable
+        and props.never_extractable
+        and props.always_sensitive
+        and props.local,
         "sensitive, never extractable, generated on the token",
     )
 
@@ -89,7 +92,7 @@ def run(state_dir: Path) -> None:
     try:
         verifier.verify(raw_to_der(signature, 32), message + b"!", ec.ECDSA(hashes.SHA256()))
         tampered_ok = True
-    except Exception:  # noqa: BLE001 - InvalidSignature is the expected outcome
+    except Exception:
         tampered_ok = False
     check(not tampered_ok, "a tampered message does not verify")
     der = root.sign(message, format=SignatureFormat.DER)

@@ -109,12 +109,21 @@ def ensure_token(
     user_pin = "".join(secrets.choice("0123456789") for _ in range(8))
     _write_private(token.so_pin_file, so_pin + "\n")
     _write_private(token.pin_file, user_pin + "\n")
-    request = json.dumps({"module": token.module_path, "label": label,
-                          "so_pin_file": str(token.so_pin_file),
-                          "pin_file": str(token.pin_file)})
+    request = json.dumps(
+        {
+            "module": token.module_path,
+            "label": label,
+            "so_pin_file": str(token.so_pin_file),
+            "pin_file": str(token.pin_file),
+        }
+    )
     result = subprocess.run(
         [sys.executable, "-m", "hardware.softhsm", "--init-token"],
-        input=request, capture_output=True, text=True, env=token.environ(), check=False,
+        input=request,
+        capture_output=True,
+        text=True,
+        env=token.environ(),
+        check=False,
         cwd=Path(__file__).resolve().parent.parent,
     )
     if result.returncode != 0:
@@ -125,7 +134,10 @@ def ensure_token(
 def _token_exists(token: SoftHSMToken) -> bool:
     result = subprocess.run(
         [sys.executable, "-m", "hardware.softhsm", "--has-token", token.label, token.module_path],
-        capture_output=True, text=True, env=token.environ(), check=False,
+        capture_output=True,
+        text=True,
+        env=token.environ(),
+        check=False,
         cwd=Path(__file__).resolve().parent.parent,
     )
     return result.returncode == 0
@@ -178,8 +190,15 @@ def _init_token_in_child(request: dict[str, str]) -> None:
     if target is None:
         raise SoftHSMError("initialised token not found")
     session = ctypes.c_ulong(0)
-    _call(lib, "C_OpenSession", ctypes.c_ulong(target),
-          ctypes.c_ulong(CKF_SERIAL_SESSION | CKF_RW_SESSION), None, None, ctypes.byref(session))
+    _call(
+        lib,
+        "C_OpenSession",
+        ctypes.c_ulong(target),
+        ctypes.c_ulong(CKF_SERIAL_SESSION | CKF_RW_SESSION),
+        None,
+        None,
+        ctypes.byref(session),
+    )
     _call(lib, "C_Login", session, ctypes.c_ulong(CKU_SO), so_pin, ctypes.c_ulong(len(so_pin)))
     _call(lib, "C_InitPIN", session, user_pin, ctypes.c_ulong(len(user_pin)))
     lib.C_Logout(session)

@@ -52,9 +52,7 @@ def open_provider(
     if scheme == "pkcs11":
         from janus_hsm.backends.pkcs11 import Pkcs11Provider
 
-        return Pkcs11Provider.open(
-            uri, pin_source=pin_source, allow_extractable=allow_extractable
-        )
+        return Pkcs11Provider.open(uri, pin_source=pin_source, allow_extractable=allow_extractable)
     from janus_hsm.backends.software import SoftwareProvider
 
     return SoftwareProvider.open(

@@ -73,9 +73,7 @@ class HandleECPrivateKey(ec.EllipticCurvePrivateKey):
             digest = hasher.finalize()
         return self._handle.sign_digest(digest, format=SignatureFormat.DER)
 
-    def exchange(
-        self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey
-    ) -> bytes:
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         if not isinstance(algorithm, ec.ECDH):
             raise MechanismUnsupportedError("only ECDH key agreement is supported")
         return self._handle.exchange(peer_public_key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,9 +141,7 @@ class KeyHandle(abc.ABC):
         digest.update(data)
         return self.sign_digest(digest.finalize(), format=format)
 
-    def sign_digest(
-        self, digest: bytes, *, format: SignatureFormat = SignatureFormat.RAW
-    ) -> bytes:
+    def sign_digest(self, digest: bytes, *, format: SignatureFormat = SignatureFormat.RAW) -> bytes:
         """ECDSA over a digest the caller computed (for pre-hashed data and X.509 builders)."""
         if self.algorithm.curve is None:
             raise MechanismUnsupportedError(
@@ -242,7 +241,7 @@ class KeyProvider(abc.ABC):
         """
 
     @abc.abstractmethod
-    def keys(self) -> list[KeyHandle]:
+    def keys(self) -> Sequence[KeyHandle]:
         """Every private key in the store, extractable ones included (flagged in properties)."""
 
     @abc.abstractmethod

@@ -21,9 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.errors import JanusHSMError
 
-PublicKey = (
-    ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | x25519.X25519PublicKey
-)
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | x25519.X25519PublicKey
 
 # Multicodec prefixes (unsigned varints) of the did:key method, per the multicodec table.
 _MULTICODEC: dict[Algorithm, bytes] = {

@@ -74,9 +74,7 @@ def _decode(raw: str, safe: frozenset[str], where: str) -> bytes:
 
 
 def _encode(value: bytes, safe: frozenset[str], *, encode_all: bool = False) -> str:
-    return "".join(
-        chr(b) if not encode_all and chr(b) in safe else f"%{b:02X}" for b in value
-    )
+    return "".join(chr(b) if not encode_all and chr(b) in safe else f"%{b:02X}" for b in value)
 
 
 @dataclass(frozen=True)

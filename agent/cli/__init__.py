@@ -22,9 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="janus",
         description="Hardware-rooted identity agent: keys stay in hardware.",
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log diagnostics to stderr"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys.register(commands)
     return parser

@@ -78,7 +78,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _provider(args) as provider:
-        infos = [describe(h) for h in provider.keys()]
+        infos = [describe(h) for h in provider]
     if args.json:
         print_json(infos)
     else:
@@ -99,8 +99,12 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if args.out:
         write_output(args.out, signature)
     if args.json:
-        result = {"uri": uri, "alg": alg, "format": fmt.value,
-                  "signature": b64url_encode(signature)}
+        result = {
+            "uri": uri,
+            "alg": alg,
+            "format": fmt.value,
+            "signature": b64url_encode(signature),
+        }
         if args.out:
             result["out"] = args.out
         print_json(result)
@@ -197,8 +201,10 @@ def cmd_attest(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"{handle.uri}: {attestation.format}, generated on device: "
-              f"{'yes' if attestation.generated_on_device else 'no'}")
+        print(
+            f"{handle.uri}: {attestation.format}, generated on device: "
+            f"{'yes' if attestation.generated_on_device else 'no'}"
+        )
     return 0
 
 
@@ -229,25 +235,29 @@ def register(commands: Any) -> None:
 
     key_uri = "key URI, e.g. pkcs11:token=janus;object=edge-root"
     p = add("generate", cmd_generate, "generate a key pair inside the device", key_uri)
-    p.add_argument("--alg", required=True, metavar="ALG",
-                   help="ES256 | ES384 | EdDSA | X25519")
+    p.add_argument("--alg", required=True, metavar="ALG", help="ES256 | ES384 | EdDSA | X25519")
     add("show", cmd_show, "show a key's public key, did:key and properties", key_uri)
-    add("list", cmd_list, "list the keys of a token or keystore",
-        "token URI, e.g. pkcs11:token=janus")
-    p = add("sign", cmd_sign, "sign a file (ECDSA over its SHA-256/384; Ed25519 over it)",
-            key_uri)
+    add(
+        "list",
+        cmd_list,
+        "list the keys of a token or keystore",
+        "token URI, e.g. pkcs11:token=janus",
+    )
+    p = add("sign", cmd_sign, "sign a file (ECDSA over its SHA-256/384; Ed25519 over it)", key_uri)
     p.add_argument("--in", dest="input", required=True, metavar="FILE", help="file, or -")
-    p.add_argument("--format", choices=["raw", "der"], default="raw",
-                   help="raw (JOSE r||s, default) or der (X.509 style ECDSA)")
+    p.add_argument(
+        "--format",
+        choices=["raw", "der"],
+        default="raw",
+        help="raw (JOSE r||s, default) or der (X.509 style ECDSA)",
+    )
     p.add_argument("--out", metavar="FILE", help="write the signature bytes here")
     p = add("delete", cmd_delete, "destroy a key pair", key_uri)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p = add("csr", cmd_csr, "make a PKCS#10 certificate request signed inside the device",
-            key_uri)
+    p = add("csr", cmd_csr, "make a PKCS#10 certificate request signed inside the device", key_uri)
     p.add_argument("--subject", required=True, help="RFC 4514 name, e.g. 'CN=edge-root'")
     p.add_argument("--out", metavar="FILE", help="write the PEM here")
-    p = add("cert", cmd_cert, "make a self-signed certificate signed inside the device",
-            key_uri)
+    p = add("cert", cmd_cert, "make a self-signed certificate signed inside the device", key_uri)
     p.add_argument("--subject", required=True, help="RFC 4514 name, e.g. 'CN=edge-root'")
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.add_argument("--out", metavar="FILE", help="write the PEM here")

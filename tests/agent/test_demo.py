@@ -8,8 +8,13 @@ from pathlib import Path
 
 
 def run_demo(state: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.demo", "--state-dir", str(state)],
-                          capture_output=True, text=True, check=False, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.demo", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
 
 
 def test_demo_succeeds_twice_reusing_its_token_and_key(tmp_path: Path) -> None:
@@ -18,8 +23,9 @@ def test_demo_succeeds_twice_reusing_its_token_and_key(tmp_path: Path) -> None:
     assert "generated pkcs11:token=janus;object=edge-root" in first.stdout
     assert "all 6 export routes refused" in first.stdout
     assert "ALLOWED" not in first.stdout
-    did = next(line.strip() for line in first.stdout.splitlines()
-               if line.strip().startswith("did:key:"))
+    did = next(
+        line.strip() for line in first.stdout.splitlines() if line.strip().startswith("did:key:")
+    )
 
     second = run_demo(tmp_path / "demo")
     assert second.returncode == 0, second.stdout + second.stderr

@@ -36,7 +36,13 @@ def test_token_is_usable_from_a_fresh_process(tmp_path: Path) -> None:
         "import sys; from janus_hsm import open_provider; "
         "print(len(open_provider(sys.argv[1]).keys()))"
     )
-    result = subprocess.run([sys.executable, "-c", code, token.uri()], env=token.environ(),
-                            capture_output=True, text=True, check=False, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code, token.uri()],
+        env=token.environ(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0"

@@ -36,8 +36,8 @@ def test_csr_signed_inside_the_token_verifies(handle_for: Any, alg: Algorithm) -
     handle = handle_for(alg)
     key = handle.as_cryptography_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-root")])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(
-        key, alg.hash_algorithm
+    csr = (
+        x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, alg.hash_algorithm)
     )
     reloaded = x509.load_pem_x509_csr(csr.public_bytes(serialization.Encoding.PEM))
     assert reloaded.is_signature_valid

@@ -25,9 +25,22 @@ pytestmark = pytest.mark.skipif(
 def pkcs11_tool(token: SoftHSMToken, *args: str) -> str:
     env = {**token.environ(), "JANUS_TEST_PIN": token.pin_file.read_text().strip()}
     result = subprocess.run(
-        ["pkcs11-tool", "--module", token.module_path, "--token-label", token.label,
-         "--login", "--pin", "env:JANUS_TEST_PIN", *args],
-        env=env, capture_output=True, text=True, check=False, timeout=60,
+        [
+            "pkcs11-tool",
+            "--module",
+            token.module_path,
+            "--token-label",
+            token.label,
+            "--login",
+            "--pin",
+            "env:JANUS_TEST_PIN",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -50,8 +63,18 @@ def objects_by_label(listing: str) -> dict[str, list[str]]:
 
 
 def test_key_made_by_pkcs11_tool_is_usable_through_its_uri(interop_token: SoftHSMToken) -> None:
-    pkcs11_tool(interop_token, "--keypairgen", "--key-type", "EC:prime256v1",
-                "--label", "made-by-opensc", "--id", "c0ffee", "--usage-sign", "--usage-derive")
+    pkcs11_tool(
+        interop_token,
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "made-by-opensc",
+        "--id",
+        "c0ffee",
+        "--usage-sign",
+        "--usage-derive",
+    )
     handle = open_key(interop_token.uri(object="made-by-opensc"))
     assert handle.algorithm is Algorithm.ES256
     assert handle.key_id == bytes.fromhex("c0ffee")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pkcs11 import KDF, Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11._pkcs11 import DeriveMixin
+from pkcs11._pkcs11 import DeriveMixin  # type: ignore[attr-defined]
 
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.provider import KeyHandle, KeyProperties

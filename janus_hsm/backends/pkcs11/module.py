@@ -13,6 +13,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pkcs11
 
@@ -71,7 +72,7 @@ class LoadedModule:
     """One PKCS#11 library in this process, with the lock all calls into it share."""
 
     path: str
-    lib: pkcs11.lib
+    lib: Any
     pid: int = field(default_factory=os.getpid)
     lock: threading.RLock = field(default_factory=threading.RLock)
 

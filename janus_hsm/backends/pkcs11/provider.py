@@ -230,9 +230,9 @@ class Pkcs11Provider(KeyProvider):
 
     def _destroy(self, key_id: bytes, label: str) -> None:
         def destroy(session: Any) -> None:
-            attrs: dict[Attribute, Any] = {Attribute.ID: key_id} if key_id else {
-                Attribute.LABEL: label
-            }
+            attrs: dict[Attribute, Any] = (
+                {Attribute.ID: key_id} if key_id else {Attribute.LABEL: label}
+            )
             for obj in list(session.get_objects(attrs)):
                 if obj[Attribute.CLASS] in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
                     obj.destroy()

@@ -8,6 +8,7 @@ reopened and the operation retried exactly once, then :class:`TokenLostError`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -252,10 +253,8 @@ class TokenSession:
         self._objects.clear()
         self._token = None
         if session is not None:
-            try:
+            with contextlib.suppress(pkcs11.PKCS11Error):
                 session.close()
-            except pkcs11.PKCS11Error:
-                pass
 
     def close(self) -> None:
         with self.module.lock:
