@@ -241,7 +241,7 @@ class KeyProvider(abc.ABC):
         """
 
     @abc.abstractmethod
-    def keys(self) -> Sequence[KeyHandle]:
+    def list_keys(self) -> Sequence[KeyHandle]:
         """Every private key in the store, extractable ones included (flagged in properties)."""
 
     @abc.abstractmethod

@@ -78,7 +78,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with _provider(args) as provider:
-        infos = [describe(h) for h in provider]
+        infos = [describe(h) for h in provider.list_keys()]
     if args.json:
         print_json(infos)
     else:

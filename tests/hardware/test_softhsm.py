@@ -34,7 +34,7 @@ def test_token_is_usable_from_a_fresh_process(tmp_path: Path) -> None:
     token = ensure_token(tmp_path, "fresh")
     code = (
         "import sys; from janus_hsm import open_provider; "
-        "print(len(open_provider(sys.argv[1]).keys()))"
+        "print(len(open_provider(sys.argv[1]).list_keys()))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, token.uri()],

@@ -249,9 +249,9 @@ def test_find_list_delete(fresh_key: Any, provider: Pkcs11Provider) -> None:
     handle = fresh_key(Algorithm.ES384)
     assert provider.find(handle.uri).public_key() == handle.public_key()
     assert provider.find(f"pkcs11:object={handle.label}").key_id == handle.key_id
-    assert handle.uri in [h.uri for h in provider]
+    assert handle.uri in [h.uri for h in provider.list_keys()]
     provider.delete(handle.uri)
-    assert handle.uri not in [h.uri for h in provider]
+    assert handle.uri not in [h.uri for h in provider.list_keys()]
     with pytest.raises(KeyNotFoundError, match="janus keys list"):
         provider.find(handle.uri)
 
@@ -278,7 +278,7 @@ def test_wrong_pin_is_a_typed_error(pin_test_token: SoftHSMToken, tmp_path: Any)
     uri = f"pkcs11:token={pin_test_token.label}?pin-source=file:{wrong}"
     provider = open_provider(uri)
     with pytest.raises(PinIncorrectError, match="wrong PIN for token 'pin-test'") as info:
-        provider.keys()
+        provider.list_keys()
     assert "does not retry" in str(info.value)
     assert "00000000" not in str(info.value)
 
@@ -294,7 +294,7 @@ def test_pin_source_is_required_and_never_defaulted(
     # pytest's stdin is not a terminal, so no prompt: a clear error instead.
     provider.token_session.close()
     with pytest.raises(PinUnavailableError, match="JANUS_PIN"):
-        provider.keys()
+        provider.list_keys()
 
 
 def test_pin_from_environment(
@@ -303,7 +303,7 @@ def test_pin_from_environment(
     monkeypatch.setenv("JANUS_PIN", pin_test_token.pin_file.read_text().strip())
     provider = Pkcs11Provider.open(f"pkcs11:token={pin_test_token.label}")
     provider.token_session.close()
-    assert isinstance(provider.keys(), list)
+    assert isinstance(provider.list_keys(), list)
 
 
 def test_missing_module_token_and_key_say_what_to_do(provider: Pkcs11Provider) -> None:
@@ -374,7 +374,7 @@ def test_session_lost_twice_is_a_clear_error(provider: Pkcs11Provider) -> None:
 
     with pytest.raises(TokenLostError, match="could not reopen"):
         provider.token_session.run(always_loses_the_session, what="a test operation")
-    assert isinstance(provider.keys(), list)  # and the provider works again afterwards
+    assert isinstance(provider.list_keys(), list)  # and the provider works again afterwards
 
 
 def test_one_session_per_token_per_process(softhsm_token: SoftHSMToken) -> None:

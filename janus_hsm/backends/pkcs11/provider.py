@@ -206,7 +206,7 @@ class Pkcs11Provider(KeyProvider):
             )
         return self._load(*found[0])
 
-    def keys(self) -> list[Pkcs11KeyHandle]:
+    def list_keys(self) -> list[Pkcs11KeyHandle]:
         def ids(session: Any) -> list[tuple[bytes, str]]:
             return [
                 (bytes(o[Attribute.ID] or b""), str(o[Attribute.LABEL]))
