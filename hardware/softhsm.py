@@ -101,7 +101,8 @@ def ensure_token(
     """The token ``label`` in ``state_dir``, created with fresh random PINs if missing."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = SoftHSMToken(state_dir, label, module_path or resolve_module_path(None))
+    module = os.path.realpath(module_path or resolve_module_path(None))
+    token = SoftHSMToken(state_dir, label, module)
     write_config(state_dir)
     if token.pin_file.exists() and _token_exists(token):
         return token

@@ -388,3 +388,14 @@ def test_unsupported_algorithm_names() -> None:
         Algorithm.parse("RS256")
     assert Algorithm.parse("p-256") is Algorithm.ES256
     assert Algorithm.parse("Ed25519") is Algorithm.EdDSA
+
+
+def test_module_name_and_path_reach_one_module_instance(softhsm_token: SoftHSMToken) -> None:
+    """p11-kit's registration names SoftHSM by another path; it must share the one lock."""
+    by_name = Pkcs11Provider.open(
+        f"pkcs11:token={softhsm_token.label}?module-name=softhsm2",
+        pin_source=lambda: softhsm_token.pin_file.read_text().strip(),
+    )
+    by_path = Pkcs11Provider.open(softhsm_token.uri())
+    assert by_name.token_session is by_path.token_session
+    assert by_name.token_session.module.lock is by_path.token_session.module.lock

@@ -70,9 +70,7 @@ def probe_export(handle: Pkcs11KeyHandle) -> list[ExportAttempt]:
         else:
             results.append(ExportAttempt(route, False, "the token allowed it"))
     try:
-        handle.as_cryptography_key().private_bytes(
-            *_pkcs8_args()
-        )
+        handle.as_cryptography_key().private_bytes(*_pkcs8_args())
     except Exception as exc:
         results.append(ExportAttempt("cryptography private_bytes()", True, _reason(exc)))
     else:

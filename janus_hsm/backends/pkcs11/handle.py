@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from pkcs11 import KDF, Attribute, KeyType, Mechanism, ObjectClass
@@ -95,7 +96,7 @@ class Pkcs11KeyHandle(KeyHandle):
                 secret.destroy()
 
         shared = self._ts.run(derive, what="ECDH key agreement")
-        if self.algorithm is Algorithm.X25519 and shared == bytes(32):
+        if self.algorithm is Algorithm.X25519 and hmac.compare_digest(shared, bytes(32)):
             # RFC 7748 section 6.1: an all-zero output means a small-order peer point.
             raise PublicKeyFormatError("refusing X25519 with a small-order peer public key")
         return shared

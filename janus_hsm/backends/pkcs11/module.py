@@ -31,6 +31,8 @@ SOFTHSM_CANDIDATES = (
     "/usr/local/lib/softhsm/libsofthsm2.so",
     "/opt/homebrew/lib/softhsm/libsofthsm2.so",
 )
+# p11-kit's registrations (pkcs11.conf(5)), consulted first for module-name=….
+P11_KIT_REGISTRIES = ("/etc/pkcs11/modules", "/usr/share/p11-kit/modules")
 # p11-kit's module directories, searched for module-name=….
 MODULE_DIRS = (
     "/usr/lib/x86_64-linux-gnu/pkcs11",
@@ -46,6 +48,9 @@ def resolve_module_path(module_path: str | None, module_name: str | None = None)
     if module_path:
         return module_path
     if module_name:
+        registered = _p11_kit_module(module_name)
+        if registered:
+            return registered
         for directory in MODULE_DIRS:
             for candidate in (f"{module_name}.so", f"lib{module_name}.so"):
                 path = Path(directory, candidate)
@@ -65,6 +70,26 @@ def resolve_module_path(module_path: str | None, module_name: str | None = None)
         "no PKCS#11 module given and SoftHSM2 is not installed: add "
         f"module-path=/path/to/module.so to the URI or set {MODULE_ENV}"
     )
+
+
+def _p11_kit_module(name: str) -> str | None:
+    """The library a p11-kit registration (``<name>.module``) names, made absolute."""
+    for directory in P11_KIT_REGISTRIES:
+        registration = Path(directory, f"{name}.module")
+        try:
+            lines = registration.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition(":")
+            if key.strip() == "module" and value.strip():
+                library = value.strip()
+                if os.path.isabs(library):
+                    return library
+                for module_dir in MODULE_DIRS:
+                    if Path(module_dir, library).exists():
+                        return str(Path(module_dir, library))
+    return None
 
 
 @dataclass
@@ -91,12 +116,15 @@ _modules_lock = threading.Lock()
 
 def load_module(path: str) -> LoadedModule:
     """Load (once per process) and initialise the module at ``path``."""
+    if not os.path.isabs(path):
+        raise ModuleLoadError(f"PKCS#11 module path must be absolute: {path!r}")
+    # One library reached by two paths (symlinks, module-name vs module-path) must still
+    # get one instance and one lock, or concurrent calls would reach it unserialised.
+    path = os.path.realpath(path)
     with _modules_lock:
         loaded = _modules.get(path)
         if loaded is not None and loaded.pid == os.getpid():
             return loaded
-        if not os.path.isabs(path):
-            raise ModuleLoadError(f"PKCS#11 module path must be absolute: {path!r}")
         if not os.path.exists(path):
             raise ModuleLoadError(
                 f"PKCS#11 module {path} does not exist; install the vendor's library or fix "

@@ -243,7 +243,12 @@ class Pkcs11Provider(KeyProvider):
     def _load(self, key_id: bytes, label: str) -> Pkcs11KeyHandle:
         def read(session: Any) -> tuple[KeyProperties, bytes]:
             private = self._ts.object(session, ObjectClass.PRIVATE_KEY, key_id, label)
-            key_type = private[Attribute.KEY_TYPE]
+            try:
+                key_type = private[Attribute.KEY_TYPE]
+            except ValueError:  # a CKK_* value python-pkcs11 has no constant for
+                raise MechanismUnsupportedError(
+                    f"{label!r} has a key type Janus cannot use"
+                ) from None
             if key_type not in (KeyType.EC, KeyType.EC_EDWARDS):
                 raise MechanismUnsupportedError(f"{label!r} is a {key_type.name} key")
             algorithm = algorithm_from_ec_params(bytes(private[Attribute.EC_PARAMS]))
