@@ -31,8 +31,16 @@ def pin_source_path(source: str) -> Path:
     """RFC 7512 says pin-source is a URI; accept ``file:`` URIs and absolute paths."""
     if source.startswith("/"):
         return Path(source)
-    parts = urlsplit(source)
-    if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+    try:
+        parts = urlsplit(source)
+    except ValueError:
+        parts = None
+    if (
+        parts is not None
+        and parts.scheme == "file"
+        and parts.netloc in ("", "localhost")
+        and parts.path
+    ):
         return Path(unquote(parts.path))
     raise UriError(
         f"pin-source {source!r} is not supported: give file:/absolute/path or an absolute path"

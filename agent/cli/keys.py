@@ -61,7 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
     else:
-        print(f"generated {algorithm.value} key inside the device")
+        where = "inside the device" if info["backend"] != "software" else "in the keystore"
+        print(f"generated {algorithm.value} key {where}")
         _print_human(info)
     return 0
 

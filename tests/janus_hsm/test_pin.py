@@ -33,7 +33,7 @@ def test_pin_source_forms(tmp_path: Path) -> None:
     assert pin_source_path(f"file://{path}") == path
     assert pin_source_path(str(path)) == path
     assert pin_source_path("file:/a%20b/pin") == Path("/a b/pin")
-    for bad in ("relative/pin", "|/bin/echo 1234", "https://example.com/pin", "env:X"):
+    for bad in ("relative/pin", "|/bin/echo 1234", "https://example.com/pin", "env:X", "file://[x"):
         with pytest.raises(UriError, match="not supported"):
             pin_source_path(bad)
 
