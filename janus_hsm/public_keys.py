@@ -47,9 +47,15 @@ def b64url_decode(text: str) -> bytes:
     if not isinstance(text, str) or "=" in text or any(c in text for c in "+/ \n\t"):
         raise PublicKeyFormatError("not unpadded base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise PublicKeyFormatError(f"not base64url: {exc}") from None
+    # Refuse non-canonical spellings (stray bits in the last character): otherwise two
+    # different strings would decode to the same bytes and a signed token could be
+    # altered without breaking its signature.
+    if b64url_encode(data) != text:
+        raise PublicKeyFormatError("not canonical base64url")
+    return data
 
 
 def algorithm_of(public_key: PublicKey) -> Algorithm:

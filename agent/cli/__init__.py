@@ -12,9 +12,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent.cli import keys
+from agent.cli import capabilities, keys
 from agent.cli.output import CommandError, emit_error
 from janus_hsm.errors import JanusHSMError
+from policies.errors import PolicyError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys.register(commands)
+    capabilities.register(commands)
     return parser
 
 
@@ -39,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args)
         return result
-    except (JanusHSMError, CommandError) as exc:
+    except (JanusHSMError, PolicyError, CommandError) as exc:
         emit_error(exc, as_json=as_json)
         return 1
     except KeyboardInterrupt:

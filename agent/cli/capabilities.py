@@ -1,0 +1,288 @@
+"""``janus grant | invoke | verify | revoke | audit verify``: capabilities from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from typing import Any
+
+from agent.cli.output import CommandError, print_json, read_input, write_output
+from janus_hsm import open_key
+from policies.abilities import Ability
+from policies.capability import Bundle
+from policies.durations import parse_duration
+from policies.errors import FormatError, PolicyError, VerificationError
+from policies.invocation import invoke
+from policies.issue import grant
+from policies.jws import strict_json
+from policies.ledger import open_ledger
+from policies.ledger.base import Rate
+from policies.policy import IssuancePolicy
+from policies.revocation import Revocation, sign_revocation
+from policies.verify import Verifier
+
+_RATE = re.compile(r"([0-9]+)/(.+)")
+
+
+def _bundle(path: str) -> Bundle:
+    return Bundle.parse(read_input(path))
+
+
+def _caveats(values: list[str]) -> tuple[Any, ...]:
+    caveats: list[Any] = []
+    for text in values:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CommandError(f"--caveat {text!r} is not JSON: {exc.msg}") from None
+        caveats.extend(value if isinstance(value, list) else [value])
+    return tuple(caveats)
+
+
+def _rate(text: str | None) -> Rate | None:
+    if text is None:
+        return None
+    match = _RATE.fullmatch(text.strip())
+    if not match or int(match.group(1)) <= 0:
+        raise CommandError(f"--rate {text!r} must look like 10/1m (uses per period)")
+    return Rate(int(match.group(1)), parse_duration(match.group(2)))
+
+
+def _request(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    return strict_json(read_input(path), "request")
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    if args.uses <= 0:
+        raise CommandError("--uses must be a positive integer")
+    ability = Ability(args.resource, args.action, _caveats(args.caveat or []))
+    policy = IssuancePolicy.load(args.policy) if args.policy else None
+    proof = _bundle(args.proof) if args.proof else None
+    issuer = open_key(args.issuer, allow_extractable=args.allow_extractable)
+    bundle = grant(
+        issuer,
+        audience=args.to,
+        abilities=[ability],
+        ttl_seconds=parse_duration(args.ttl),
+        uses=args.uses,
+        depth=args.depth,
+        rate=_rate(args.rate),
+        proof=proof,
+        policy=policy,
+        satisfied=args.satisfied or (),
+    )
+    leaf = bundle.leaf
+    if args.ledger:
+        with open_ledger(args.ledger) as ledger:
+            ledger.record_grant(
+                leaf.id,
+                {"issuer": leaf.issuer, "audience": leaf.audience, "expires": leaf.expires,
+                 "links": len(bundle.chain)},
+            )
+    text = bundle.to_json() + "\n"
+    if args.out:
+        write_output(args.out, text.encode())
+    if args.json:
+        print_json({
+            "id": leaf.id,
+            "issuer": leaf.issuer,
+            "audience": leaf.audience,
+            "principal": leaf.principal,
+            "expires": leaf.expires,
+            "links": len(bundle.chain),
+            "bundle": json.loads(text),
+            **({"out": args.out} if args.out else {}),
+        })
+    elif not args.out:
+        print(text, end="")
+    return 0
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    bundle = _bundle(args.bundle)
+    holder = open_key(args.key, allow_extractable=args.allow_extractable)
+    compact = invoke(
+        holder,
+        capability_id=bundle.leaf.id,
+        action=args.action,
+        resource=args.resource,
+        request=_request(args.request),
+        now=int(time.time()),
+        lifetime=args.lifetime,
+    )
+    if args.out:
+        write_output(args.out, (compact + "\n").encode())
+    if args.json:
+        print_json({"invocation": compact, **({"out": args.out} if args.out else {})})
+    elif not args.out:
+        print(compact)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    now = args.at if args.at is not None else time.time()
+    ledger = open_ledger(args.ledger) if args.ledger else None
+    try:
+        verifier = Verifier(revocations=ledger)
+        if args.invocation:
+            invocation = read_input(args.invocation).decode("ascii", "replace").strip()
+            authorization = verifier.verify(
+                _bundle(args.bundle), invocation, _request(args.request),
+                now=now, skew=args.skew, root=args.root,
+            )
+            chain = authorization.chain
+        else:
+            chain = verifier.verify_chain(
+                _bundle(args.bundle), now=now, skew=args.skew, root=args.root
+            )
+    except (VerificationError, FormatError) as exc:
+        result = {
+            "valid": False,
+            "error": {"code": exc.code, "link": getattr(exc, "link", None), "message": str(exc)},
+        }
+        if args.json:
+            print_json(result)
+        print(f"janus: invalid: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if ledger is not None:
+            ledger.close()
+    leaf = chain.leaf
+    result = {
+        "valid": True,
+        "principal": chain.principal,
+        "links": len(chain.bundle.chain),
+        "leaf": {
+            "id": leaf.id,
+            "issuer": leaf.issuer,
+            "audience": leaf.audience,
+            "expires": leaf.expires,
+            "abilities": [a.to_json() for a in leaf.abilities],
+            "uses": leaf.limits.uses,
+        },
+        "invocation": bool(args.invocation),
+    }
+    if args.json:
+        print_json(result)
+    else:
+        print(f"valid: {len(chain.bundle.chain)} links rooted at {chain.principal}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    bundle = _bundle(args.bundle)
+    index = len(bundle.chain) - 1 if args.link is None else args.link
+    if not 0 <= index < len(bundle.chain):
+        raise CommandError(f"--link must be between 0 and {len(bundle.chain) - 1}")
+    issuer = open_key(args.issuer, allow_extractable=args.allow_extractable)
+    target = bundle.chain[index]
+    compact = sign_revocation(
+        issuer, revoked_id=target.id, now=int(time.time()), reason=args.reason
+    )
+    record = Revocation.parse(compact)
+    record.verify(bundle)  # refuse to emit a record no verifier would accept
+    stored = None
+    if args.ledger:
+        with open_ledger(args.ledger) as ledger:
+            stored = ledger.revoke(
+                target.id, record=compact,
+                data={"issuer": record.issuer, "link": index, "reason": args.reason},
+            )
+    if args.out:
+        write_output(args.out, (compact + "\n").encode())
+    if args.json:
+        print_json({"revoked": target.id, "link": index, "record": compact,
+                    **({"newly_revoked": stored} if stored is not None else {})})
+    elif not args.out:
+        print(compact)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    with open_ledger(args.ledger) as ledger:
+        try:
+            count = ledger.verify_audit()
+        except PolicyError as exc:
+            if args.json:
+                print_json({"valid": False, "error": {
+                    "code": exc.code, "entry": getattr(exc, "entry", None), "message": str(exc)}})
+            print(f"janus: invalid: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print_json({"valid": True, "entries": count})
+    else:
+        print(f"audit log valid: {count} entries")
+    return 0
+
+
+def register(commands: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    keyed = argparse.ArgumentParser(add_help=False)
+    keyed.add_argument("--allow-extractable", action="store_true",
+                       help="accept a signing key that is or was extractable")
+
+    p = commands.add_parser("grant", parents=[common, keyed],
+                            help="issue (or redelegate) a capability; prints a bundle")
+    p.add_argument("--issuer", required=True, metavar="KEY_URI", help="the signing key")
+    p.add_argument("--to", required=True, metavar="DID", help="audience did:key")
+    p.add_argument("--can", dest="action", required=True, metavar="ACTION")
+    p.add_argument("--with", dest="resource", required=True, metavar="RESOURCE")
+    p.add_argument("--caveat", action="append", metavar="JSON",
+                   help="a caveat object or list (repeatable); see docs/caveats.md")
+    p.add_argument("--ttl", required=True, metavar="DURATION", help="e.g. 10m, 1h, 7d")
+    p.add_argument("--uses", required=True, type=int, metavar="N")
+    p.add_argument("--depth", type=int, default=0, metavar="N",
+                   help="how many further redelegations are allowed (default 0)")
+    p.add_argument("--rate", metavar="N/PERIOD", help="at most N uses per period, e.g. 10/1m")
+    p.add_argument("--policy", metavar="FILE", help="issuance policy (TOML)")
+    p.add_argument("--proof", metavar="BUNDLE", help="redelegate from this bundle")
+    p.add_argument("--satisfied", action="append", metavar="STEP",
+                   help="a policy requirement already fulfilled (touch, approval)")
+    p.add_argument("--ledger", metavar="URL", help="record the grant in this ledger's audit log")
+    p.add_argument("--out", metavar="FILE")
+    p.set_defaults(handler=cmd_grant)
+
+    p = commands.add_parser("invoke", parents=[common, keyed],
+                            help="sign an invocation of a capability with its holder key")
+    p.add_argument("--key", required=True, metavar="KEY_URI", help="the holder (audience) key")
+    p.add_argument("--bundle", required=True, metavar="BUNDLE")
+    p.add_argument("--can", dest="action", required=True, metavar="ACTION")
+    p.add_argument("--with", dest="resource", required=True, metavar="RESOURCE")
+    p.add_argument("--request", metavar="FILE", help="the request (JSON object); default {}")
+    p.add_argument("--lifetime", type=int, default=60, metavar="SECONDS")
+    p.add_argument("--out", metavar="FILE")
+    p.set_defaults(handler=cmd_invoke)
+
+    p = commands.add_parser("verify", parents=[common],
+                            help="verify a bundle (and an invocation) offline")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--invocation", metavar="FILE")
+    p.add_argument("--request", metavar="FILE",
+                   help="the invoked request (JSON object) the invocation's digest covers")
+    p.add_argument("--root", metavar="DID", help="require the chain to start at this key")
+    p.add_argument("--ledger", metavar="URL", help="also check revocations in this ledger")
+    p.add_argument("--at", type=float, metavar="EPOCH", help="verify as of this time")
+    p.add_argument("--skew", type=int, default=60, metavar="SECONDS")
+    p.set_defaults(handler=cmd_verify)
+
+    p = commands.add_parser("revoke", parents=[common, keyed],
+                            help="sign a revocation of a link (default: the leaf)")
+    p.add_argument("--issuer", required=True, metavar="KEY_URI")
+    p.add_argument("--bundle", required=True, metavar="BUNDLE")
+    p.add_argument("--link", type=int, metavar="N", help="link index, 0 = root")
+    p.add_argument("--reason", default="", metavar="TEXT")
+    p.add_argument("--ledger", metavar="URL", help="store the revocation in this ledger")
+    p.add_argument("--out", metavar="FILE")
+    p.set_defaults(handler=cmd_revoke)
+
+    audit = commands.add_parser("audit", help="the hash-chained audit log")
+    sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    p = sub.add_parser("verify", parents=[common], help="check the log from its start")
+    p.add_argument("--ledger", required=True, metavar="URL")
+    p.set_defaults(handler=cmd_audit_verify)

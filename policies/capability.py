@@ -1,0 +1,227 @@
+"""Capabilities and bundles: the signed objects, their claims, and how they travel.
+
+A capability is a compact JWS (typ ``janus-cap+jws``) whose payload holds:
+
+========  ==========================================================================
+``iss``   issuer, did:key of the signing key
+``aud``   audience: did:key of the key that may use (or redelegate) the capability
+``sub``   root principal: did:key of the hardware root key the chain starts from
+``jti``   unique id (random, base64url)
+``iat``   issued at; ``nbf`` not before; ``exp`` expiry (integer epoch seconds)
+``att``   abilities: ``[{"with": resource, "can": action, "nb": [caveats]}]``
+``lim``   limits: ``{"uses": n | null, "rate": {"n": n, "per": s} | null, "depth": d}``
+``prf``   proofs: SHA-256 (base64url) of the parent's compact form; [] for a root
+``evd``   optional evidence (issuer attestation, approvals), carried, not interpreted
+========  ==========================================================================
+
+A bundle is the chain, root first: ``{"typ": "janus-bundle/1", "chain": [jws, …]}``.
+A capability's *id* is the SHA-256 of its compact form, so proofs, the ledger and
+revocations all name it the same way and it cannot be forged without breaking a hash.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.abilities import Ability
+from policies.errors import ChainLimitError, FormatError
+from policies.jws import ParsedJws, parse_compact, sha256_b64, strict_json
+from policies.ledger.base import Rate
+
+CAPABILITY_TYP = "janus-cap+jws"
+BUNDLE_TYP = "janus-bundle/1"
+MAX_LINKS = 10
+MAX_BUNDLE_BYTES = 16 * 1024
+MAX_ABILITIES = 32
+_CLAIMS = {"iss", "aud", "sub", "jti", "iat", "nbf", "exp", "att", "lim", "prf", "evd"}
+_REQUIRED = _CLAIMS - {"evd"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    uses: int | None
+    rate: Rate | None
+    depth: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uses": self.uses,
+            "rate": None if self.rate is None else {"n": self.rate.count, "per": self.rate.per_seconds},
+            "depth": self.depth,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Limits:
+        if not isinstance(obj, dict) or set(obj) != {"uses", "rate", "depth"}:
+            raise FormatError("'lim' must be an object with exactly uses, rate and depth")
+        uses, rate, depth = obj["uses"], obj["rate"], obj["depth"]
+        if uses is not None and not _is_count(uses):
+            raise FormatError("'lim.uses' must be a positive integer or null")
+        if not _is_int(depth) or not 0 <= depth <= MAX_LINKS:
+            raise FormatError(f"'lim.depth' must be an integer from 0 to {MAX_LINKS}")
+        parsed_rate = None
+        if rate is not None:
+            if not isinstance(rate, dict) or set(rate) != {"n", "per"}:
+                raise FormatError("'lim.rate' must be null or {\"n\": count, \"per\": seconds}")
+            if not _is_count(rate["n"]) or not _is_count(rate["per"]):
+                raise FormatError("'lim.rate' n and per must be positive integers")
+            parsed_rate = Rate(rate["n"], rate["per"])
+        return cls(uses, parsed_rate, depth)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return _is_int(value) and 0 < value < 2**53
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One verified-to-be-well-formed link (its signature is checked by the verifier)."""
+
+    jws: ParsedJws = field(repr=False)
+    id: str
+    issuer: str
+    audience: str
+    principal: str
+    jti: str
+    issued_at: int
+    not_before: int
+    expires: int
+    abilities: tuple[Ability, ...]
+    limits: Limits
+    proofs: tuple[str, ...]
+    evidence: dict[str, Any] | None
+
+    @property
+    def compact(self) -> str:
+        return self.jws.compact
+
+    @classmethod
+    def parse(cls, compact: str, *, index: int | None = None) -> Capability:
+        what = "capability" if index is None else f"link {index}"
+        jws = parse_compact(compact, typ=CAPABILITY_TYP, what=what)
+        claims = jws.payload
+        missing = _REQUIRED - set(claims)
+        unknown = set(claims) - _CLAIMS
+        if missing or unknown:
+            detail = "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(sorted(missing))}" if missing else "",
+                    f"unknown {', '.join(sorted(unknown))}" if unknown else "",
+                )
+                if part
+            )
+            raise FormatError(f"{what} claims: {detail}")
+        for name in ("iss", "aud", "sub", "jti"):
+            if not isinstance(claims[name], str) or not claims[name] or len(claims[name]) > 256:
+                raise FormatError(f"{what}: '{name}' must be a non-empty string")
+        for name in ("iat", "nbf", "exp"):
+            if not _is_int(claims[name]) or not 0 <= claims[name] < 2**40:
+                raise FormatError(f"{what}: '{name}' must be integer epoch seconds")
+        if not claims["nbf"] < claims["exp"]:
+            raise FormatError(f"{what}: 'exp' must be after 'nbf'")
+        att = claims["att"]
+        if not isinstance(att, list) or not 1 <= len(att) <= MAX_ABILITIES:
+            raise FormatError(f"{what}: 'att' must list 1 to {MAX_ABILITIES} abilities")
+        abilities = tuple(Ability.from_json(a) for a in att)
+        prf = claims["prf"]
+        if not isinstance(prf, list) or len(prf) > 1 or not all(isinstance(p, str) for p in prf):
+            raise FormatError(f"{what}: 'prf' must list at most one parent id")
+        evidence = claims.get("evd")
+        if evidence is not None and not isinstance(evidence, dict):
+            raise FormatError(f"{what}: 'evd' must be an object")
+        return cls(
+            jws=jws,
+            id=sha256_b64(compact),
+            issuer=claims["iss"],
+            audience=claims["aud"],
+            principal=claims["sub"],
+            jti=claims["jti"],
+            issued_at=claims["iat"],
+            not_before=claims["nbf"],
+            expires=claims["exp"],
+            abilities=abilities,
+            limits=Limits.from_json(claims["lim"]),
+            proofs=tuple(prf),
+            evidence=evidence,
+        )
+
+
+def capability_claims(
+    *,
+    issuer: str,
+    audience: str,
+    principal: str,
+    jti: str,
+    issued_at: int,
+    not_before: int,
+    expires: int,
+    abilities: Sequence[Ability],
+    limits: Limits,
+    proofs: Sequence[str],
+    evidence: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": principal,
+        "jti": jti,
+        "iat": issued_at,
+        "nbf": not_before,
+        "exp": expires,
+        "att": [a.to_json() for a in abilities],
+        "lim": limits.to_json(),
+        "prf": list(proofs),
+    }
+    if evidence:
+        claims["evd"] = evidence
+    return claims
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A chain of capabilities, root first, as it travels between agents."""
+
+    chain: tuple[Capability, ...]
+
+    @property
+    def leaf(self) -> Capability:
+        return self.chain[-1]
+
+    @property
+    def root(self) -> Capability:
+        return self.chain[0]
+
+    def to_json(self) -> str:
+        return json.dumps({"typ": BUNDLE_TYP, "chain": [c.compact for c in self.chain]}, indent=1)
+
+    def extend(self, capability: Capability) -> Bundle:
+        return Bundle((*self.chain, capability))
+
+    @classmethod
+    def from_compacts(cls, compacts: Sequence[str]) -> Bundle:
+        if not compacts:
+            raise FormatError("a bundle needs at least one capability")
+        if len(compacts) > MAX_LINKS:
+            raise ChainLimitError(f"chain has {len(compacts)} links; at most {MAX_LINKS}")
+        return cls(tuple(Capability.parse(c, index=i) for i, c in enumerate(compacts)))
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> Bundle:
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise ChainLimitError(f"bundle is {len(data)} bytes; at most {MAX_BUNDLE_BYTES}")
+        obj = strict_json(data, "bundle")
+        if obj.get("typ") != BUNDLE_TYP or set(obj) != {"typ", "chain"}:
+            raise FormatError(f"not a Janus bundle (expected typ {BUNDLE_TYP!r}, chain)")
+        chain = obj["chain"]
+        if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
+            raise FormatError("bundle 'chain' must be a list of compact JWS strings")
+        return cls.from_compacts(chain)

@@ -1,0 +1,108 @@
+"""Invocations: the holder's signed, short-lived request to use a capability.
+
+A capability says what its audience *may* do; an invocation proves the audience's key
+is doing it now, for this request: it binds the capability id, the action, the
+resource, a digest of the request, a nonce (for replay refusal) and a lifetime of at
+most five minutes.  It is a compact JWS with typ ``janus-inv+jws`` and payload
+``{iss, cap, can, with, dig, nonce, iat, exp}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from janus_hsm.provider import KeyHandle
+from janus_hsm.public_keys import b64url_encode
+from policies.errors import FormatError, VerificationError
+from policies.jws import ParsedJws, canonical_json, parse_compact, sha256_b64, sign_compact
+
+INVOCATION_TYP = "janus-inv+jws"
+MAX_LIFETIME = 300
+_CLAIMS = {"iss", "cap", "can", "with", "dig", "nonce", "iat", "exp"}
+
+
+def request_digest(request: Mapping[str, Any]) -> str:
+    """SHA-256 (base64url) of the request's canonical JSON."""
+    return sha256_b64(canonical_json(dict(request)))
+
+
+@dataclass(frozen=True)
+class Invocation:
+    jws: ParsedJws
+    holder: str
+    capability_id: str
+    action: str
+    resource: str
+    digest: str
+    nonce: str
+    issued_at: int
+    expires: int
+
+    @property
+    def compact(self) -> str:
+        return self.jws.compact
+
+    @classmethod
+    def parse(cls, compact: str) -> Invocation:
+        jws = parse_compact(compact.strip(), typ=INVOCATION_TYP, what="invocation")
+        claims = jws.payload
+        if set(claims) != _CLAIMS:
+            raise FormatError(
+                f"invocation claims must be exactly {', '.join(sorted(_CLAIMS))}"
+            )
+        for name in ("iss", "cap", "can", "with", "dig", "nonce"):
+            if not isinstance(claims[name], str) or not 0 < len(claims[name]) <= 512:
+                raise FormatError(f"invocation '{name}' must be a non-empty string")
+        for name in ("iat", "exp"):
+            value = claims[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise FormatError(f"invocation '{name}' must be integer epoch seconds")
+        if not 0 < claims["exp"] - claims["iat"] <= MAX_LIFETIME:
+            raise FormatError(f"invocation lifetime must be 1 to {MAX_LIFETIME} seconds")
+        if len(claims["nonce"]) < 16:
+            raise FormatError("invocation nonce must carry at least 96 bits (16 characters)")
+        return cls(
+            jws=jws,
+            holder=claims["iss"],
+            capability_id=claims["cap"],
+            action=claims["can"],
+            resource=claims["with"],
+            digest=claims["dig"],
+            nonce=claims["nonce"],
+            issued_at=claims["iat"],
+            expires=claims["exp"],
+        )
+
+    def check_request(self, request: Mapping[str, Any]) -> None:
+        if not hmac.compare_digest(self.digest, request_digest(request)):
+            raise VerificationError("the request does not match the invocation's digest")
+
+
+def invoke(
+    holder: KeyHandle,
+    *,
+    capability_id: str,
+    action: str,
+    resource: str,
+    request: Mapping[str, Any],
+    now: int,
+    lifetime: int = 60,
+) -> str:
+    """Sign an invocation with the capability's audience key."""
+    if not 0 < lifetime <= MAX_LIFETIME:
+        raise FormatError(f"invocation lifetime must be 1 to {MAX_LIFETIME} seconds")
+    payload = {
+        "iss": holder.did,
+        "cap": capability_id,
+        "can": action,
+        "with": resource,
+        "dig": request_digest(request),
+        "nonce": b64url_encode(os.urandom(18)),
+        "iat": now,
+        "exp": now + lifetime,
+    }
+    return sign_compact(holder, {"typ": INVOCATION_TYP}, payload)

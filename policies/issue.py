@@ -1,0 +1,146 @@
+"""Granting capabilities: policy first, attenuation checked, then the key signs.
+
+The order matters: nothing reaches the (possibly hardware, possibly touch-gated) key
+until the request is known to be inside the issuance policy and, for a redelegation,
+no wider than the parent.  A refused grant signs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from janus_hsm.provider import KeyHandle
+from janus_hsm.public_keys import b64url_encode
+from policies.abilities import Ability
+from policies.capability import CAPABILITY_TYP, Bundle, Capability, Limits, capability_claims
+from policies.caveats import parse_caveats
+from policies.errors import FormatError, LinkageError, PolicyViolationError
+from policies.jws import public_key_for, sign_compact
+from policies.ledger.base import Rate
+from policies.policy import GrantRequest, IssuancePolicy, PolicyDecision
+from policies.verify import Verifier, _check_attenuation
+
+# Backends whose keys can only be used after a PIN/passphrase unlock.
+_PIN_GATED_BACKENDS = frozenset({"pkcs11", "piv", "software"})
+
+
+def grant(
+    issuer: KeyHandle,
+    *,
+    audience: str,
+    abilities: Sequence[Ability],
+    ttl_seconds: int,
+    uses: int | None,
+    depth: int = 0,
+    rate: Rate | None = None,
+    proof: Bundle | None = None,
+    policy: IssuancePolicy | None = None,
+    satisfied: Collection[str] = (),
+    holder_attested: bool = False,
+    evidence: dict[str, Any] | None = None,
+    now: int | None = None,
+) -> Bundle:
+    """Issue a capability to ``audience``; with ``proof``, redelegate from that bundle.
+
+    ``satisfied`` names the policy requirements the caller has already fulfilled
+    (e.g. "touch", "approval"); "pin" is fulfilled by the issuer key's own unlock.
+    """
+    now = int(time.time()) if now is None else now
+    public_key_for(audience, "audience")
+    if not abilities:
+        raise FormatError("a grant needs at least one ability")
+    for ability in abilities:
+        parse_caveats(ability.caveats)  # invalid caveats are refused at issuance
+    if ttl_seconds <= 0:
+        raise FormatError("ttl must be positive")
+    if uses is not None and uses <= 0:
+        raise FormatError("uses must be positive")
+    if not 0 <= depth <= 9:
+        raise FormatError("depth must be between 0 and 9")
+
+    decision = (policy or IssuancePolicy.permissive()).check(
+        GrantRequest(
+            audience=audience,
+            abilities=tuple(abilities),
+            ttl_seconds=ttl_seconds,
+            uses=uses,
+            depth=depth,
+            holder_attested=holder_attested,
+        )
+    )
+    _check_requirements(decision, issuer, satisfied)
+
+    if proof is not None:
+        parent_chain = Verifier().verify_chain(proof, now=now)
+        parent = parent_chain.leaf
+        if parent.audience != issuer.did:
+            raise LinkageError(
+                f"the issuer key {issuer.did} is not the audience of the proof "
+                f"({parent.audience}); only the holder of a capability can redelegate it"
+            )
+        principal, proofs = parent.principal, [parent.id]
+    else:
+        principal, proofs = issuer.did, []
+
+    claims = capability_claims(
+        issuer=issuer.did,
+        audience=audience,
+        principal=principal,
+        jti=b64url_encode(os.urandom(16)),
+        issued_at=now,
+        not_before=now,
+        expires=now + ttl_seconds,
+        abilities=abilities,
+        limits=Limits(uses=uses, rate=rate, depth=depth),
+        proofs=proofs,
+        evidence=evidence,
+    )
+    if proof is not None:
+        # Check the unsigned child against its parent before the key signs anything.
+        draft = _draft(claims, issuer)
+        _check_attenuation(proof.leaf, draft, len(proof.chain))
+    compact = sign_compact(issuer, {"typ": CAPABILITY_TYP}, claims)
+    chain = (proof.chain if proof is not None else ()) + (
+        Capability.parse(compact, index=len(proof.chain) if proof else 0),
+    )
+    bundle = Bundle(chain)
+    Verifier().verify_chain(bundle, now=now)  # a grant that would not verify is a bug
+    return bundle
+
+
+def _check_requirements(
+    decision: PolicyDecision, issuer: KeyHandle, satisfied: Collection[str]
+) -> None:
+    done = set(satisfied)
+    if issuer.properties.backend in _PIN_GATED_BACKENDS:
+        done.add("pin")
+    missing = sorted(decision.requirements - done - {"attested-holder"})
+    if missing:
+        raise PolicyViolationError(
+            f"rule {decision.rule!r} requires {', '.join(missing)} before the key signs",
+            rule=decision.rule,
+        )
+
+
+def _draft(claims: dict[str, Any], issuer: KeyHandle) -> Capability:
+    """The capability as it would be, for attenuation checks before signing."""
+    from policies.jws import ParsedJws
+
+    return Capability(
+        jws=ParsedJws("", {}, claims, b"", b""),
+        id="",
+        issuer=claims["iss"],
+        audience=claims["aud"],
+        principal=claims["sub"],
+        jti=claims["jti"],
+        issued_at=claims["iat"],
+        not_before=claims["nbf"],
+        expires=claims["exp"],
+        abilities=tuple(Ability.from_json(a) for a in claims["att"]),
+        limits=Limits.from_json(claims["lim"]),
+        proofs=tuple(claims["prf"]),
+        evidence=claims.get("evd"),
+    )

@@ -1,0 +1,168 @@
+"""Compact JWS (RFC 7515) signed by a KeyHandle, verified against a did:key.
+
+Hand-written on purpose: signing must go through ``KeyHandle.sign`` so the private key
+stays in its device (JOSE libraries want a key object they can use themselves), and
+verification must be narrower than general-purpose JOSE: only ES256, ES384 and EdDSA,
+the algorithm bound to the key type named by the issuer's did:key, no ``crit``
+extensions, no unencoded payloads, strict base64url and JSON.  Every link still
+verifies with any standard JOSE library, which the tests check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from janus_hsm.algorithms import Algorithm
+from janus_hsm.provider import KeyHandle, raw_to_der
+from janus_hsm.public_keys import (
+    PublicKey,
+    PublicKeyFormatError,
+    algorithm_of,
+    b64url_decode,
+    b64url_encode,
+    from_did_key,
+)
+from policies.errors import AlgorithmRefusedError, FormatError, SignatureInvalidError
+
+ALLOWED_ALGS = frozenset({"ES256", "ES384", "EdDSA"})
+MAX_COMPACT = 16 * 1024
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the one byte string a JSON value hashes to."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_b64(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("ascii")
+    return b64url_encode(hashlib.sha256(data).digest())
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise FormatError(f"duplicate JSON member {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise FormatError(f"JSON constant {name} is not allowed")
+
+
+def _refuse_float(text: str) -> Any:
+    raise FormatError(f"non-integer number {text} is not allowed")
+
+
+def strict_json(data: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON object from outside: no duplicate members, no NaN, no floats."""
+    try:
+        obj = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_refuse_constant,
+            parse_float=_refuse_float,
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{what} is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{what} is nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{what} must be a JSON object")
+    return obj
+
+
+@dataclass(frozen=True)
+class ParsedJws:
+    compact: str
+    header: dict[str, Any]
+    payload: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def sign_compact(handle: KeyHandle, header: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Sign ``payload`` with the key in ``handle``; ``alg`` and ``kid`` are set here."""
+    alg = handle.algorithm
+    if alg.value not in ALLOWED_ALGS:
+        raise AlgorithmRefusedError(f"{alg.value} keys cannot sign JWS")
+    did = handle.did
+    full_header = {**header, "alg": alg.value, "kid": f"{did}#{did.removeprefix('did:key:')}"}
+    signing_input = (
+        b64url_encode(canonical_json(full_header)) + "." + b64url_encode(canonical_json(payload))
+    )
+    signature = handle.sign(signing_input.encode("ascii"))
+    compact = signing_input + "." + b64url_encode(signature)
+    if len(compact) > MAX_COMPACT:
+        raise FormatError(f"the signed object is larger than {MAX_COMPACT} bytes")
+    return compact
+
+
+def parse_compact(compact: str, *, typ: str, what: str) -> ParsedJws:
+    """Split and decode a compact JWS, refusing every header Janus does not accept."""
+    if not isinstance(compact, str):
+        raise FormatError(f"{what} must be a string")
+    if len(compact) > MAX_COMPACT:
+        raise FormatError(f"{what} is larger than {MAX_COMPACT} bytes")
+    parts = compact.split(".")
+    if len(parts) != 3:
+        raise FormatError(f"{what} is not a compact JWS (expected 3 parts, got {len(parts)})")
+    try:
+        header = strict_json(b64url_decode(parts[0]), f"{what} header")
+        payload = strict_json(b64url_decode(parts[1]), f"{what} payload")
+        signature = b64url_decode(parts[2])
+    except PublicKeyFormatError as exc:
+        raise FormatError(f"{what}: {exc}") from None
+    alg = header.get("alg")
+    if alg not in ALLOWED_ALGS:
+        raise AlgorithmRefusedError(
+            f"{what} uses alg {alg!r}; only {', '.join(sorted(ALLOWED_ALGS))} are accepted"
+        )
+    if "crit" in header:
+        raise AlgorithmRefusedError(f"{what} has critical header extensions {header['crit']!r}")
+    if header.get("b64", True) is not True:
+        raise AlgorithmRefusedError(f"{what} uses an unencoded payload (b64: false)")
+    if header.get("typ") != typ:
+        raise FormatError(f"{what} has typ {header.get('typ')!r}, expected {typ!r}")
+    return ParsedJws(compact, header, payload, (parts[0] + "." + parts[1]).encode(), signature)
+
+
+def public_key_for(did: Any, what: str) -> PublicKey:
+    if not isinstance(did, str):
+        raise FormatError(f"{what} must be a did:key string")
+    try:
+        return from_did_key(did)
+    except PublicKeyFormatError as exc:
+        raise FormatError(f"{what}: {exc}") from None
+
+
+def verify_signature(parsed: ParsedJws, public_key: PublicKey, *, what: str) -> None:
+    """Check the signature, and that the header's alg is the one the key's type implies."""
+    key_alg = algorithm_of(public_key)
+    if key_alg.value != parsed.header["alg"] or key_alg is Algorithm.X25519:
+        raise AlgorithmRefusedError(
+            f"{what} says alg {parsed.header['alg']} but its key is {key_alg.jwk_crv}"
+        )
+    try:
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(parsed.signature, parsed.signing_input)
+            return
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        size = key_alg.coordinate_size
+        if len(parsed.signature) != 2 * size:
+            raise SignatureInvalidError(f"{what} signature has the wrong length")
+        hash_alg = key_alg.hash_algorithm
+        assert hash_alg is not None
+        public_key.verify(
+            raw_to_der(parsed.signature, size), parsed.signing_input, ec.ECDSA(hash_alg)
+        )
+    except InvalidSignature:
+        raise SignatureInvalidError(f"{what} signature does not verify") from None

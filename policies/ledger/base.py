@@ -1,0 +1,166 @@
+"""The ledger: where "limited use" becomes true.
+
+A capability's signature proves what it allows; only shared state can prove how
+often it was used.  The ledger is that state: use counts per link, rate windows,
+invocation nonces, revocations, and the hash-chained audit log, all changed in one
+transaction per use so no crash or race can leave a use counted but not audited, or
+spent twice.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most ``count`` uses in each fixed window of ``per_seconds``."""
+
+    count: int
+    per_seconds: int
+
+
+@dataclass(frozen=True)
+class LinkLimit:
+    """The limits of one link of a chain, as the ledger needs them."""
+
+    cap_id: str  # SHA-256 (base64url) of the link's compact JWS
+    uses: int | None = None  # None: no use limit on this link
+    rate: Rate | None = None
+
+
+@dataclass(frozen=True)
+class SpendReceipt:
+    """What a successful spend recorded: the use count of each limited link after it."""
+
+    uses: dict[str, int]
+    audit_seq: int
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: float
+    kind: str  # "grant" | "use" | "revoke"
+    cap_id: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    prev: str = GENESIS
+    hash: str = ""
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "at": self.at,
+            "kind": self.kind,
+            "cap_id": self.cap_id,
+            "data": dict(self.data),
+            "prev": self.prev,
+        }
+
+    def compute_hash(self) -> str:
+        return audit_hash(self.body())
+
+
+def audit_hash(body: Mapping[str, Any]) -> str:
+    """SHA-256 over canonical JSON (sorted keys, no spaces, UTF-8) of the entry body."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class Ledger(abc.ABC):
+    """Use accounting shared by every verifier of a deployment.
+
+    Every method is safe to call from several threads and several processes (and,
+    for PostgreSQL, several hosts) at once.
+    """
+
+    @abc.abstractmethod
+    def spend(
+        self,
+        limits: Sequence[LinkLimit],
+        *,
+        nonce: str,
+        nonce_expires_at: float,
+        now: float,
+        audit: Mapping[str, Any] | None = None,
+    ) -> SpendReceipt:
+        """Count one use on every link, atomically and durably, or refuse.
+
+        Refuses (and changes nothing) with ReplayError if ``nonce`` was recorded
+        before, RevokedError if any link is revoked, LimitExceededError(link=i) if a
+        link with a use limit has none left, RateLimitedError(link=i) if a link's
+        current rate window is full.  Otherwise records the nonce, one use on each
+        link, and a "use" audit entry (cap_id = the leaf's, data = ``audit``), and
+        returns only after the transaction is committed to stable storage.
+        """
+
+    @abc.abstractmethod
+    def uses(self, cap_id: str) -> int:
+        """Uses recorded so far for one link (0 if never used)."""
+
+    @abc.abstractmethod
+    def record_grant(self, cap_id: str, data: Mapping[str, Any]) -> int:
+        """Append a "grant" audit entry; returns its sequence number."""
+
+    @abc.abstractmethod
+    def revoke(self, cap_id: str, *, record: str, data: Mapping[str, Any]) -> bool:
+        """Mark ``cap_id`` revoked (keeping the signed ``record``) and audit it.
+
+        Idempotent: returns False (and audits nothing) if it was already revoked.
+        """
+
+    @abc.abstractmethod
+    def revoked(self, cap_ids: Sequence[str]) -> str | None:
+        """The first of ``cap_ids`` that is revoked, or None."""
+
+    @abc.abstractmethod
+    def audit_entries(self) -> Iterator[AuditEntry]:
+        """Every audit entry, in sequence order, from the first."""
+
+    @abc.abstractmethod
+    def prune_nonces(self, now: float) -> int:
+        """Forget nonces whose invocations have expired; returns how many."""
+
+    def verify_audit(self) -> int:
+        """Check the hash chain from its start; return the number of entries.
+
+        Raises AuditError naming the first entry whose sequence, link or hash is wrong.
+        """
+        from policies.errors import AuditError
+
+        prev = GENESIS
+        count = 0
+        for expected_seq, entry in enumerate(self.audit_entries(), start=1):
+            if entry.seq != expected_seq:
+                raise AuditError(
+                    f"audit entry {expected_seq} is missing (found {entry.seq} instead)",
+                    entry=expected_seq,
+                )
+            if entry.prev != prev:
+                raise AuditError(
+                    f"audit entry {entry.seq} does not link to entry {entry.seq - 1}",
+                    entry=entry.seq,
+                )
+            if entry.compute_hash() != entry.hash:
+                raise AuditError(
+                    f"audit entry {entry.seq} was altered (hash mismatch)", entry=entry.seq
+                )
+            prev = entry.hash
+            count = entry.seq
+        return count
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

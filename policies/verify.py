@@ -1,0 +1,256 @@
+"""Verification of capability chains and invocations, offline.
+
+Everything that does not depend on the clock or on shared state (signatures, linkage,
+attenuation, caveat syntax) is checked once per chain and cached by the chain's link
+ids; time, revocation, the invocation and the caveats' evaluation are checked on every
+call.  Failures are typed and name the link: see policies.errors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from policies.abilities import Ability
+from policies.capability import Bundle, Capability
+from policies.caveats import Caveat, check_request, evaluate, parse_caveats
+from policies.errors import (
+    AttenuationError,
+    CaveatFailedError,
+    ExpiredError,
+    FormatError,
+    LinkageError,
+    NotAuthorizedError,
+    NotYetValidError,
+    RevokedError,
+    RootMismatchError,
+    VerificationError,
+    WrongHolderError,
+)
+from policies.invocation import Invocation
+from policies.jws import public_key_for, verify_signature
+from policies.ledger.base import LinkLimit
+
+DEFAULT_SKEW = 60
+
+
+class RevocationSource(Protocol):
+    def revoked(self, cap_ids: Sequence[str]) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class VerifiedChain:
+    """A chain whose signatures, linkage and attenuation hold (time is checked per use)."""
+
+    bundle: Bundle
+    caveats: tuple[tuple[tuple[Caveat, ...], ...], ...]  # [link][ability] -> caveats
+
+    @property
+    def principal(self) -> str:
+        return self.bundle.root.principal
+
+    @property
+    def leaf(self) -> Capability:
+        return self.bundle.leaf
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(c.id for c in self.bundle.chain)
+
+    def link_limits(self) -> list[LinkLimit]:
+        return [
+            LinkLimit(c.id, c.limits.uses, c.limits.rate) for c in self.bundle.chain
+        ]
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """A verified invocation under a verified chain: what the ledger is asked to spend."""
+
+    chain: VerifiedChain
+    invocation: Invocation
+    request: Mapping[str, Any]
+
+
+class Verifier:
+    """Checks bundles and invocations. Thread-safe; keep one per process for its cache."""
+
+    def __init__(
+        self, *, revocations: RevocationSource | None = None, cache_size: int = 4096
+    ) -> None:
+        self.revocations = revocations
+        self._cache: OrderedDict[tuple[str, ...], VerifiedChain] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def verify_chain(
+        self,
+        bundle: Bundle | str | bytes,
+        *,
+        now: float,
+        skew: int = DEFAULT_SKEW,
+        root: str | None = None,
+    ) -> VerifiedChain:
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.parse(bundle)
+        key = tuple(c.id for c in bundle.chain)
+        with self._lock:
+            verified = self._cache.get(key)
+            if verified is not None:
+                self._cache.move_to_end(key)
+        if verified is None:
+            verified = _verify_structure(bundle)
+            with self._lock:
+                self._cache[key] = verified
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        if root is not None and verified.bundle.root.issuer != root:
+            raise RootMismatchError(
+                f"chain is rooted at {verified.bundle.root.issuer}, not {root}", link=0
+            )
+        for index, cap in enumerate(verified.bundle.chain):
+            if now + skew < cap.not_before:
+                raise NotYetValidError(f"not valid before {cap.not_before}", link=index)
+            if now - skew >= cap.expires:
+                raise ExpiredError(f"expired at {cap.expires}", link=index)
+        if self.revocations is not None:
+            revoked = self.revocations.revoked(verified.ids)
+            if revoked is not None:
+                index = verified.ids.index(revoked)
+                raise RevokedError(f"capability {revoked} is revoked", link=index)
+        return verified
+
+    def verify(
+        self,
+        bundle: Bundle | str | bytes,
+        invocation: Invocation | str,
+        request: Mapping[str, Any],
+        *,
+        now: float,
+        skew: int = DEFAULT_SKEW,
+        root: str | None = None,
+    ) -> Authorization:
+        chain = self.verify_chain(bundle, now=now, skew=skew, root=root)
+        if not isinstance(invocation, Invocation):
+            invocation = Invocation.parse(invocation)
+        leaf = chain.leaf
+        if invocation.holder != leaf.audience:
+            raise WrongHolderError(
+                f"invocation is signed for {invocation.holder}, but the capability's "
+                f"audience is {leaf.audience}"
+            )
+        verify_signature(
+            invocation.jws, public_key_for(invocation.holder, "invocation iss"), what="invocation"
+        )
+        if invocation.capability_id != leaf.id:
+            raise VerificationError("invocation names a different capability than the bundle")
+        if now + skew < invocation.issued_at:
+            raise NotYetValidError("invocation is issued in the future")
+        if now - skew >= invocation.expires:
+            raise ExpiredError("invocation has expired")
+        try:
+            request = check_request(request)
+        except FormatError as exc:
+            raise VerificationError(f"request refused: {exc}") from None
+        invocation.check_request(request)
+        for index, cap in enumerate(chain.bundle.chain):
+            reason = _link_allows(
+                cap.abilities, chain.caveats[index], invocation, request, now=now
+            )
+            if reason is not None:
+                error = NotAuthorizedError if reason.startswith("no ability") else CaveatFailedError
+                raise error(reason, link=index)
+        return Authorization(chain, invocation, request)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def _link_allows(
+    abilities: Sequence[Ability],
+    caveats: Sequence[tuple[Caveat, ...]],
+    invocation: Invocation,
+    request: Mapping[str, Any],
+    *,
+    now: float,
+) -> str | None:
+    """None if some ability of the link matches and its caveats hold; else the reason."""
+    reasons = []
+    for ability, ability_caveats in zip(abilities, caveats, strict=True):
+        if not ability.matches(invocation.resource, invocation.action):
+            continue
+        reason = evaluate(ability_caveats, request, now=now)
+        if reason is None:
+            return None
+        reasons.append(reason)
+    if not reasons:
+        return f"no ability allows {invocation.action!r} on {invocation.resource!r}"
+    return "; ".join(reasons)
+
+
+def _verify_structure(bundle: Bundle) -> VerifiedChain:
+    chain = bundle.chain
+    caveats: list[tuple[tuple[Caveat, ...], ...]] = []
+    principal = chain[0].principal
+    for index, cap in enumerate(chain):
+        verify_signature(
+            cap.jws, public_key_for(cap.issuer, f"link {index} iss"), what=f"link {index}"
+        )
+        public_key_for(cap.audience, f"link {index} aud")
+        if cap.principal != principal:
+            raise LinkageError("names a different root principal than the chain", link=index)
+        try:
+            caveats.append(tuple(parse_caveats(a.caveats) for a in cap.abilities))
+        except FormatError as exc:
+            raise VerificationError(f"invalid caveat: {exc}", link=index) from None
+        if index == 0:
+            if cap.issuer != cap.principal:
+                raise RootMismatchError(
+                    "the root capability must be issued by the principal (iss == sub)", link=0
+                )
+            if cap.proofs:
+                raise LinkageError("the root capability must have no proofs", link=0)
+            continue
+        parent = chain[index - 1]
+        if cap.proofs != (parent.id,):
+            raise LinkageError("does not name its parent as proof", link=index)
+        if cap.issuer != parent.audience:
+            raise LinkageError(
+                f"is issued by {cap.issuer}, but the parent was granted to {parent.audience}",
+                link=index,
+            )
+        _check_attenuation(parent, cap, index)
+    return VerifiedChain(bundle, tuple(caveats))
+
+
+def _check_attenuation(parent: Capability, child: Capability, index: int) -> None:
+    for ability in child.abilities:
+        if not any(p.covers(ability) for p in parent.abilities):
+            raise AttenuationError(
+                f"ability {ability.action!r} on {ability.resource!r} is not covered by the parent",
+                link=index,
+            )
+    if child.expires > parent.expires:
+        raise AttenuationError("expires later than its parent", link=index)
+    if parent.limits.depth < 1:
+        raise AttenuationError("the parent allows no redelegation (depth 0)", link=index)
+    if child.limits.depth > parent.limits.depth - 1:
+        raise AttenuationError(
+            f"depth {child.limits.depth} exceeds the parent's {parent.limits.depth} - 1",
+            link=index,
+        )
+    if parent.limits.uses is not None and (
+        child.limits.uses is None or child.limits.uses > parent.limits.uses
+    ):
+        raise AttenuationError(
+            f"uses {child.limits.uses} exceed the parent's {parent.limits.uses}", link=index
+        )
+    p_rate, c_rate = parent.limits.rate, child.limits.rate
+    if p_rate is not None and (
+        c_rate is None or c_rate.count > p_rate.count or c_rate.per_seconds < p_rate.per_seconds
+    ):
+        raise AttenuationError("rate limit is looser than the parent's", link=index)
