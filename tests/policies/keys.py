@@ -16,6 +16,5 @@ def software_keys(directory: Path, names_and_algs: dict[str, Algorithm]) -> dict
         f"soft:dir={directory}", passphrase_source=lambda: PASSPHRASE, allow_extractable=True
     )
     return {
-        name: provider.generate(f"soft:object={name}", alg)
-        for name, alg in names_and_algs.items()
+        name: provider.generate(f"soft:object={name}", alg) for name, alg in names_and_algs.items()
     }

@@ -62,6 +62,8 @@ require = []
 def grant(issuer: KeyHandle, **kw: Any) -> Bundle:
     kw.setdefault("policy", OPEN_POLICY)
     return issue.grant(issuer, **kw)
+
+
 PAY = Ability("janus:payments/eur", "sign/payment", ({"field": "amount", "le": 10000},))
 
 
@@ -78,37 +80,70 @@ def root(pkcs11_provider: Pkcs11Provider) -> KeyHandle:
 def agents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyHandle]:
     return software_keys(
         tmp_path_factory.mktemp("agents"),
-        {"cloud": Algorithm.EdDSA, "worker": Algorithm.ES256, "other": Algorithm.EdDSA,
-         "deep": Algorithm.EdDSA},
+        {
+            "cloud": Algorithm.EdDSA,
+            "worker": Algorithm.ES256,
+            "other": Algorithm.EdDSA,
+            "deep": Algorithm.EdDSA,
+        },
     )
 
 
 def root_grant(root: KeyHandle, audience: KeyHandle, **kw: Any) -> Bundle:
-    args: dict[str, Any] = {"abilities": [Ability("janus:payments/*", "sign/*")],
-                            "ttl_seconds": 600, "uses": 5, "depth": 2, "now": NOW}
+    args: dict[str, Any] = {
+        "abilities": [Ability("janus:payments/*", "sign/*")],
+        "ttl_seconds": 600,
+        "uses": 5,
+        "depth": 2,
+        "now": NOW,
+    }
     args.update(kw)
     return grant(root, audience=audience.did, **args)
 
 
-def use(holder: KeyHandle, bundle: Bundle, request: dict[str, Any], *,
-        action: str = "sign/payment", resource: str = "janus:payments/eur",
-        now: int = NOW) -> str:
-    return invoke(holder, capability_id=bundle.leaf.id, action=action, resource=resource,
-                  request=request, now=now)
+def use(
+    holder: KeyHandle,
+    bundle: Bundle,
+    request: dict[str, Any],
+    *,
+    action: str = "sign/payment",
+    resource: str = "janus:payments/eur",
+    now: int = NOW,
+) -> str:
+    return invoke(
+        holder,
+        capability_id=bundle.leaf.id,
+        action=action,
+        resource=resource,
+        request=request,
+        now=now,
+    )
 
 
 def test_grant_redelegate_invoke_verify(root: KeyHandle, agents: dict[str, KeyHandle]) -> None:
     cloud, worker = agents["cloud"], agents["worker"]
     parent = root_grant(root, cloud)
-    child = grant(cloud, audience=worker.did, abilities=[PAY], ttl_seconds=300, uses=3,
-                  proof=parent, now=NOW + 1)
+    child = grant(
+        cloud,
+        audience=worker.did,
+        abilities=[PAY],
+        ttl_seconds=300,
+        uses=3,
+        proof=parent,
+        now=NOW + 1,
+    )
     assert [c.issuer for c in child.chain] == [root.did, cloud.did]
     assert child.leaf.proofs == (parent.leaf.id,)
     assert child.leaf.principal == root.did
 
     request = {"amount": 9900, "currency": "EUR", "to": "alice"}
-    auth = Verifier().verify(Bundle.parse(child.to_json()), use(worker, child, request),
-                             request, now=NOW + 2, root=root.did)
+    auth = Verifier().verify(
+        Bundle.parse(child.to_json()),
+        use(worker, child, request),
+        request,
+        now=NOW + 2,
+        root=root.did,
+    )
     assert auth.chain.principal == root.did
     assert [lim.uses for lim in auth.chain.link_limits()] == [5, 3]
 
@@ -117,22 +152,36 @@ def test_each_link_verifies_with_a_standard_jose_library(
     root: KeyHandle, agents: dict[str, KeyHandle]
 ) -> None:
     parent = root_grant(root, agents["cloud"])
-    child = grant(agents["cloud"], audience=agents["worker"].did, abilities=[PAY],
-                  ttl_seconds=60, uses=1, proof=parent, now=NOW)
+    child = grant(
+        agents["cloud"],
+        audience=agents["worker"].did,
+        abilities=[PAY],
+        ttl_seconds=60,
+        uses=1,
+        proof=parent,
+        now=NOW,
+    )
     for cap, signer in zip(child.chain, [root, agents["cloud"]], strict=True):
         jwk = dict(signer.jwk())
         key = ECKey.import_key(jwk) if jwk["kty"] == "EC" else OKPKey.import_key(jwk)
-        result = jose_jws.deserialize_compact(cap.compact, key,
-                                              algorithms=[cap.jws.header["alg"]])
+        result = jose_jws.deserialize_compact(cap.compact, key, algorithms=[cap.jws.header["alg"]])
         assert json.loads(result.payload)["sub"] == root.did
 
 
 def test_caveats_of_every_link_apply(root: KeyHandle, agents: dict[str, KeyHandle]) -> None:
     cloud, worker = agents["cloud"], agents["worker"]
     parent = root_grant(root, cloud, abilities=[PAY])
-    child = grant(cloud, audience=worker.did, uses=2, ttl_seconds=60, proof=parent, now=NOW,
-                  abilities=[Ability("janus:payments/eur", "sign/payment",
-                                     ({"field": "to", "eq": "alice"},))])
+    child = grant(
+        cloud,
+        audience=worker.did,
+        uses=2,
+        ttl_seconds=60,
+        proof=parent,
+        now=NOW,
+        abilities=[
+            Ability("janus:payments/eur", "sign/payment", ({"field": "to", "eq": "alice"},))
+        ],
+    )
     verifier = Verifier()
     ok = {"amount": 100, "to": "alice"}
     verifier.verify(child, use(worker, child, ok), ok, now=NOW)
@@ -146,27 +195,30 @@ def test_caveats_of_every_link_apply(root: KeyHandle, agents: dict[str, KeyHandl
     assert info.value.link == 1
 
 
-def test_actions_and_resources_outside_the_grant(root: KeyHandle,
-                                                 agents: dict[str, KeyHandle]) -> None:
+def test_actions_and_resources_outside_the_grant(
+    root: KeyHandle, agents: dict[str, KeyHandle]
+) -> None:
     bundle = root_grant(root, agents["cloud"])
     with pytest.raises(NotAuthorizedError):
-        Verifier().verify(bundle, use(agents["cloud"], bundle, {}, action="msg/send"), {},
-                          now=NOW)
+        Verifier().verify(bundle, use(agents["cloud"], bundle, {}, action="msg/send"), {}, now=NOW)
     with pytest.raises(NotAuthorizedError):
-        Verifier().verify(bundle, use(agents["cloud"], bundle, {}, resource="janus:keys/x"),
-                          {}, now=NOW)
+        Verifier().verify(
+            bundle, use(agents["cloud"], bundle, {}, resource="janus:keys/x"), {}, now=NOW
+        )
 
 
-def test_request_must_match_the_invocation_digest(root: KeyHandle,
-                                                  agents: dict[str, KeyHandle]) -> None:
+def test_request_must_match_the_invocation_digest(
+    root: KeyHandle, agents: dict[str, KeyHandle]
+) -> None:
     bundle = root_grant(root, agents["cloud"])
     invocation = use(agents["cloud"], bundle, {"amount": 1})
     with pytest.raises(VerificationError, match="digest"):
         Verifier().verify(bundle, invocation, {"amount": 2}, now=NOW)
 
 
-def test_time_is_checked_with_skew_on_every_link(root: KeyHandle,
-                                                 agents: dict[str, KeyHandle]) -> None:
+def test_time_is_checked_with_skew_on_every_link(
+    root: KeyHandle, agents: dict[str, KeyHandle]
+) -> None:
     bundle = root_grant(root, agents["cloud"], ttl_seconds=600)
     verifier = Verifier()
     verifier.verify_chain(bundle, now=NOW + 600 + 59, skew=60)
@@ -196,16 +248,25 @@ def test_wrong_holder_key_is_refused(root: KeyHandle, agents: dict[str, KeyHandl
         Verifier().verify(bundle, forged, {}, now=NOW)
 
 
-def test_revocation_of_leaf_and_via_ancestor(root: KeyHandle, agents: dict[str, KeyHandle],
-                                             tmp_path: Path) -> None:
+def test_revocation_of_leaf_and_via_ancestor(
+    root: KeyHandle, agents: dict[str, KeyHandle], tmp_path: Path
+) -> None:
     from policies.ledger import open_ledger
 
     cloud, worker = agents["cloud"], agents["worker"]
     parent = root_grant(root, cloud)
-    child = grant(cloud, audience=worker.did, abilities=[PAY], ttl_seconds=60, uses=1,
-                  proof=parent, now=NOW)
-    sibling = grant(cloud, audience=agents["other"].did, abilities=[PAY], ttl_seconds=60,
-                    uses=1, proof=parent, now=NOW)
+    child = grant(
+        cloud, audience=worker.did, abilities=[PAY], ttl_seconds=60, uses=1, proof=parent, now=NOW
+    )
+    sibling = grant(
+        cloud,
+        audience=agents["other"].did,
+        abilities=[PAY],
+        ttl_seconds=60,
+        uses=1,
+        proof=parent,
+        now=NOW,
+    )
     with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
         verifier = Verifier(revocations=ledger)
         verifier.verify_chain(child, now=NOW)
@@ -225,19 +286,23 @@ def test_revocation_of_leaf_and_via_ancestor(root: KeyHandle, agents: dict[str, 
         assert info.value.link == 0
 
 
-def test_only_issuers_at_or_above_may_revoke(root: KeyHandle,
-                                             agents: dict[str, KeyHandle]) -> None:
+def test_only_issuers_at_or_above_may_revoke(root: KeyHandle, agents: dict[str, KeyHandle]) -> None:
     parent = root_grant(root, agents["cloud"])
-    child = grant(agents["cloud"], audience=agents["worker"].did, abilities=[PAY],
-                  ttl_seconds=60, uses=1, proof=parent, now=NOW)
+    child = grant(
+        agents["cloud"],
+        audience=agents["worker"].did,
+        abilities=[PAY],
+        ttl_seconds=60,
+        uses=1,
+        proof=parent,
+        now=NOW,
+    )
     # The worker holds the leaf but issued nothing: it cannot revoke the root grant.
-    record = Revocation.parse(sign_revocation(agents["worker"], revoked_id=parent.leaf.id,
-                                              now=NOW))
+    record = Revocation.parse(sign_revocation(agents["worker"], revoked_id=parent.leaf.id, now=NOW))
     with pytest.raises(VerificationError, match="cannot revoke"):
         record.verify(child)
     # The cloud agent issued link 1 but not link 0.
-    record = Revocation.parse(sign_revocation(agents["cloud"], revoked_id=parent.leaf.id,
-                                              now=NOW))
+    record = Revocation.parse(sign_revocation(agents["cloud"], revoked_id=parent.leaf.id, now=NOW))
     with pytest.raises(VerificationError, match="cannot revoke"):
         record.verify(child)
 
@@ -246,8 +311,14 @@ def test_redelegation_wider_than_the_parent_is_refused_before_signing(
     root: KeyHandle, agents: dict[str, KeyHandle]
 ) -> None:
     cloud, worker = agents["cloud"], agents["worker"]
-    parent = root_grant(root, cloud, uses=5, ttl_seconds=600, depth=1,
-                        abilities=[Ability("janus:payments/eur", "sign/payment")])
+    parent = root_grant(
+        root,
+        cloud,
+        uses=5,
+        ttl_seconds=600,
+        depth=1,
+        abilities=[Ability("janus:payments/eur", "sign/payment")],
+    )
     cases: list[dict[str, Any]] = [
         {"abilities": [Ability("janus:payments/*", "sign/payment")]},
         {"abilities": [Ability("janus:payments/eur", "sign/*")]},
@@ -262,20 +333,42 @@ def test_redelegation_wider_than_the_parent_is_refused_before_signing(
         with pytest.raises(AttenuationError):
             grant(cloud, audience=worker.did, proof=parent, now=NOW, **args)
     with pytest.raises(LinkageError, match="not the audience"):
-        grant(worker, audience=cloud.did, abilities=[PAY], ttl_seconds=60, uses=1,
-              proof=parent, now=NOW)
-    leaf = grant(cloud, audience=worker.did, abilities=[PAY], ttl_seconds=60, uses=1,
-                 proof=parent, now=NOW)
+        grant(
+            worker,
+            audience=cloud.did,
+            abilities=[PAY],
+            ttl_seconds=60,
+            uses=1,
+            proof=parent,
+            now=NOW,
+        )
+    leaf = grant(
+        cloud, audience=worker.did, abilities=[PAY], ttl_seconds=60, uses=1, proof=parent, now=NOW
+    )
     with pytest.raises(AttenuationError, match="depth 0"):
-        grant(worker, audience=agents["other"].did, abilities=[PAY], ttl_seconds=10,
-              uses=1, proof=leaf, now=NOW)
+        grant(
+            worker,
+            audience=agents["other"].did,
+            abilities=[PAY],
+            ttl_seconds=10,
+            uses=1,
+            proof=leaf,
+            now=NOW,
+        )
 
 
-def test_invalid_caveats_are_refused_at_issuance(root: KeyHandle,
-                                                 agents: dict[str, KeyHandle]) -> None:
+def test_invalid_caveats_are_refused_at_issuance(
+    root: KeyHandle, agents: dict[str, KeyHandle]
+) -> None:
     with pytest.raises(FormatError):
-        grant(root, audience=agents["cloud"].did, ttl_seconds=60, uses=1, now=NOW,
-              abilities=[Ability("janus:x", "a", ({"field": "amount", "le": 1.5},))])
+        grant(
+            root,
+            audience=agents["cloud"].did,
+            ttl_seconds=60,
+            uses=1,
+            now=NOW,
+            abilities=[Ability("janus:x", "a", ({"field": "amount", "le": 1.5},))],
+        )
 
 
 def test_root_must_be_the_principal(root: KeyHandle, agents: dict[str, KeyHandle]) -> None:
@@ -284,20 +377,31 @@ def test_root_must_be_the_principal(root: KeyHandle, agents: dict[str, KeyHandle
         Verifier().verify_chain(bundle, now=NOW, root=agents["cloud"].did)
     # A chain whose root claims a principal other than its signer.
     claims = _claims(agents["cloud"], agents["worker"], principal=root.did)
-    forged = Bundle.from_compacts([sign_compact(agents["cloud"], {"typ": CAPABILITY_TYP},
-                                                claims)])
+    forged = Bundle.from_compacts([sign_compact(agents["cloud"], {"typ": CAPABILITY_TYP}, claims)])
     with pytest.raises(RootMismatchError):
         Verifier().verify_chain(forged, now=NOW)
 
 
-def _claims(issuer: KeyHandle, audience: KeyHandle, *, principal: str | None = None,
-            proofs: list[str] | None = None, **limits: Any) -> dict[str, Any]:
+def _claims(
+    issuer: KeyHandle,
+    audience: KeyHandle,
+    *,
+    principal: str | None = None,
+    proofs: list[str] | None = None,
+    **limits: Any,
+) -> dict[str, Any]:
     lim = {"uses": 5, "rate": None, "depth": 9}
     lim.update(limits)
     return capability_claims(
-        issuer=issuer.did, audience=audience.did, principal=principal or issuer.did,
-        jti="j", issued_at=NOW, not_before=NOW, expires=NOW + 600,
-        abilities=[Ability("janus:x/*", "*")], limits=Limits.from_json(lim),
+        issuer=issuer.did,
+        audience=audience.did,
+        principal=principal or issuer.did,
+        jti="j",
+        issued_at=NOW,
+        not_before=NOW,
+        expires=NOW + 600,
+        abilities=[Ability("janus:x/*", "*")],
+        limits=Limits.from_json(lim),
         proofs=proofs or [],
     )
 
@@ -360,8 +464,7 @@ def test_oversized_and_too_deep_chains(root: KeyHandle, agents: dict[str, KeyHan
     for i in range(1, 10):
         parent = Bundle.from_compacts(chain).leaf
         issuer, audience = holders[(i - 1) % 2], holders[i % 2]
-        claims = _claims(issuer, audience, principal=root.did, proofs=[parent.id],
-                         depth=9 - i)
+        claims = _claims(issuer, audience, principal=root.did, proofs=[parent.id], depth=9 - i)
         chain.append(sign_compact(issuer, {"typ": CAPABILITY_TYP}, claims))
     Verifier().verify_chain(Bundle.from_compacts(chain), now=NOW)
     with pytest.raises(ChainLimitError):
@@ -371,20 +474,36 @@ def test_oversized_and_too_deep_chains(root: KeyHandle, agents: dict[str, KeyHan
 def test_broken_linkage_is_refused(root: KeyHandle, agents: dict[str, KeyHandle]) -> None:
     parent = root_grant(root, agents["cloud"])
     # Issued by someone who is not the parent's audience.
-    wrong_issuer = sign_compact(agents["other"], {"typ": CAPABILITY_TYP},
-                                _claims(agents["other"], agents["worker"], principal=root.did,
-                                        proofs=[parent.leaf.id], depth=0, uses=1))
+    wrong_issuer = sign_compact(
+        agents["other"],
+        {"typ": CAPABILITY_TYP},
+        _claims(
+            agents["other"],
+            agents["worker"],
+            principal=root.did,
+            proofs=[parent.leaf.id],
+            depth=0,
+            uses=1,
+        ),
+    )
     with pytest.raises(LinkageError) as info:
-        Verifier().verify_chain(Bundle.from_compacts([parent.leaf.compact, wrong_issuer]),
-                                now=NOW)
+        Verifier().verify_chain(Bundle.from_compacts([parent.leaf.compact, wrong_issuer]), now=NOW)
     assert info.value.link == 1
     # Names another parent.
-    wrong_proof = sign_compact(agents["cloud"], {"typ": CAPABILITY_TYP},
-                               _claims(agents["cloud"], agents["worker"], principal=root.did,
-                                       proofs=["x" * 43], depth=0, uses=1))
+    wrong_proof = sign_compact(
+        agents["cloud"],
+        {"typ": CAPABILITY_TYP},
+        _claims(
+            agents["cloud"],
+            agents["worker"],
+            principal=root.did,
+            proofs=["x" * 43],
+            depth=0,
+            uses=1,
+        ),
+    )
     with pytest.raises(LinkageError):
-        Verifier().verify_chain(Bundle.from_compacts([parent.leaf.compact, wrong_proof]),
-                                now=NOW)
+        Verifier().verify_chain(Bundle.from_compacts([parent.leaf.compact, wrong_proof]), now=NOW)
 
 
 def test_cache_makes_repeat_verification_skip_signatures(
@@ -418,25 +537,39 @@ def test_covering_patterns_never_widen(parent: str, child: str, values: list[str
 
 @pytest.fixture(scope="module")
 def signed_parent(root: KeyHandle, agents: dict[str, KeyHandle]) -> Bundle:
-    return root_grant(root, agents["cloud"], uses=5, ttl_seconds=600, depth=2,
-                      abilities=[Ability("janus:pay/a/*", "sign/*"),
-                                 Ability("janus:msg/b", "msg/send")])
+    return root_grant(
+        root,
+        agents["cloud"],
+        uses=5,
+        ttl_seconds=600,
+        depth=2,
+        abilities=[Ability("janus:pay/a/*", "sign/*"), Ability("janus:msg/b", "msg/send")],
+    )
 
 
 @given(
-    resource=st.lists(st.sampled_from(["janus:pay", "a", "b", "*"]), min_size=1,
-                      max_size=4).map("/".join),
+    resource=st.lists(st.sampled_from(["janus:pay", "a", "b", "*"]), min_size=1, max_size=4).map(
+        "/".join
+    ),
     action=st.sampled_from(["sign/*", "sign/payment", "*", "msg/send", "msg/*"]),
     uses=st.one_of(st.none(), st.integers(1, 8)),
     ttl=st.integers(1, 1200),
     depth=st.integers(0, 3),
-    probe_resource=st.lists(st.sampled_from(["janus:pay", "janus:msg", "a", "b", "c"]),
-                            min_size=1, max_size=5).map("/".join),
+    probe_resource=st.lists(
+        st.sampled_from(["janus:pay", "janus:msg", "a", "b", "c"]), min_size=1, max_size=5
+    ).map("/".join),
     probe_action=st.sampled_from(["sign/payment", "sign/x", "msg/send", "msg/read"]),
 )
 def test_no_child_verifies_with_more_than_its_parent(
-    signed_parent: Bundle, agents: dict[str, KeyHandle], resource: str, action: str,
-    uses: int | None, ttl: int, depth: int, probe_resource: str, probe_action: str,
+    signed_parent: Bundle,
+    agents: dict[str, KeyHandle],
+    resource: str,
+    action: str,
+    uses: int | None,
+    ttl: int,
+    depth: int,
+    probe_resource: str,
+    probe_action: str,
 ) -> None:
     """Sign arbitrary (possibly wider) children directly, bypassing grant()'s checks."""
     try:
@@ -445,13 +578,19 @@ def test_no_child_verifies_with_more_than_its_parent(
         return
     parent = signed_parent.leaf
     claims = capability_claims(
-        issuer=agents["cloud"].did, audience=agents["worker"].did, principal=parent.principal,
-        jti="p", issued_at=NOW, not_before=NOW, expires=NOW + ttl, abilities=[ability],
-        limits=Limits(uses=uses, rate=None, depth=depth), proofs=[parent.id],
+        issuer=agents["cloud"].did,
+        audience=agents["worker"].did,
+        principal=parent.principal,
+        jti="p",
+        issued_at=NOW,
+        not_before=NOW,
+        expires=NOW + ttl,
+        abilities=[ability],
+        limits=Limits(uses=uses, rate=None, depth=depth),
+        proofs=[parent.id],
     )
     child = signed_parent.extend(
-        Bundle.from_compacts([sign_compact(agents["cloud"], {"typ": CAPABILITY_TYP},
-                                           claims)]).leaf
+        Bundle.from_compacts([sign_compact(agents["cloud"], {"typ": CAPABILITY_TYP}, claims)]).leaf
     )
     try:
         Verifier().verify_chain(child, now=NOW)
@@ -466,12 +605,18 @@ def test_no_child_verifies_with_more_than_its_parent(
 
 
 @given(data=st.data())
-def test_flipping_any_byte_of_any_link_fails(signed_parent: Bundle,
-                                             agents: dict[str, KeyHandle],
-                                             data: st.DataObject) -> None:
-    child = grant(agents["cloud"], audience=agents["worker"].did, abilities=[
-        Ability("janus:pay/a/x", "sign/payment")], ttl_seconds=60, uses=1,
-        proof=signed_parent, now=NOW)
+def test_flipping_any_byte_of_any_link_fails(
+    signed_parent: Bundle, agents: dict[str, KeyHandle], data: st.DataObject
+) -> None:
+    child = grant(
+        agents["cloud"],
+        audience=agents["worker"].did,
+        abilities=[Ability("janus:pay/a/x", "sign/payment")],
+        ttl_seconds=60,
+        uses=1,
+        proof=signed_parent,
+        now=NOW,
+    )
     compacts = [c.compact for c in child.chain]
     link = data.draw(st.integers(0, len(compacts) - 1))
     raw = bytearray(compacts[link].encode())
