@@ -54,11 +54,7 @@ class Algorithm(enum.StrEnum):
     @property
     def curve(self) -> ec.EllipticCurve | None:
         """The Weierstrass curve for ECDSA keys, None for the Edwards/Montgomery ones."""
-        if self is Algorithm.ES256:
-            return ec.SECP256R1()
-        if self is Algorithm.ES384:
-            return ec.SECP384R1()
-        return None
+        return _CURVES.get(self)
 
     @property
     def jwk_crv(self) -> str:
@@ -87,3 +83,10 @@ class Algorithm(enum.StrEnum):
             Algorithm.EdDSA: 32,
             Algorithm.X25519: 32,
         }[self]
+
+
+# Curve objects are immutable; building them once keeps them off the signing path.
+_CURVES: dict[Algorithm, ec.EllipticCurve] = {
+    Algorithm.ES256: ec.SECP256R1(),
+    Algorithm.ES384: ec.SECP384R1(),
+}

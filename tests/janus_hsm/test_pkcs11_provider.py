@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pkcs11
@@ -399,3 +403,32 @@ def test_module_name_and_path_reach_one_module_instance(softhsm_token: SoftHSMTo
     by_path = Pkcs11Provider.open(softhsm_token.uri())
     assert by_name.token_session is by_path.token_session
     assert by_name.token_session.module.lock is by_path.token_session.module.lock
+
+
+def test_no_initialised_token_at_all_is_a_clear_error(tmp_path: Path) -> None:
+    """SOFTHSM2_CONF pointing at an empty directory: the most common first mistake."""
+    from hardware.softhsm import write_config
+
+    conf = write_config(tmp_path)
+    code = (
+        "import sys\n"
+        "from janus_hsm import open_provider\n"
+        "from janus_hsm.errors import TokenNotFoundError\n"
+        "try:\n"
+        "    open_provider('pkcs11:token=x?pin-source=file:/dev/null').list_keys()\n"
+        "except TokenNotFoundError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "initialised tokens: none" in result.stdout
+    assert "SOFTHSM2_CONF" in result.stdout

@@ -52,6 +52,15 @@ _UNSUPPORTED: tuple[type[Exception], ...] = (
 )
 
 
+_TOKEN_KEYS = frozenset(
+    {"token", "manufacturer", "serial", "model", "slot-description", "slot-manufacturer", "slot-id"}
+)
+
+
+class _OpenFailed(Exception):
+    """Opening the session hit a transient module error (SoftHSM's token-file race)."""
+
+
 def describe_token(token: Any) -> str:
     serial = (token.serial or b"").decode("ascii", "replace").strip()
     return f"token '{token.label}'" + (f" (serial {serial})" if serial else "")
@@ -94,7 +103,7 @@ def find_token(module: LoadedModule, uri: Pkcs11Uri) -> Any:
         }
         if all(wanted[k] == v for k, v in actual.items() if k in wanted):
             matches.append(token)
-    selector = ";".join(f"{k}={v}" for k, v in wanted.items() if k in actual) or "(any)"
+    selector = ";".join(f"{k}={v}" for k, v in wanted.items() if k in _TOKEN_KEYS) or "(any)"
     if not matches:
         available = ", ".join(repr(label) for label in seen) or "none"
         raise TokenNotFoundError(
@@ -146,11 +155,11 @@ class TokenSession:
             self.module.check_process()
             try:
                 return self._attempt(operation, what)
-            except _SESSION_LOST:
+            except (*_SESSION_LOST, _OpenFailed):
                 self._discard()
             try:
                 return self._attempt(operation, what)
-            except _SESSION_LOST as exc:
+            except (*_SESSION_LOST, _OpenFailed) as exc:
                 self._discard()
                 raise TokenLostError(
                     f"lost the session with {self._describe_safely()} during {what} and "
@@ -159,7 +168,12 @@ class TokenSession:
                 ) from None
 
     def _attempt(self, operation: Callable[[Any], T], what: str) -> T:
-        session = self._open()
+        try:
+            session = self._open()
+        except pkcs11.exceptions.GeneralError:
+            # SoftHSM rewrites its token file non-atomically on login; a process reading
+            # it at that moment gets CKR_GENERAL_ERROR. Opening again is the remedy.
+            raise _OpenFailed from None
         try:
             return operation(session)
         except _SESSION_LOST:
