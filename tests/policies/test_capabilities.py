@@ -625,3 +625,73 @@ def test_flipping_any_byte_of_any_link_fails(
     compacts[link] = raw.decode("latin-1")
     with pytest.raises(PolicyError):
         Verifier().verify_chain(Bundle.from_compacts(compacts), now=NOW)
+
+
+def test_authorize_counts_uses_on_every_link_and_refuses_replays(
+    root: KeyHandle, agents: dict[str, KeyHandle], tmp_path: Path
+) -> None:
+    from policies.authorize import authorize
+    from policies.errors import LimitExceededError, ReplayError
+    from policies.ledger import open_ledger
+
+    cloud, worker = agents["cloud"], agents["worker"]
+    parent = root_grant(root, cloud, uses=5, abilities=[PAY])
+    child = grant(
+        cloud, audience=worker.did, abilities=[PAY], ttl_seconds=300, uses=5, proof=parent, now=NOW
+    )
+    sibling = grant(
+        cloud,
+        audience=agents["other"].did,
+        abilities=[PAY],
+        ttl_seconds=300,
+        uses=5,
+        proof=parent,
+        now=NOW,
+    )
+    request = {"amount": 100}
+    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+        verifier = Verifier(revocations=ledger)
+        first = use(worker, child, request)
+        receipt = authorize(verifier, ledger, child, first, request, now=NOW).receipt
+        assert receipt.uses == {parent.leaf.id: 1, child.leaf.id: 1}
+        with pytest.raises(ReplayError):
+            authorize(verifier, ledger, child, first, request, now=NOW)
+        for _ in range(2):
+            authorize(verifier, ledger, child, use(worker, child, request), request, now=NOW)
+        # The parent's 5 uses are shared by both children: 3 spent, 2 left.
+        for _ in range(2):
+            authorize(
+                verifier, ledger, sibling, use(agents["other"], sibling, request), request, now=NOW
+            )
+        with pytest.raises(LimitExceededError) as info:
+            authorize(
+                verifier, ledger, sibling, use(agents["other"], sibling, request), request, now=NOW
+            )
+        assert info.value.link == 0
+        assert ledger.uses(parent.leaf.id) == 5
+        assert ledger.verify_audit() == 5
+        # Refused invocations record nothing.
+        bad = {"amount": 99999}
+        with pytest.raises(CaveatFailedError):
+            authorize(verifier, ledger, child, use(worker, child, bad), bad, now=NOW)
+        assert ledger.uses(child.leaf.id) == 3
+
+
+def test_rate_limit_through_authorize(
+    root: KeyHandle, agents: dict[str, KeyHandle], tmp_path: Path
+) -> None:
+    from policies.authorize import authorize
+    from policies.errors import RateLimitedError
+    from policies.ledger import Rate, open_ledger
+
+    bundle = root_grant(root, agents["cloud"], uses=100, rate=Rate(2, 60))
+    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+        verifier = Verifier(revocations=ledger)
+        for _ in range(2):
+            authorize(verifier, ledger, bundle, use(agents["cloud"], bundle, {}), {}, now=NOW)
+        with pytest.raises(RateLimitedError):
+            authorize(verifier, ledger, bundle, use(agents["cloud"], bundle, {}), {}, now=NOW)
+        later = NOW + 60
+        authorize(
+            verifier, ledger, bundle, use(agents["cloud"], bundle, {}, now=later), {}, now=later
+        )

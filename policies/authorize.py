@@ -1,0 +1,59 @@
+"""The one call a service makes per request: verify, then spend.
+
+Verification alone proves the invocation is authentic; only the ledger can say the
+nonce is fresh, no link is used up and nothing was revoked a moment ago.  Doing both
+here, in this order, means a service cannot forget the second half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from policies.capability import Bundle
+from policies.invocation import Invocation
+from policies.ledger.base import Ledger, SpendReceipt
+from policies.verify import DEFAULT_SKEW, Authorization, Verifier
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A use that verified and was counted: the evidence and the ledger's receipt."""
+
+    authorization: Authorization
+    receipt: SpendReceipt
+
+
+def authorize(
+    verifier: Verifier,
+    ledger: Ledger,
+    bundle: Bundle | str | bytes,
+    invocation: Invocation | str,
+    request: Mapping[str, Any],
+    *,
+    now: float,
+    skew: int = DEFAULT_SKEW,
+    root: str | None = None,
+) -> Grant:
+    """Verify ``invocation`` under ``bundle`` for ``request`` and record one use.
+
+    Raises a VerificationError subclass (nothing recorded), or ReplayError /
+    LimitExceededError / RateLimitedError / RevokedError from the ledger (nothing
+    recorded either: the ledger's transaction is all or nothing).
+    """
+    authorization = verifier.verify(bundle, invocation, request, now=now, skew=skew, root=root)
+    inv = authorization.invocation
+    receipt = ledger.spend(
+        authorization.chain.link_limits(),
+        nonce=inv.nonce,
+        nonce_expires_at=inv.expires + skew,
+        now=now,
+        audit={
+            "holder": inv.holder,
+            "action": inv.action,
+            "resource": inv.resource,
+            "request": inv.digest,
+        },
+    )
+    return Grant(authorization, receipt)
