@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from typing import Any
@@ -167,8 +168,19 @@ def to_did_key(public_key: PublicKey) -> str:
 
 
 def from_did_key(did: str) -> PublicKey:
-    """Parse a did:key (a DID URL fragment, if present, must repeat the key)."""
-    if not isinstance(did, str) or not did.startswith("did:key:z"):
+    """Parse a did:key (a DID URL fragment, if present, must repeat the key).
+
+    Cached: verifiers decode the same few issuer keys on every request, and base58 plus
+    point decompression cost more than a signature check.  Public keys are immutable.
+    """
+    if not isinstance(did, str):
+        raise PublicKeyFormatError("a did:key must be a string")
+    return _from_did_key(did)
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_did_key(did: str) -> PublicKey:
+    if not did.startswith("did:key:z"):
         raise PublicKeyFormatError(f"not a base58btc did:key: {did[:40]!r}")
     ident, _, fragment = did[len("did:key:") :].partition("#")
     if fragment and fragment != ident:

@@ -49,7 +49,9 @@ class Limits:
     def to_json(self) -> dict[str, Any]:
         return {
             "uses": self.uses,
-            "rate": None if self.rate is None else {"n": self.rate.count, "per": self.rate.per_seconds},
+            "rate": None
+            if self.rate is None
+            else {"n": self.rate.count, "per": self.rate.per_seconds},
             "depth": self.depth,
         }
 
@@ -65,7 +67,7 @@ class Limits:
         parsed_rate = None
         if rate is not None:
             if not isinstance(rate, dict) or set(rate) != {"n", "per"}:
-                raise FormatError("'lim.rate' must be null or {\"n\": count, \"per\": seconds}")
+                raise FormatError('\'lim.rate\' must be null or {"n": count, "per": seconds}')
             if not _is_count(rate["n"]) or not _is_count(rate["per"]):
                 raise FormatError("'lim.rate' n and per must be positive integers")
             parsed_rate = Rate(rate["n"], rate["per"])

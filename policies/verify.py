@@ -8,6 +8,7 @@ call.  Failures are typed and name the link: see policies.errors.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -61,9 +62,7 @@ class VerifiedChain:
         return tuple(c.id for c in self.bundle.chain)
 
     def link_limits(self) -> list[LinkLimit]:
-        return [
-            LinkLimit(c.id, c.limits.uses, c.limits.rate) for c in self.bundle.chain
-        ]
+        return [LinkLimit(c.id, c.limits.uses, c.limits.rate) for c in self.bundle.chain]
 
 
 @dataclass(frozen=True)
@@ -94,19 +93,7 @@ class Verifier:
         skew: int = DEFAULT_SKEW,
         root: str | None = None,
     ) -> VerifiedChain:
-        if not isinstance(bundle, Bundle):
-            bundle = Bundle.parse(bundle)
-        key = tuple(c.id for c in bundle.chain)
-        with self._lock:
-            verified = self._cache.get(key)
-            if verified is not None:
-                self._cache.move_to_end(key)
-        if verified is None:
-            verified = _verify_structure(bundle)
-            with self._lock:
-                self._cache[key] = verified
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+        verified = self._structure(bundle)
         if root is not None and verified.bundle.root.issuer != root:
             raise RootMismatchError(
                 f"chain is rooted at {verified.bundle.root.issuer}, not {root}", link=0
@@ -122,6 +109,39 @@ class Verifier:
                 index = verified.ids.index(revoked)
                 raise RevokedError(f"capability {revoked} is revoked", link=index)
         return verified
+
+    def _structure(self, bundle: Bundle | str | bytes) -> VerifiedChain:
+        """The time-independent checks, cached by the bundle's bytes or its link ids.
+
+        Keying on a hash of the raw text lets a repeat verification skip parsing too;
+        the link ids catch the same chain arriving with different formatting.
+        """
+        text_key: tuple[str, ...] | None = None
+        if not isinstance(bundle, Bundle):
+            raw = bundle.encode() if isinstance(bundle, str) else bytes(bundle)
+            text_key = ("text", hashlib.sha256(raw).hexdigest())
+            cached = self._cached(text_key)
+            if cached is not None:
+                return cached
+            bundle = Bundle.parse(raw)
+        id_key = tuple(c.id for c in bundle.chain)
+        verified = self._cached(id_key)
+        if verified is None:
+            verified = _verify_structure(bundle)
+        with self._lock:
+            for key in (id_key, text_key):
+                if key is not None:
+                    self._cache[key] = verified
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return verified
+
+    def _cached(self, key: tuple[str, ...]) -> VerifiedChain | None:
+        with self._lock:
+            verified = self._cache.get(key)
+            if verified is not None:
+                self._cache.move_to_end(key)
+            return verified
 
     def verify(
         self,
@@ -157,9 +177,7 @@ class Verifier:
             raise VerificationError(f"request refused: {exc}") from None
         invocation.check_request(request)
         for index, cap in enumerate(chain.bundle.chain):
-            reason = _link_allows(
-                cap.abilities, chain.caveats[index], invocation, request, now=now
-            )
+            reason = _link_allows(cap.abilities, chain.caveats[index], invocation, request, now=now)
             if reason is not None:
                 error = NotAuthorizedError if reason.startswith("no ability") else CaveatFailedError
                 raise error(reason, link=index)

@@ -61,6 +61,9 @@ class _OpenFailed(Exception):
     """Opening the session hit a transient module error (SoftHSM's token-file race)."""
 
 
+_RETRYABLE: tuple[type[Exception], ...] = (*_SESSION_LOST, _OpenFailed)
+
+
 def describe_token(token: Any) -> str:
     serial = (token.serial or b"").decode("ascii", "replace").strip()
     return f"token '{token.label}'" + (f" (serial {serial})" if serial else "")
@@ -155,11 +158,11 @@ class TokenSession:
             self.module.check_process()
             try:
                 return self._attempt(operation, what)
-            except (*_SESSION_LOST, _OpenFailed):
+            except _RETRYABLE:
                 self._discard()
             try:
                 return self._attempt(operation, what)
-            except (*_SESSION_LOST, _OpenFailed) as exc:
+            except _RETRYABLE as exc:
                 self._discard()
                 raise TokenLostError(
                     f"lost the session with {self._describe_safely()} during {what} and "
