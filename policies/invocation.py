@@ -51,9 +51,7 @@ class Invocation:
         jws = parse_compact(compact.strip(), typ=INVOCATION_TYP, what="invocation")
         claims = jws.payload
         if set(claims) != _CLAIMS:
-            raise FormatError(
-                f"invocation claims must be exactly {', '.join(sorted(_CLAIMS))}"
-            )
+            raise FormatError(f"invocation claims must be exactly {', '.join(sorted(_CLAIMS))}")
         for name in ("iss", "cap", "can", "with", "dig", "nonce"):
             if not isinstance(claims[name], str) or not 0 < len(claims[name]) <= 512:
                 raise FormatError(f"invocation '{name}' must be a non-empty string")

@@ -81,23 +81,29 @@ def cmd_grant(args: argparse.Namespace) -> int:
         with open_ledger(args.ledger) as ledger:
             ledger.record_grant(
                 leaf.id,
-                {"issuer": leaf.issuer, "audience": leaf.audience, "expires": leaf.expires,
-                 "links": len(bundle.chain)},
+                {
+                    "issuer": leaf.issuer,
+                    "audience": leaf.audience,
+                    "expires": leaf.expires,
+                    "links": len(bundle.chain),
+                },
             )
     text = bundle.to_json() + "\n"
     if args.out:
         write_output(args.out, text.encode())
     if args.json:
-        print_json({
-            "id": leaf.id,
-            "issuer": leaf.issuer,
-            "audience": leaf.audience,
-            "principal": leaf.principal,
-            "expires": leaf.expires,
-            "links": len(bundle.chain),
-            "bundle": json.loads(text),
-            **({"out": args.out} if args.out else {}),
-        })
+        print_json(
+            {
+                "id": leaf.id,
+                "issuer": leaf.issuer,
+                "audience": leaf.audience,
+                "principal": leaf.principal,
+                "expires": leaf.expires,
+                "links": len(bundle.chain),
+                "bundle": json.loads(text),
+                **({"out": args.out} if args.out else {}),
+            }
+        )
     elif not args.out:
         print(text, end="")
     return 0
@@ -132,8 +138,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.invocation:
             invocation = read_input(args.invocation).decode("ascii", "replace").strip()
             authorization = verifier.verify(
-                _bundle(args.bundle), invocation, _request(args.request),
-                now=now, skew=args.skew, root=args.root,
+                _bundle(args.bundle),
+                invocation,
+                _request(args.request),
+                now=now,
+                skew=args.skew,
+                root=args.root,
             )
             chain = authorization.chain
         else:
@@ -190,14 +200,21 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if args.ledger:
         with open_ledger(args.ledger) as ledger:
             stored = ledger.revoke(
-                target.id, record=compact,
+                target.id,
+                record=compact,
                 data={"issuer": record.issuer, "link": index, "reason": args.reason},
             )
     if args.out:
         write_output(args.out, (compact + "\n").encode())
     if args.json:
-        print_json({"revoked": target.id, "link": index, "record": compact,
-                    **({"newly_revoked": stored} if stored is not None else {})})
+        print_json(
+            {
+                "revoked": target.id,
+                "link": index,
+                "record": compact,
+                **({"newly_revoked": stored} if stored is not None else {}),
+            }
+        )
     elif not args.out:
         print(compact)
     return 0
@@ -209,8 +226,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             count = ledger.verify_audit()
         except PolicyError as exc:
             if args.json:
-                print_json({"valid": False, "error": {
-                    "code": exc.code, "entry": getattr(exc, "entry", None), "message": str(exc)}})
+                print_json(
+                    {
+                        "valid": False,
+                        "error": {
+                            "code": exc.code,
+                            "entry": getattr(exc, "entry", None),
+                            "message": str(exc),
+                        },
+                    }
+                )
             print(f"janus: invalid: {exc}", file=sys.stderr)
             return 1
     if args.json:
@@ -224,32 +249,52 @@ def register(commands: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     keyed = argparse.ArgumentParser(add_help=False)
-    keyed.add_argument("--allow-extractable", action="store_true",
-                       help="accept a signing key that is or was extractable")
+    keyed.add_argument(
+        "--allow-extractable",
+        action="store_true",
+        help="accept a signing key that is or was extractable",
+    )
 
-    p = commands.add_parser("grant", parents=[common, keyed],
-                            help="issue (or redelegate) a capability; prints a bundle")
+    p = commands.add_parser(
+        "grant", parents=[common, keyed], help="issue (or redelegate) a capability; prints a bundle"
+    )
     p.add_argument("--issuer", required=True, metavar="KEY_URI", help="the signing key")
     p.add_argument("--to", required=True, metavar="DID", help="audience did:key")
     p.add_argument("--can", dest="action", required=True, metavar="ACTION")
     p.add_argument("--with", dest="resource", required=True, metavar="RESOURCE")
-    p.add_argument("--caveat", action="append", metavar="JSON",
-                   help="a caveat object or list (repeatable); see docs/caveats.md")
+    p.add_argument(
+        "--caveat",
+        action="append",
+        metavar="JSON",
+        help="a caveat object or list (repeatable); see docs/caveats.md",
+    )
     p.add_argument("--ttl", required=True, metavar="DURATION", help="e.g. 10m, 1h, 7d")
     p.add_argument("--uses", required=True, type=int, metavar="N")
-    p.add_argument("--depth", type=int, default=0, metavar="N",
-                   help="how many further redelegations are allowed (default 0)")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        metavar="N",
+        help="how many further redelegations are allowed (default 0)",
+    )
     p.add_argument("--rate", metavar="N/PERIOD", help="at most N uses per period, e.g. 10/1m")
     p.add_argument("--policy", metavar="FILE", help="issuance policy (TOML)")
     p.add_argument("--proof", metavar="BUNDLE", help="redelegate from this bundle")
-    p.add_argument("--satisfied", action="append", metavar="STEP",
-                   help="a policy requirement already fulfilled (touch, approval)")
+    p.add_argument(
+        "--satisfied",
+        action="append",
+        metavar="STEP",
+        help="a policy requirement already fulfilled (touch, approval)",
+    )
     p.add_argument("--ledger", metavar="URL", help="record the grant in this ledger's audit log")
     p.add_argument("--out", metavar="FILE")
     p.set_defaults(handler=cmd_grant)
 
-    p = commands.add_parser("invoke", parents=[common, keyed],
-                            help="sign an invocation of a capability with its holder key")
+    p = commands.add_parser(
+        "invoke",
+        parents=[common, keyed],
+        help="sign an invocation of a capability with its holder key",
+    )
     p.add_argument("--key", required=True, metavar="KEY_URI", help="the holder (audience) key")
     p.add_argument("--bundle", required=True, metavar="BUNDLE")
     p.add_argument("--can", dest="action", required=True, metavar="ACTION")
@@ -259,20 +304,25 @@ def register(commands: Any) -> None:
     p.add_argument("--out", metavar="FILE")
     p.set_defaults(handler=cmd_invoke)
 
-    p = commands.add_parser("verify", parents=[common],
-                            help="verify a bundle (and an invocation) offline")
+    p = commands.add_parser(
+        "verify", parents=[common], help="verify a bundle (and an invocation) offline"
+    )
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--invocation", metavar="FILE")
-    p.add_argument("--request", metavar="FILE",
-                   help="the invoked request (JSON object) the invocation's digest covers")
+    p.add_argument(
+        "--request",
+        metavar="FILE",
+        help="the invoked request (JSON object) the invocation's digest covers",
+    )
     p.add_argument("--root", metavar="DID", help="require the chain to start at this key")
     p.add_argument("--ledger", metavar="URL", help="also check revocations in this ledger")
     p.add_argument("--at", type=float, metavar="EPOCH", help="verify as of this time")
     p.add_argument("--skew", type=int, default=60, metavar="SECONDS")
     p.set_defaults(handler=cmd_verify)
 
-    p = commands.add_parser("revoke", parents=[common, keyed],
-                            help="sign a revocation of a link (default: the leaf)")
+    p = commands.add_parser(
+        "revoke", parents=[common, keyed], help="sign a revocation of a link (default: the leaf)"
+    )
     p.add_argument("--issuer", required=True, metavar="KEY_URI")
     p.add_argument("--bundle", required=True, metavar="BUNDLE")
     p.add_argument("--link", type=int, metavar="N", help="link index, 0 = root")

@@ -1,0 +1,270 @@
+"""The cloud agent's HTTP API (Starlette on uvicorn).
+
+Handlers are plain functions: Starlette runs them in its thread pool, which is what
+the blocking ledger (fsync per use) and key operations need.  Every error is JSON with
+a stable ``code``; bodies are size-limited before parsing.  See docs/cloud-agent.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agent.cloud.service import CloudAgent
+from agent.errors import AgentError, BadRequestError
+from janus_hsm.errors import JanusHSMError
+from policies.errors import (
+    FormatError,
+    LimitExceededError,
+    PolicyError,
+    PolicyViolationError,
+    ReplayError,
+    VerificationError,
+)
+from policies.jws import strict_json
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+SWEEP_INTERVAL = 5.0
+
+
+def _status(exc: Exception) -> int:
+    if isinstance(exc, AgentError):
+        return exc.status
+    if isinstance(exc, FormatError):
+        return 400
+    if isinstance(exc, ReplayError):
+        return 409
+    if isinstance(exc, LimitExceededError):
+        return 429
+    if isinstance(exc, VerificationError | PolicyViolationError):
+        return 403
+    return 500
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    status = _status(exc)
+    body: dict[str, Any] = {"code": getattr(exc, "code", "error"), "message": str(exc)}
+    link = getattr(exc, "link", None)
+    if link is not None:
+        body["link"] = link
+    return JSONResponse({"error": body}, status_code=status)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "janus_cloud_requests", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "janus_cloud_request_seconds", "request latency", ["route"], registry=self.registry
+        )
+        self.uses = Counter(
+            "janus_cloud_capability_uses",
+            "actions performed",
+            ["action"],
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "janus_cloud_refusals", "refused requests", ["code"], registry=self.registry
+        )
+
+
+async def _body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        raise BadRequestError(f"request body larger than {MAX_BODY} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadRequestError(f"request body larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    data = await _body(request)
+    if not data:
+        return {}
+    return strict_json(data, "request body")
+
+
+def build_app(agent: CloudAgent) -> Starlette:
+    metrics = Metrics()
+
+    def endpoint(name: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def run(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                result = await handler(request)
+                response = result if isinstance(result, Response) else JSONResponse(result)
+            except (AgentError, PolicyError, JanusHSMError) as exc:
+                metrics.refusals.labels(getattr(exc, "code", "error")).inc()
+                response = error_response(exc)
+            except Exception:
+                log.exception("internal error in %s", name)
+                response = JSONResponse(
+                    {"error": {"code": "internal", "message": "internal error"}}, status_code=500
+                )
+            metrics.requests.labels(name, str(response.status_code)).inc()
+            metrics.latency.labels(name).observe(time.perf_counter() - started)
+            return response
+
+        return run
+
+    async def threaded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def healthz(request: Request) -> dict[str, Any]:
+        return {"status": "ok", "did": agent.did}
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def did(request: Request) -> dict[str, Any]:
+        return {"did": agent.did, "owner": agent.config.owner}
+
+    async def openapi(request: Request) -> dict[str, Any]:
+        from agent.cloud.openapi import OPENAPI
+
+        return OPENAPI
+
+    async def create_grant(request: Request) -> JSONResponse:
+        body = await _json(request)
+        record = await threaded(agent.create_grant, body.get("request"))
+        return JSONResponse(
+            {"grant_id": record.grant_id, "did": record.did, "status": record.status},
+            status_code=201,
+        )
+
+    async def install(request: Request) -> dict[str, Any]:
+        data = await _body(request)
+        record = await threaded(
+            agent.install, request.path_params["grant_id"], data.decode("utf-8", "replace")
+        )
+        return {
+            "grant_id": record.grant_id,
+            "did": record.did,
+            "status": record.status,
+            "expires": record.expires_at,
+        }
+
+    async def show_grant(request: Request) -> dict[str, Any]:
+        record = await threaded(agent.store.grant, request.path_params["grant_id"])
+        return {
+            "grant_id": record.grant_id,
+            "did": record.did,
+            "status": record.status,
+            "reason": record.reason,
+            "expires": record.expires_at,
+        }
+
+    async def act(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        resource, payload = body.get("resource"), body.get("request", {})
+        if not isinstance(resource, str) or not isinstance(payload, dict):
+            raise BadRequestError("body must be {'resource': str, 'request': object}")
+        action = request.path_params["action"]
+        result = await threaded(
+            agent.act, request.path_params["grant_id"], action, resource, payload
+        )
+        metrics.uses.labels(result.action).inc()
+        return {"action": result.action, "grant_id": result.grant_id, **result.result}
+
+    async def invoke_external(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        bundle, invocation, payload = (
+            body.get("bundle"),
+            body.get("invocation"),
+            body.get("request", {}),
+        )
+        if (
+            not isinstance(bundle, dict)
+            or not isinstance(invocation, str)
+            or not isinstance(payload, dict)
+        ):
+            raise BadRequestError(
+                "body must be {'bundle': object, 'invocation': str, 'request': object}"
+            )
+        result = await threaded(agent.invoke_external, json.dumps(bundle), invocation, payload)
+        metrics.uses.labels(result.action).inc()
+        return {"action": result.action, "grant_id": result.grant_id, **result.result}
+
+    async def didcomm_inbound(request: Request) -> JSONResponse:
+        data = await _body(request)
+        from agent.cloud.inbound import receive_forward
+
+        result = await threaded(receive_forward, agent, data)
+        metrics.uses.labels("msg/receive").inc()
+        return JSONResponse(result, status_code=202)
+
+    async def pickup(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        signed = body.get("request")
+        limit = body.get("limit", 100)
+        if not isinstance(signed, str) or not isinstance(limit, int) or not 0 < limit <= 1000:
+            raise BadRequestError("body must be {'request': <owner-signed JWS>, 'limit': 1-1000}")
+        result: dict[str, Any] = await threaded(agent.pickup, signed, limit=limit)
+        return result
+
+    async def revoke(request: Request) -> dict[str, Any]:
+        body = await _json(request)
+        record = body.get("record")
+        if not isinstance(record, str):
+            raise BadRequestError("body must be {'record': <revocation JWS>}")
+        result: dict[str, Any] = await threaded(agent.revoke, record)
+        return result
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async def sweeper() -> None:
+            while True:
+                await asyncio.sleep(SWEEP_INTERVAL)
+                try:
+                    await threaded(agent.sweep)
+                except Exception:
+                    log.exception("sweep failed")
+
+        task = asyncio.create_task(sweeper())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    routes = [
+        Route("/healthz", endpoint("healthz", healthz), methods=["GET"]),
+        Route("/metrics", endpoint("metrics", metrics_endpoint), methods=["GET"]),
+        Route("/openapi.json", endpoint("openapi", openapi), methods=["GET"]),
+        Route("/v1/did", endpoint("did", did), methods=["GET"]),
+        Route("/v1/grants", endpoint("create_grant", create_grant), methods=["POST"]),
+        Route("/v1/grants/{grant_id}", endpoint("show_grant", show_grant), methods=["GET"]),
+        Route("/v1/grants/{grant_id}/bundle", endpoint("install", install), methods=["PUT"]),
+        Route(
+            "/v1/grants/{grant_id}/actions/{action:path}", endpoint("act", act), methods=["POST"]
+        ),
+        Route("/v1/invoke", endpoint("invoke", invoke_external), methods=["POST"]),
+        Route("/v1/didcomm", endpoint("didcomm", didcomm_inbound), methods=["POST"]),
+        Route("/v1/pickup", endpoint("pickup", pickup), methods=["POST"]),
+        Route("/v1/revocations", endpoint("revoke", revoke), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

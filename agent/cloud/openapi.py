@@ -1,0 +1,146 @@
+"""OpenAPI 3.1 description of the cloud agent's HTTP API (served at /openapi.json).
+
+Written out by hand because the service uses plain Starlette routes; the test suite
+checks that every route in the app is described here and vice versa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {
+    "description": "error",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message"],
+                        "properties": {
+                            "code": {"type": "string"},
+                            "message": {"type": "string"},
+                            "link": {"type": "integer"},
+                        },
+                    }
+                },
+            }
+        }
+    },
+}
+_OBJECT = {"content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+def _op(
+    summary: str,
+    *,
+    body: dict[str, Any] | None = None,
+    ok: str = "200",
+    params: list[str] | None = None,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {ok: {"description": "success", **_OBJECT}, "4XX": _ERROR, "5XX": _ERROR},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if params:
+        op["parameters"] = [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in params
+        ]
+    return op
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "Janus cloud agent", "version": "1"},
+    "paths": {
+        "/healthz": {"get": _op("liveness, and the agent's DID")},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "text exposition format"}},
+            }
+        },
+        "/openapi.json": {"get": _op("this description")},
+        "/v1/did": {"get": _op("the agent's did:key and its configured owner")},
+        "/v1/grants": {
+            "post": _op(
+                "create a fresh key for one grant; returns its did:key",
+                body={
+                    "type": "object",
+                    "properties": {
+                        "request": {
+                            "type": "string",
+                            "description": "owner-signed key request (JWS)",
+                        }
+                    },
+                },
+                ok="201",
+            )
+        },
+        "/v1/grants/{grant_id}": {"get": _op("a grant's status", params=["grant_id"])},
+        "/v1/grants/{grant_id}/bundle": {
+            "put": _op(
+                "install the capability bundle granted to the grant's key",
+                body={"type": "object", "description": "a janus-bundle/1 document"},
+                params=["grant_id"],
+            )
+        },
+        "/v1/grants/{grant_id}/actions/{action}": {
+            "post": _op(
+                "perform an action under the grant (sign/<purpose>, msg/send, cap/delegate)",
+                body={
+                    "type": "object",
+                    "required": ["resource"],
+                    "properties": {"resource": {"type": "string"}, "request": {"type": "object"}},
+                },
+                params=["grant_id", "action"],
+            )
+        },
+        "/v1/invoke": {
+            "post": _op(
+                "a holder of a delegated capability invokes it",
+                body={
+                    "type": "object",
+                    "required": ["bundle", "invocation"],
+                    "properties": {
+                        "bundle": {"type": "object"},
+                        "invocation": {"type": "string"},
+                        "request": {"type": "object"},
+                    },
+                },
+            )
+        },
+        "/v1/didcomm": {
+            "post": _op(
+                "receive a DIDComm forward message for an owner (held until picked up)",
+                body={"type": "object"},
+                ok="202",
+            )
+        },
+        "/v1/pickup": {
+            "post": _op(
+                "the owner collects held messages and acknowledges earlier ones",
+                body={
+                    "type": "object",
+                    "required": ["request"],
+                    "properties": {"request": {"type": "string"}, "limit": {"type": "integer"}},
+                },
+            )
+        },
+        "/v1/revocations": {
+            "post": _op(
+                "store a signed revocation; keys it disables are destroyed at once",
+                body={
+                    "type": "object",
+                    "required": ["record"],
+                    "properties": {"record": {"type": "string"}},
+                },
+            )
+        },
+    },
+}

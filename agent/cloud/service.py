@@ -1,0 +1,412 @@
+"""The cloud agent, without HTTP: grants, actions under capabilities, mailbox, revocation.
+
+The cloud agent runs on hardware the owner does not control, so it holds nothing that
+matters: one fresh key per grant (a leaked key is worth one grant), destroyed as soon
+as the grant expires, is used up or is revoked.  Every action is a capability use:
+the agent signs an invocation with the grant key (or receives one from a holder of a
+capability it delegated), ``authorize`` verifies it and counts it in the ledger, and
+only then is the action performed.  What it returns for a signature is evidence that
+verifies offline back to the owner's hardware root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.cloud.store import ACTIVE, PENDING, CloudStore, GrantRecord
+from agent.errors import BadRequestError, ConflictError, GrantInactiveError, NotFoundError
+from janus_hsm.algorithms import Algorithm
+from janus_hsm.backends.software import SoftwareProvider
+from janus_hsm.errors import KeyNotFoundError
+from janus_hsm.provider import KeyHandle
+from janus_hsm.public_keys import b64url_encode
+from policies.abilities import Ability
+from policies.authorize import authorize
+from policies.capability import Bundle
+from policies.durations import parse_duration
+from policies.errors import FormatError, VerificationError
+from policies.invocation import invoke
+from policies.issue import grant
+from policies.jws import canonical_json, parse_compact, public_key_for, verify_signature
+from policies.ledger import open_ledger
+from policies.policy import IssuancePolicy
+from policies.revocation import Revocation
+from policies.verify import Verifier
+
+log = logging.getLogger(__name__)
+
+KEYREQ_TYP = "janus-keyreq+jws"
+PICKUP_TYP = "janus-pickup+jws"
+PENDING_TTL = 3600
+MAX_PENDING = 1000
+
+
+@dataclass
+class CloudConfig:
+    state_dir: Path
+    passphrase_source: Callable[[], str]
+    ledger_url: str | None = None
+    owner: str | None = None  # only grants rooted at this did:key are accepted
+    key_algorithm: Algorithm = Algorithm.EdDSA
+    delegation_policy: IssuancePolicy = field(default_factory=IssuancePolicy.permissive)
+
+    @property
+    def database_url(self) -> str:
+        return self.ledger_url or f"sqlite:///{self.state_dir.resolve() / 'cloud.db'}"
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    action: str
+    grant_id: str
+    result: dict[str, Any]
+
+
+class CloudAgent:
+    """Thread-safe; one per process (several processes may share a PostgreSQL store)."""
+
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.ledger = open_ledger(config.database_url)
+        self.store = CloudStore(config.database_url)
+        self.keys = SoftwareProvider.open(
+            f"soft:dir={(config.state_dir / 'keys').resolve()}",
+            passphrase_source=config.passphrase_source,
+            allow_extractable=True,
+        )
+        self.identity = self._identity_key()
+        self.verifier = Verifier(revocations=self.ledger)
+        self._seen_requests: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def did(self) -> str:
+        return self.identity.did
+
+    def _identity_key(self) -> KeyHandle:
+        uri = "soft:object=agent-identity"
+        try:
+            return self.keys.find(uri)
+        except KeyNotFoundError:
+            try:
+                return self.keys.generate(uri, Algorithm.EdDSA)
+            except Exception:
+                return self.keys.find(uri)
+
+    # --- grants -------------------------------------------------------------------
+
+    def create_grant(self, key_request: str | None, *, now: float | None = None) -> GrantRecord:
+        """A fresh key for one grant; with an owner configured, only on the owner's request."""
+        now = time.time() if now is None else now
+        if self.config.owner is not None:
+            self._check_signed_request(key_request, KEYREQ_TYP, now=now)
+        if len(self.store.grants(PENDING)) >= MAX_PENDING:
+            raise ConflictError("too many grants are waiting for their capability")
+        grant_id = b64url_encode(os.urandom(12))
+        handle = self.keys.generate(f"soft:object=grant-{grant_id}", self.config.key_algorithm)
+        log.info("created key %s for grant %s", handle.did, grant_id)
+        return self.store.add_grant(grant_id, handle.uri, handle.did)
+
+    def install(self, grant_id: str, bundle_text: str, *, now: float | None = None) -> GrantRecord:
+        """Accept the capability the owner signed for this grant's key."""
+        now = time.time() if now is None else now
+        record = self._live(grant_id)
+        bundle = Bundle.parse(bundle_text)
+        chain = self.verifier.verify_chain(bundle, now=now, root=self.config.owner)
+        if chain.leaf.audience != record.did:
+            raise BadRequestError(
+                f"the bundle is granted to {chain.leaf.audience}, not to this grant's key "
+                f"{record.did}"
+            )
+        self.store.activate(grant_id, bundle.to_json(), chain.leaf.id, chain.leaf.expires)
+        self.ledger.record_grant(
+            chain.leaf.id,
+            {
+                "grant": grant_id,
+                "holder": record.did,
+                "principal": chain.principal,
+                "expires": chain.leaf.expires,
+            },
+        )
+        return self.store.grant(grant_id)
+
+    def _live(self, grant_id: str) -> GrantRecord:
+        record = self.store.grant(grant_id)
+        if record.status not in (PENDING, ACTIVE):
+            raise GrantInactiveError(
+                f"grant {grant_id} is {record.status} ({record.reason}); its key is gone"
+            )
+        return record
+
+    def _active(self, grant_id: str) -> tuple[GrantRecord, Bundle, KeyHandle]:
+        record = self._live(grant_id)
+        if record.status != ACTIVE or record.bundle is None:
+            raise ConflictError(f"grant {grant_id} has no capability installed yet")
+        return record, Bundle.parse(record.bundle), self.keys.find(record.key_uri)
+
+    # --- actions ------------------------------------------------------------------
+
+    def act(
+        self,
+        grant_id: str,
+        action: str,
+        resource: str,
+        request: Mapping[str, Any],
+        *,
+        now: float | None = None,
+    ) -> ActionResult:
+        """Use a grant on the agent's own initiative: sign an invocation with its key."""
+        now = time.time() if now is None else now
+        record, bundle, handle = self._active(grant_id)
+        invocation = invoke(
+            handle,
+            capability_id=bundle.leaf.id,
+            action=action,
+            resource=resource,
+            request=request,
+            now=int(now),
+        )
+        try:
+            return self._perform(record, bundle, handle, invocation, request, now=now)
+        finally:
+            self.sweep(now=now)
+
+    def invoke_external(
+        self,
+        bundle_text: str,
+        invocation: str,
+        request: Mapping[str, Any],
+        *,
+        now: float | None = None,
+    ) -> ActionResult:
+        """A holder of a capability this agent delegated invokes it with its own key."""
+        now = time.time() if now is None else now
+        bundle = Bundle.parse(bundle_text)
+        active = {g.did: g for g in self.store.grants(ACTIVE)}
+        anchor = next((active[c.audience] for c in bundle.chain if c.audience in active), None)
+        if anchor is None:
+            raise NotFoundError("the chain passes through none of this agent's active grants")
+        record, _, handle = self._active(anchor.grant_id)
+        try:
+            return self._perform(record, bundle, handle, invocation, request, now=now)
+        finally:
+            self.sweep(now=now)
+
+    def _perform(
+        self,
+        record: GrantRecord,
+        bundle: Bundle,
+        handle: KeyHandle,
+        invocation: str,
+        request: Mapping[str, Any],
+        *,
+        now: float,
+    ) -> ActionResult:
+        used = authorize(
+            self.verifier, self.ledger, bundle, invocation, request, now=now, root=self.config.owner
+        )
+        inv = used.authorization.invocation
+        action = inv.action
+        if action.startswith("sign/"):
+            result = self._sign(handle, bundle, inv.compact, used.authorization.request)
+        elif action == "msg/receive":
+            result = self._hold(used.authorization.chain.principal, used.authorization.request)
+        elif action == "msg/send":
+            result = self._send(handle, used.authorization.request)
+        elif action == "cap/delegate":
+            result = self._delegate(handle, bundle, used.authorization.request, now=now)
+        else:
+            raise BadRequestError(f"this agent performs no action {action!r}")
+        result["uses"] = used.receipt.uses
+        return ActionResult(action, record.grant_id, result)
+
+    def _sign(
+        self, handle: KeyHandle, bundle: Bundle, invocation: str, payload: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        signature = handle.sign(canonical_json(dict(payload)))
+        return {
+            "evidence": {
+                "typ": "janus-evidence/1",
+                "payload": dict(payload),
+                "signer": handle.did,
+                "alg": handle.algorithm.value,
+                "signature": b64url_encode(signature),
+                "invocation": invocation,
+                "bundle": json.loads(bundle.to_json()),
+            }
+        }
+
+    def _hold(self, owner: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        message = request.get("message")
+        if not isinstance(message, dict):
+            raise BadRequestError("msg/receive needs {'message': <DIDComm envelope>}")
+        msg_id = b64url_encode(os.urandom(12))
+        self.store.hold(msg_id, owner, json.dumps(message, separators=(",", ":")))
+        return {"held": msg_id}
+
+    def _send(self, handle: KeyHandle, request: Mapping[str, Any]) -> dict[str, Any]:
+        from agent.cloud.outbound import send_message
+
+        return send_message(handle, request)
+
+    def _delegate(
+        self, handle: KeyHandle, bundle: Bundle, request: Mapping[str, Any], *, now: float
+    ) -> dict[str, Any]:
+        try:
+            to, can, with_ = request["to"], request["can"], request["with"]
+            ttl = parse_duration(str(request["ttl"]))
+            uses = request["uses"]
+            caveats = tuple(request.get("caveats", ()))
+            depth = int(request.get("depth", 0))
+        except (KeyError, TypeError, ValueError, FormatError) as exc:
+            raise BadRequestError(
+                "cap/delegate needs to, can, with, ttl and uses (caveats and depth optional): "
+                f"{exc}"
+            ) from None
+        child = grant(
+            handle,
+            audience=to,
+            abilities=[Ability(with_, can, caveats)],
+            ttl_seconds=ttl,
+            uses=uses,
+            depth=depth,
+            proof=bundle,
+            policy=self.config.delegation_policy,
+            now=int(now),
+        )
+        return {"bundle": json.loads(child.to_json())}
+
+    # --- mailbox --------------------------------------------------------------------
+
+    def pickup(
+        self, signed_request: str, *, now: float | None = None, limit: int = 100
+    ) -> dict[str, Any]:
+        """The owner collects held messages; only acknowledged ones are deleted."""
+        now = time.time() if now is None else now
+        claims = self._check_signed_request(signed_request, PICKUP_TYP, now=now)
+        owner = claims["iss"]
+        ack = claims.get("ack", [])
+        if not isinstance(ack, list) or not all(isinstance(a, str) for a in ack):
+            raise BadRequestError("pickup 'ack' must be a list of message ids")
+        removed = self.store.acknowledge(owner, ack)
+        messages = self.store.held(owner, limit)
+        return {
+            "acknowledged": removed,
+            "messages": [{"id": m.msg_id, "envelope": json.loads(m.envelope)} for m in messages],
+            "remaining": self.store.count_held(owner),
+        }
+
+    # --- revocation and clean-up ------------------------------------------------------
+
+    def revoke(self, record_text: str, *, now: float | None = None) -> dict[str, Any]:
+        """Store a signed revocation and destroy, at once, every key it disables."""
+        now = time.time() if now is None else now
+        record = Revocation.parse(record_text)
+        affected = [
+            g
+            for g in self.store.grants(ACTIVE)
+            if g.bundle is not None
+            and record.revoked_id in [c.id for c in Bundle.parse(g.bundle).chain]
+        ]
+        if not affected:
+            raise NotFoundError("no active grant here contains the revoked capability")
+        record.verify(Bundle.parse(affected[0].bundle or ""))
+        newly = self.ledger.revoke(
+            record.revoked_id,
+            record=record.compact,
+            data={"issuer": record.issuer, "reason": record.reason},
+        )
+        for g in affected:
+            self._destroy(g, "revoked")
+        return {
+            "revoked": record.revoked_id,
+            "newly_revoked": newly,
+            "destroyed": [g.grant_id for g in affected],
+        }
+
+    def sweep(self, *, now: float | None = None) -> list[str]:
+        """Destroy the keys of grants that expired, were used up or were revoked."""
+        now = time.time() if now is None else now
+        destroyed = []
+        for g in self.store.grants():
+            reason = None
+            if g.status == PENDING and now - g.created_at > PENDING_TTL:
+                reason = "never received a capability"
+            elif g.status == ACTIVE and g.bundle is not None:
+                bundle = Bundle.parse(g.bundle)
+                if g.expires_at is not None and now >= g.expires_at:
+                    reason = "expired"
+                elif self.ledger.revoked([c.id for c in bundle.chain]) is not None:
+                    reason = "revoked"
+                elif any(
+                    c.limits.uses is not None and self.ledger.uses(c.id) >= c.limits.uses
+                    for c in bundle.chain
+                ):
+                    reason = "used up"
+            if reason is not None:
+                self._destroy(g, reason)
+                destroyed.append(g.grant_id)
+        return destroyed
+
+    def _destroy(self, record: GrantRecord, reason: str) -> None:
+        with self._lock:
+            with contextlib.suppress(KeyNotFoundError):  # already gone: same outcome
+                self.keys.delete(record.key_uri)
+            self.store.destroy(record.grant_id, reason)
+        log.info("destroyed the key of grant %s (%s)", record.grant_id, reason)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _check_signed_request(self, compact: str | None, typ: str, *, now: float) -> dict[str, Any]:
+        """A short-lived request signed by the owner's key (key requests, pickups)."""
+        if not compact:
+            raise VerificationError("this request must be signed by the owner's key")
+        parsed = parse_compact(compact, typ=typ, what="signed request")
+        claims = parsed.payload
+        issuer = claims.get("iss")
+        if self.config.owner is not None and issuer != self.config.owner:
+            raise VerificationError("the request is not signed by this agent's owner")
+        verify_signature(parsed, public_key_for(issuer, "request iss"), what="signed request")
+        if claims.get("aud") != self.did:
+            raise VerificationError("the request is addressed to another agent")
+        iat, exp, nonce = claims.get("iat"), claims.get("exp"), claims.get("nonce")
+        if not isinstance(iat, int) or not isinstance(exp, int) or not isinstance(nonce, str):
+            raise FormatError("signed request needs integer iat, exp and a string nonce")
+        if not (iat - 60 <= now < exp + 60 and 0 < exp - iat <= 300):
+            raise VerificationError("the signed request is expired or not yet valid")
+        with self._lock:
+            self._seen_requests = {n: t for n, t in self._seen_requests.items() if t > now}
+            if nonce in self._seen_requests:
+                raise VerificationError("the signed request was replayed")
+            self._seen_requests[nonce] = exp + 60
+        return claims
+
+    def close(self) -> None:
+        self.store.close()
+        self.ledger.close()
+        self.keys.close()
+
+
+def sign_request(key: KeyHandle, *, typ: str, audience: str, now: int, **claims: Any) -> str:
+    """The owner side of _check_signed_request."""
+    from policies.jws import sign_compact
+
+    payload = {
+        "iss": key.did,
+        "aud": audience,
+        "nonce": b64url_encode(os.urandom(16)),
+        "iat": now,
+        "exp": now + 120,
+        **claims,
+    }
+    return sign_compact(key, {"typ": typ}, payload)

@@ -1,0 +1,44 @@
+"""The errors of the agents: each has a stable ``code`` and an HTTP status."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class of agent errors."""
+
+    code = "agent_error"
+    status = 500
+
+
+class BadRequestError(AgentError):
+    code = "bad_request"
+    status = 400
+
+
+class NotFoundError(AgentError):
+    code = "not_found"
+    status = 404
+
+
+class ConflictError(AgentError):
+    code = "conflict"
+    status = 409
+
+
+class GrantInactiveError(AgentError):
+    """The grant's key was destroyed: it expired, was used up, or was revoked."""
+
+    code = "grant_inactive"
+    status = 410
+
+
+class UnauthorizedError(AgentError):
+    code = "unauthorized"
+    status = 401
+
+
+class DeliveryError(AgentError):
+    """Sending a message to another agent's endpoint failed."""
+
+    code = "delivery_failed"
+    status = 502

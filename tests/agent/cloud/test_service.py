@@ -1,0 +1,229 @@
+"""The cloud agent's logic with a SoftHSM owner root (the HTTP layer is tested apart)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.cloud.service import KEYREQ_TYP, PICKUP_TYP, CloudAgent, CloudConfig, sign_request
+from agent.errors import GrantInactiveError
+from agent.evidence import verify_evidence
+from janus_hsm.algorithms import Algorithm
+from janus_hsm.backends.pkcs11 import Pkcs11Provider
+from janus_hsm.provider import KeyHandle
+from policies.abilities import Ability
+from policies.capability import Bundle
+from policies.errors import (
+    CaveatFailedError,
+    FormatError,
+    LimitExceededError,
+    VerificationError,
+)
+from policies.invocation import invoke
+from policies.issue import grant
+from policies.revocation import sign_revocation
+from tests.policies.keys import software_keys
+
+PAYMENTS = Ability(
+    "janus:payments/eur",
+    "sign/payment",
+    ({"field": "amount", "le": 10000}, {"field": "currency", "eq": "EUR"}),
+)
+
+
+@pytest.fixture(scope="module")
+def owner(pkcs11_provider: Pkcs11Provider) -> KeyHandle:
+    uri = "pkcs11:object=cloud-owner"
+    try:
+        return pkcs11_provider.find(uri)
+    except Exception:  # noqa: BLE001 - first use in this session
+        return pkcs11_provider.generate(uri, Algorithm.ES256)
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, owner: KeyHandle) -> Iterator[CloudAgent]:
+    agent = CloudAgent(
+        CloudConfig(
+            state_dir=tmp_path / "cloud", passphrase_source=lambda: "cloud pass", owner=owner.did
+        )
+    )
+    yield agent
+    agent.close()
+
+
+def new_grant(
+    cloud: CloudAgent,
+    owner: KeyHandle,
+    *,
+    uses: int = 5,
+    ttl: int = 600,
+    abilities: list[Ability] | None = None,
+    depth: int = 0,
+) -> tuple[str, Bundle]:
+    now = int(time.time())
+    request = sign_request(owner, typ=KEYREQ_TYP, audience=cloud.did, now=now)
+    record = cloud.create_grant(request)
+    bundle = grant(
+        owner,
+        audience=record.did,
+        abilities=abilities or [PAYMENTS],
+        ttl_seconds=ttl,
+        uses=uses,
+        depth=depth,
+        now=now,
+    )
+    cloud.install(record.grant_id, bundle.to_json())
+    return record.grant_id, bundle
+
+
+def pay(cloud: CloudAgent, grant_id: str, amount: int) -> dict[str, Any]:
+    return cloud.act(
+        grant_id,
+        "sign/payment",
+        "janus:payments/eur",
+        {"amount": amount, "currency": "EUR", "to": "alice"},
+    ).result
+
+
+def test_five_payments_then_refused_and_key_destroyed(cloud: CloudAgent, owner: KeyHandle) -> None:
+    grant_id, _ = new_grant(cloud, owner, uses=5)
+    key_uri = cloud.store.grant(grant_id).key_uri
+    evidence = [pay(cloud, grant_id, 1000 * (i + 1))["evidence"] for i in range(5)]
+    for item in evidence:
+        verified = verify_evidence(json.loads(json.dumps(item)), root=owner.did)
+        assert verified.principal == owner.did
+        assert verified.action == "sign/payment"
+    with pytest.raises(GrantInactiveError, match="used up"):
+        pay(cloud, grant_id, 100)
+    assert cloud.store.grant(grant_id).status == "destroyed"
+    with pytest.raises(Exception, match="no software key|not found|no key"):
+        cloud.keys.find(key_uri)
+
+
+def test_over_limit_amount_refused_without_spending(cloud: CloudAgent, owner: KeyHandle) -> None:
+    grant_id, bundle = new_grant(cloud, owner, uses=5)
+    with pytest.raises(CaveatFailedError):
+        pay(cloud, grant_id, 20000)
+    assert cloud.ledger.uses(bundle.leaf.id) == 0
+    pay(cloud, grant_id, 10000)
+    assert cloud.ledger.uses(bundle.leaf.id) == 1
+
+
+def test_tampered_evidence_fails(cloud: CloudAgent, owner: KeyHandle) -> None:
+    grant_id, _ = new_grant(cloud, owner)
+    evidence = pay(cloud, grant_id, 500)["evidence"]
+    for change in (
+        {"amount": 50000, "currency": "EUR", "to": "alice"},
+        {"amount": 500, "currency": "EUR", "to": "mallory"},
+    ):
+        forged = {**evidence, "payload": change}
+        with pytest.raises(VerificationError):
+            verify_evidence(forged, root=owner.did)
+    with pytest.raises(VerificationError):
+        verify_evidence(evidence, root=cloud.did)  # wrong root
+    with pytest.raises(FormatError):
+        verify_evidence({"typ": "something-else"})
+
+
+def test_revocation_destroys_the_key_at_once(cloud: CloudAgent, owner: KeyHandle) -> None:
+    grant_id, bundle = new_grant(cloud, owner)
+    pay(cloud, grant_id, 1)
+    record = sign_revocation(owner, revoked_id=bundle.leaf.id, now=int(time.time()))
+    result = cloud.revoke(record)
+    assert result["destroyed"] == [grant_id]
+    with pytest.raises(GrantInactiveError, match="revoked"):
+        pay(cloud, grant_id, 1)
+
+
+def test_only_the_owner_may_request_keys(cloud: CloudAgent, tmp_path: Path) -> None:
+    stranger = software_keys(tmp_path / "k", {"s": Algorithm.EdDSA})["s"]
+    request = sign_request(stranger, typ=KEYREQ_TYP, audience=cloud.did, now=int(time.time()))
+    with pytest.raises(VerificationError, match="owner"):
+        cloud.create_grant(request)
+    with pytest.raises(VerificationError):
+        cloud.create_grant(None)
+
+
+def test_bundle_for_another_key_or_root_is_refused(
+    cloud: CloudAgent, owner: KeyHandle, tmp_path: Path
+) -> None:
+    now = int(time.time())
+    record = cloud.create_grant(sign_request(owner, typ=KEYREQ_TYP, audience=cloud.did, now=now))
+    other = software_keys(tmp_path / "k", {"o": Algorithm.EdDSA})["o"]
+    wrong_audience = grant(
+        owner, audience=other.did, abilities=[PAYMENTS], ttl_seconds=60, uses=1, now=now
+    )
+    with pytest.raises(Exception, match="not to this grant's key"):
+        cloud.install(record.grant_id, wrong_audience.to_json())
+    wrong_root = grant(
+        other, audience=record.did, abilities=[PAYMENTS], ttl_seconds=60, uses=1, now=now
+    )
+    with pytest.raises(VerificationError):
+        cloud.install(record.grant_id, wrong_root.to_json())
+
+
+def test_delegate_then_external_holder_invokes(
+    cloud: CloudAgent, owner: KeyHandle, tmp_path: Path
+) -> None:
+    worker = software_keys(tmp_path / "k", {"w": Algorithm.ES256})["w"]
+    grant_id, _ = new_grant(
+        cloud,
+        owner,
+        uses=5,
+        depth=1,
+        abilities=[PAYMENTS, Ability("janus:payments/eur", "cap/delegate")],
+    )
+    delegated = cloud.act(
+        grant_id,
+        "cap/delegate",
+        "janus:payments/eur",
+        {
+            "to": worker.did,
+            "can": "sign/payment",
+            "with": "janus:payments/eur",
+            "ttl": "5m",
+            "uses": 2,
+        },
+    ).result["bundle"]
+    child = Bundle.parse(json.dumps(delegated))
+    assert child.leaf.audience == worker.did
+    request = {"amount": 700, "currency": "EUR"}
+    inv = invoke(
+        worker,
+        capability_id=child.leaf.id,
+        action="sign/payment",
+        resource="janus:payments/eur",
+        request=request,
+        now=int(time.time()),
+    )
+    result = cloud.invoke_external(json.dumps(delegated), inv, request)
+    verified = verify_evidence(result.result["evidence"], root=owner.did)
+    assert verified.holder == worker.did and verified.signer == cloud.store.grant(grant_id).did
+    with pytest.raises(Exception, match="nonce"):
+        cloud.invoke_external(json.dumps(delegated), inv, request)  # replay
+
+
+def test_messages_are_held_until_acknowledged(cloud: CloudAgent, owner: KeyHandle) -> None:
+    grant_id, _ = new_grant(
+        cloud, owner, uses=10, abilities=[Ability("janus:mailbox", "msg/receive")]
+    )
+    envelope = {"protected": "x", "recipients": [], "iv": "a", "ciphertext": "b", "tag": "c"}
+    for _ in range(3):
+        cloud.act(grant_id, "msg/receive", "janus:mailbox", {"message": envelope})
+
+    def pickup(ack: list[str]) -> dict[str, Any]:
+        return cloud.pickup(
+            sign_request(owner, typ=PICKUP_TYP, audience=cloud.did, now=int(time.time()), ack=ack)
+        )
+
+    first = pickup([])
+    assert len(first["messages"]) == 3 and first["remaining"] == 3
+    again = pickup([])  # not acknowledged: still there
+    assert [m["id"] for m in again["messages"]] == [m["id"] for m in first["messages"]]
+    done = pickup([m["id"] for m in first["messages"]])
+    assert done["acknowledged"] == 3 and done["remaining"] == 0
