@@ -7,9 +7,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STATE  := .state
-EXTRAS := dev
+EXTRAS := dev,postgres
 
-SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates
+SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates postgresql
 
 .PHONY: setup system venv demo test lint bench clean
 
@@ -20,7 +20,7 @@ system:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]' --config-settings editable_mode=compat

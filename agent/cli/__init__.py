@@ -12,8 +12,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent.cli import capabilities, keys
+from agent.cli import capabilities, cloud, edge, keys, messages
 from agent.cli.output import CommandError, emit_error
+from agent.errors import AgentError
 from janus_hsm.errors import JanusHSMError
 from policies.errors import PolicyError
 
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys.register(commands)
     capabilities.register(commands)
+    messages.register(commands)
+    cloud.register(commands)
+    edge.register(commands)
     return parser
 
 
@@ -41,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args)
         return result
-    except (JanusHSMError, PolicyError, CommandError) as exc:
+    except (JanusHSMError, PolicyError, AgentError, CommandError) as exc:
         emit_error(exc, as_json=as_json)
         return 1
     except KeyboardInterrupt:

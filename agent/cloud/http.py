@@ -142,7 +142,7 @@ def build_app(agent: CloudAgent) -> Starlette:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def did(request: Request) -> dict[str, Any]:
-        return {"did": agent.did, "owner": agent.config.owner}
+        return {"did": agent.did, "owner": agent.config.owner, "routing_key": agent.routing_key.did}
 
     async def openapi(request: Request) -> dict[str, Any]:
         from agent.cloud.openapi import OPENAPI

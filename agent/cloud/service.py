@@ -26,7 +26,7 @@ from agent.cloud.store import ACTIVE, PENDING, CloudStore, GrantRecord
 from agent.errors import BadRequestError, ConflictError, GrantInactiveError, NotFoundError
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.backends.software import SoftwareProvider
-from janus_hsm.errors import KeyNotFoundError
+from janus_hsm.errors import KeyExistsError, KeyNotFoundError
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import b64url_encode
 from policies.abilities import Ability
@@ -84,7 +84,9 @@ class CloudAgent:
             passphrase_source=config.passphrase_source,
             allow_extractable=True,
         )
-        self.identity = self._identity_key()
+        self.identity = self._own_key("agent-identity", Algorithm.EdDSA)
+        # Senders encrypt forward messages to this key (Ed25519 keys cannot do ECDH).
+        self.routing_key = self._own_key("agent-routing", Algorithm.X25519)
         self.verifier = Verifier(revocations=self.ledger)
         self._seen_requests: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -93,14 +95,14 @@ class CloudAgent:
     def did(self) -> str:
         return self.identity.did
 
-    def _identity_key(self) -> KeyHandle:
-        uri = "soft:object=agent-identity"
+    def _own_key(self, name: str, algorithm: Algorithm) -> KeyHandle:
+        uri = f"soft:object={name}"
         try:
             return self.keys.find(uri)
         except KeyNotFoundError:
             try:
-                return self.keys.generate(uri, Algorithm.EdDSA)
-            except Exception:
+                return self.keys.generate(uri, algorithm)
+            except KeyExistsError:  # another instance created it meanwhile
                 return self.keys.find(uri)
 
     # --- grants -------------------------------------------------------------------

@@ -1,0 +1,243 @@
+"""``janus edge …``: the edge agent next to the hardware."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from platformdirs import user_data_dir
+
+from agent.cli.capabilities import _caveats
+from agent.cli.output import CommandError, print_json, read_input, write_output
+from policies.abilities import Ability
+from policies.durations import parse_duration
+from policies.jws import strict_json
+
+
+def _state(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir) if args.state_dir else Path(user_data_dir("janus")) / "edge"
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from agent.edge.agent import EdgeAgent
+
+    return EdgeAgent.open(_state(args))
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> int:
+    if args.json:
+        print_json(obj)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from agent.edge.agent import EdgeAgent
+
+    edge, created = EdgeAgent.init(_state(args), args.token)
+    info = {
+        "did": edge.did,
+        "created": created,
+        "root": edge.root.uri,
+        "agreement": edge.agreement.uri,
+        "state_dir": str(_state(args)),
+    }
+    verb = "created" if created else "found"
+    return _emit(args, info, f"{verb} edge identity {edge.did}")
+
+
+def cmd_did(args: argparse.Namespace) -> int:
+    edge = _open(args)
+    return _emit(args, edge.did_document(), json.dumps(edge.did_document(), indent=2))
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    edge = _open(args)
+    if args.uses <= 0:
+        raise CommandError("--uses must be a positive integer")
+    abilities = [Ability(args.resource, args.action, _caveats(args.caveat or []))]
+    result = edge.grant(
+        args.cloud.rstrip("/"),
+        abilities,
+        ttl_seconds=parse_duration(args.ttl),
+        uses=args.uses,
+        depth=args.depth,
+        satisfied=args.satisfied or (),
+    )
+    return _emit(args, result, f"granted {result['grant_id']} to {result['key']}")
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    edge = _open(args)
+    result = edge.revoke(args.grant, reason=args.reason)
+    return _emit(args, result, f"revoked {result['revoked']}")
+
+
+def cmd_pickup(args: argparse.Namespace) -> int:
+    edge = _open(args)
+    messages = edge.pickup(args.cloud.rstrip("/"))
+    if args.json:
+        print_json(messages)
+    else:
+        for item in messages:
+            print(json.dumps(item["message"], indent=2))
+        print(f"{len(messages)} message(s) picked up", file=sys.stderr)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    import httpx
+
+    from agent.didcomm import Message, pack_anoncrypt, wrap_forward
+
+    body = strict_json(read_input(args.input), "message body")
+    message = Message(id=str(uuid.uuid4()), type=args.type, body=body, to=(args.to,))
+    envelope = pack_anoncrypt(message, [args.to])
+    if args.routing_key:
+        envelope = wrap_forward(envelope, to=args.to, routing_keys=args.routing_key)
+    if args.out:
+        write_output(args.out, envelope.encode())
+        return _emit(args, {"id": message.id, "out": args.out}, f"wrote {args.out}")
+    if not args.endpoint:
+        raise CommandError("give --endpoint URL or --out FILE")
+    response = httpx.post(
+        args.endpoint,
+        content=envelope.encode(),
+        timeout=30.0,
+        headers={"content-type": "application/didcomm-encrypted+json"},
+    )
+    if response.status_code >= 300:
+        raise CommandError(f"{args.endpoint} answered {response.status_code}: {response.text}")
+    return _emit(
+        args, {"id": message.id, "status": response.status_code}, f"delivered {message.id}"
+    )
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    from agent.didcomm import unpack
+
+    edge = _open(args)
+    unpacked = unpack(read_input(args.input), [edge.agreement, edge.root])
+    result = {"message": unpacked.message.to_dict(), "metadata": unpacked.metadata.as_dict()}
+    return _emit(args, result, json.dumps(result["message"], indent=2))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from agent.evidence import verify_evidence
+    from policies.errors import FormatError, VerificationError
+
+    evidence = strict_json(read_input(args.evidence), "evidence")
+    try:
+        verified = verify_evidence(evidence, root=args.root)
+    except (VerificationError, FormatError) as exc:
+        if args.json:
+            print_json({"valid": False, "error": {"code": exc.code, "message": str(exc)}})
+        print(f"janus: invalid: {exc}", file=sys.stderr)
+        return 1
+    result = {
+        "valid": True,
+        "principal": verified.principal,
+        "signer": verified.signer,
+        "holder": verified.holder,
+        "action": verified.action,
+        "resource": verified.resource,
+        "used_at": verified.used_at,
+        "payload": dict(verified.payload),
+    }
+    return _emit(
+        args,
+        result,
+        f"valid: {verified.action} signed by {verified.signer}, authorised by {verified.principal}",
+    )
+
+
+def register(commands: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="edge agent state (default: the platform's data dir)/janus/edge",
+    )
+
+    edge = commands.add_parser("edge", help="the edge agent (root identity in hardware)")
+    sub = edge.add_subparsers(dest="edge_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser(
+        "init", parents=[common, state], help="create the root identity on a token (idempotent)"
+    )
+    p.add_argument(
+        "--token",
+        required=True,
+        metavar="TOKEN_URI",
+        help="e.g. pkcs11:token=janus?pin-source=file:/path",
+    )
+    p.set_defaults(handler=cmd_init)
+
+    p = sub.add_parser("did", parents=[common, state], help="print the DID document")
+    p.set_defaults(handler=cmd_did)
+
+    p = sub.add_parser(
+        "grant",
+        parents=[common, state],
+        help="get a fresh key from a cloud agent and grant it a capability",
+    )
+    p.add_argument("--cloud", required=True, metavar="URL")
+    p.add_argument("--can", dest="action", required=True, metavar="ACTION")
+    p.add_argument("--with", dest="resource", required=True, metavar="RESOURCE")
+    p.add_argument("--caveat", action="append", metavar="JSON")
+    p.add_argument("--ttl", required=True, metavar="DURATION")
+    p.add_argument("--uses", required=True, type=int, metavar="N")
+    p.add_argument("--depth", type=int, default=0, metavar="N")
+    p.add_argument("--satisfied", action="append", metavar="STEP")
+    p.set_defaults(handler=cmd_grant)
+
+    p = sub.add_parser("revoke", parents=[common, state], help="revoke a grant at once")
+    p.add_argument("--grant", required=True, metavar="GRANT_ID")
+    p.add_argument("--reason", default="", metavar="TEXT")
+    p.set_defaults(handler=cmd_revoke)
+
+    p = sub.add_parser(
+        "pickup", parents=[common, state], help="fetch and decrypt messages the cloud agent held"
+    )
+    p.add_argument("--cloud", required=True, metavar="URL")
+    p.set_defaults(handler=cmd_pickup)
+
+    p = sub.add_parser(
+        "send", parents=[common], help="encrypt a message to a DID and deliver it (HTTP or file)"
+    )
+    p.add_argument("--to", required=True, metavar="DID")
+    p.add_argument(
+        "--in", dest="input", required=True, metavar="FILE", help="the message body (JSON object)"
+    )
+    p.add_argument("--type", default="https://janus.dev/messages/1.0/note")
+    p.add_argument("--endpoint", metavar="URL")
+    p.add_argument(
+        "--routing-key",
+        action="append",
+        metavar="DID",
+        help="wrap in a forward for this mediator key (repeatable, in order)",
+    )
+    p.add_argument("--out", metavar="FILE")
+    p.set_defaults(handler=cmd_send)
+
+    p = sub.add_parser(
+        "receive",
+        parents=[common, state],
+        help="decrypt a message from a file with the token's keys",
+    )
+    p.add_argument("--in", dest="input", required=True, metavar="FILE")
+    p.set_defaults(handler=cmd_receive)
+
+    p = sub.add_parser(
+        "verify", parents=[common], help="verify a cloud agent's evidence offline, back to the root"
+    )
+    p.add_argument("evidence", metavar="EVIDENCE")
+    p.add_argument("--root", metavar="DID", help="require this root principal")
+    p.set_defaults(handler=cmd_verify)

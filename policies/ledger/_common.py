@@ -1,0 +1,201 @@
+"""What both ledger backends share: argument checks, the spend decision, audit entries.
+
+The decision (may this use happen, and what does each link's row become?) is a pure
+function of the rows the backend read inside its transaction, so that SQLite and
+PostgreSQL cannot drift apart in what they allow: only the locking differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from policies.errors import FormatError, LimitExceededError, RateLimitedError
+from policies.ledger.base import AuditEntry, LinkLimit
+
+# Audit entries are read back in pages, so a long log is never held in memory and
+# no lock is held while the caller looks at an entry.
+AUDIT_PAGE = 500
+
+# Counts are stored as 64-bit integers in both databases.
+MAX_COUNT = 2**62
+
+AUDIT_KINDS = frozenset({"grant", "use", "revoke"})
+
+
+@dataclass(frozen=True)
+class LinkRow:
+    """One link's stored counters, as read inside the spend's transaction."""
+
+    uses: int = 0
+    rate_window: int | None = None  # the fixed window the rate count belongs to
+    rate_count: int = 0
+
+
+@dataclass(frozen=True)
+class LinkUpdate:
+    """What one link's row becomes if the spend goes ahead."""
+
+    cap_id: str
+    uses: int
+    rate_window: int | None
+    rate_count: int
+
+
+def check_spend_args(limits: Sequence[LinkLimit], nonce: str, now: float) -> None:
+    """Refuse arguments that would make the accounting meaningless, before any I/O."""
+    if not limits:
+        raise FormatError("a spend needs at least one link (the root)")
+    if not isinstance(nonce, str) or not nonce:
+        raise FormatError("a spend needs a non-empty nonce")
+    if not math.isfinite(now):
+        raise FormatError(f"now must be a finite timestamp, not {now!r}")
+    seen: set[str] = set()
+    for i, link in enumerate(limits):
+        if not link.cap_id:
+            raise FormatError(f"link {i} has an empty cap_id")
+        if link.cap_id in seen:
+            # A valid chain cannot contain a link twice (proofs are hashes); counting
+            # a duplicate once or twice would both be wrong, so refuse.
+            raise FormatError(f"link {i}: cap_id {link.cap_id} appears twice in the chain")
+        seen.add(link.cap_id)
+        if link.uses is not None and not 0 <= link.uses <= MAX_COUNT:
+            raise FormatError(f"link {i}: a use limit must be in 0..2**62, not {link.uses}")
+        if link.rate is not None and not (
+            0 <= link.rate.count <= MAX_COUNT and 0 < link.rate.per_seconds <= MAX_COUNT
+        ):
+            raise FormatError(
+                f"link {i}: a rate needs 0 <= count and 0 < per_seconds (both <= 2**62),"
+                f" got {link.rate}"
+            )
+
+
+def rate_window(now: float, per_seconds: int) -> int:
+    """The fixed window ``now`` falls in: floor(now / per_seconds)."""
+    return math.floor(now / per_seconds)
+
+
+def decide_spend(
+    limits: Sequence[LinkLimit], rows: Mapping[str, LinkRow], now: float
+) -> list[LinkUpdate]:
+    """Check every link's use limit, then every link's rate; return the new rows.
+
+    Raises LimitExceededError / RateLimitedError naming the first offending link
+    (index in ``limits``, root first).  Every link is counted, limited or not, so that
+    ``uses()`` answers for any link and a limit added by a later redelegation binds.
+
+    Rate windows are fixed: ``floor(now / per_seconds)``.  If the stored window is
+    *later* than ``now``'s (another host's clock is ahead), the use counts in the
+    stored window: with several hosts, resetting to the earlier window would let two
+    skewed clocks take turns emptying the window and exceed the rate.
+    """
+    current = [rows.get(link.cap_id, LinkRow()) for link in limits]
+    for i, (link, row) in enumerate(zip(limits, current, strict=True)):
+        if link.uses is not None and row.uses >= link.uses:
+            raise LimitExceededError(
+                f"link {i} ({link.cap_id}) has used all of its {link.uses} uses", link=i
+            )
+    updates: list[LinkUpdate] = []
+    for i, (link, row) in enumerate(zip(limits, current, strict=True)):
+        window, count = row.rate_window, row.rate_count
+        if link.rate is not None:
+            now_window = rate_window(now, link.rate.per_seconds)
+            if window is None or window < now_window:
+                window, count = now_window, 0
+            if count >= link.rate.count:
+                raise RateLimitedError(
+                    f"link {i} ({link.cap_id}) allows {link.rate.count} uses per "
+                    f"{link.rate.per_seconds} s and this window is full",
+                    link=i,
+                )
+            count += 1
+        updates.append(LinkUpdate(link.cap_id, row.uses + 1, window, count))
+    return updates
+
+
+def normalise_data(data: Mapping[str, Any] | None) -> str:
+    """Audit data as canonical JSON text: what is stored, and what the hash covers.
+
+    Canonical means the text ``json.dumps(sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)`` gives for the data *as it reads back*, so it is serialised
+    twice: tuples become lists and non-string keys become strings on the first pass,
+    and the second sorts those keys as strings.  NaN and infinities are refused: they
+    are not JSON, and another verifier could not reproduce the hash.
+    """
+    try:
+        first = json.dumps(dict(data or {}), separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"audit data must be plain JSON: {exc}") from exc
+    return canonical_json(json.loads(first))
+
+
+def canonical_json(value: Any) -> str:
+    """The canonical JSON text of a JSON value (audit_hash's serialisation)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_hash(prefix: str, prev: str, seq: int) -> str:
+    """SHA-256 (hex) of the canonical body whose text starts with ``prefix``.
+
+    Equal to ``audit_hash`` of the same body (tested); this form needs no re-parsing
+    of the data, and is what PostgreSQL computes in ``janus_append``.
+    """
+    body = f'{prefix}"{prev}","seq":{int(seq)}}}'
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def entry_from_row(
+    seq: int, at: float, kind: str, cap_id: str, data: str, prev: str, hash_: str
+) -> AuditEntry:
+    """An audit entry as stored; a row whose data is not JSON still reads (and fails)."""
+    try:
+        loaded = json.loads(data)
+    except ValueError:
+        loaded = {"_unreadable": data}
+    if not isinstance(loaded, dict):
+        loaded = {"_unreadable": data}
+    return AuditEntry(
+        seq=int(seq),
+        at=float(at),
+        kind=kind,
+        cap_id=cap_id,
+        data=loaded,
+        prev=prev,
+        hash=hash_,
+    )
+
+
+_URI_PASSWORD = re.compile(r"(://[^:/@?#]*:)([^@/?#]*)(@)")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)([^&#]*)")
+_KV_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ``***``, fit for error messages and logs."""
+    if "://" in dsn:
+        dsn = _URI_PASSWORD.sub(r"\1***\3", dsn)
+        return _QUERY_PASSWORD.sub(r"\1***", dsn)
+    return _KV_PASSWORD.sub(r"\1***", dsn)
+
+
+def audit_prefix(at: float, kind: str, cap_id: str, data_text: str) -> str:
+    """The canonical JSON of an entry's body up to the value of ``prev``.
+
+    The body's keys sort as at, cap_id, data, kind, prev, seq, so its canonical form
+    is this prefix, then ``"<prev>","seq":<seq>}``.  PostgreSQL appends the part it
+    alone knows (the head it locked) and hashes, which lets the whole spend run as one
+    statement; ``audit_hash`` of the same body gives the same digest (tested).
+    """
+    if kind not in AUDIT_KINDS:
+        raise FormatError(f"unknown audit entry kind {kind!r}")
+    if not math.isfinite(at):
+        raise FormatError(f"an audit timestamp must be finite, not {at!r}")
+    return (
+        f'{{"at":{json.dumps(float(at))},"cap_id":{canonical_json(cap_id)},'
+        f'"data":{data_text},"kind":{canonical_json(kind)},"prev":'
+    )

@@ -1,0 +1,462 @@
+"""The SQLite ledger: the default, for one host.
+
+Durability first: a use that ``spend`` reported must still be counted after a crash or
+a power cut, otherwise a restart would hand out uses again and the limit would be a
+suggestion.  Hence WAL with ``synchronous=FULL`` (every commit waits for an fsync of
+the WAL; ``NORMAL`` is ~15x faster here but can lose the last commits on power loss,
+see docs/ledger.md), and ``BEGIN IMMEDIATE`` transactions, which take SQLite's single
+write lock before reading, so two processes can never both see "one use left".  The
+fsync is the cost of a spend, so concurrent spends of one process share commits
+(group commit, each spend in its own savepoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from policies.errors import FormatError, LedgerError, PolicyError, ReplayError, RevokedError
+from policies.ledger._common import (
+    AUDIT_PAGE,
+    LinkRow,
+    audit_prefix,
+    check_spend_args,
+    decide_spend,
+    entry_from_row,
+    entry_hash,
+    normalise_data,
+)
+from policies.ledger.base import GENESIS, AuditEntry, Ledger, LinkLimit, SpendReceipt
+
+SCHEMA_VERSION = 1
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS janus_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS janus_links (
+    cap_id TEXT PRIMARY KEY,
+    uses INTEGER NOT NULL DEFAULT 0,
+    rate_window INTEGER,
+    rate_count INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS janus_nonces (
+    nonce TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS janus_revocations (
+    cap_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    revoked_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS janus_audit (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    cap_id TEXT NOT NULL,
+    data TEXT NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+_READ_HEAD = "SELECT seq, hash FROM janus_audit ORDER BY seq DESC LIMIT 1"
+
+# Per link of a JSON array of cap_ids, in array order: its row (NULLs if it has none),
+# whether it is revoked, and the audit head (the same on every row).
+_READ_CHAIN = """
+SELECT j.key, l.uses, l.rate_window, l.rate_count, r.cap_id IS NOT NULL,
+       h.seq, h.hash
+FROM json_each(?) AS j
+LEFT JOIN janus_links AS l ON l.cap_id = j.value
+LEFT JOIN janus_revocations AS r ON r.cap_id = j.value
+LEFT JOIN (SELECT seq, hash FROM janus_audit ORDER BY seq DESC LIMIT 1) AS h
+ORDER BY j.key
+"""
+
+_SELECT_REVOKED = (
+    "SELECT cap_id FROM janus_revocations WHERE cap_id IN (SELECT value FROM json_each(?))"
+)
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 (and make its name durable) if it does not exist.
+
+    SQLite gives its -wal and -shm files the database file's mode, so this one call
+    keeps all three private.  The directory is fsynced so that a crash right after the
+    first use cannot lose the file itself.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise LedgerError(f"cannot create the SQLite ledger {path}: {exc}") from exc
+    try:
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(eq=False)
+class _Work:
+    """One caller's write, waiting for (or done in) a group-commit batch."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    done: bool = False
+    value: Any = None
+    error: BaseException | None = None
+
+
+class SqliteLedger(Ledger):
+    """A ledger in one SQLite file, shared by the threads and processes of one host.
+
+    Writes use group commit.  SQLite has one writer at a time and a durable commit
+    costs an fsync, so writes that arrive while a commit is under way are queued, and
+    the next thread runs all of them (up to ``max_batch``) in one ``BEGIN IMMEDIATE``
+    transaction: each in its own SAVEPOINT, so a refused spend is rolled back alone,
+    then one COMMIT.  Every caller is answered only after that COMMIT is on disk.  A
+    single-threaded caller gets one transaction per spend, as without batching;
+    several threads get many spends per fsync (see docs/ledger.md).
+
+    Reads use a second connection, so they never see a batch's uncommitted writes.
+    Processes each open their own ledger and queue on SQLite's write lock for up to
+    ``busy_timeout`` seconds.  Do not carry an open ledger across ``fork()``: open
+    one in each process.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, max_batch: int = 64
+    ) -> None:
+        self.path = Path(path)
+        if str(path) in ("", ":memory:") or str(path).startswith("file:"):
+            raise FormatError(f"a ledger needs a file path, not {str(path)!r}")
+        self._pid = os.getpid()
+        self._max_batch = max(1, max_batch)
+        self._cond = threading.Condition()
+        self._queue: list[_Work] = []
+        self._leading = False  # a thread is running a batch on the writer connection
+        self._closed = False
+        self._read_lock = threading.Lock()
+        self.commits = 0  # write transactions committed (tests check batching with it)
+        _create_private(self.path)
+        self._writer = self._open(busy_timeout)
+        try:
+            mode = self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise LedgerError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+            self._write(self._create_schema)
+            self._reader = self._open(busy_timeout)
+        except sqlite3.Error as exc:
+            self._writer.close()
+            raise LedgerError(f"cannot open the SQLite ledger {self.path}: {exc}") from exc
+        except BaseException:
+            self._writer.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"SqliteLedger({str(self.path)!r})"
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _open(self, busy_timeout: float) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout,
+                isolation_level=None,  # BEGIN / COMMIT are issued here, explicitly
+                check_same_thread=False,  # each connection is used under a lock
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            # FULL: the WAL is fsynced at every commit, so a reported use survives a
+            # power cut.  NORMAL syncs only at checkpoints (docs/ledger.md).
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the SQLite ledger {self.path}: {exc}") from exc
+        return conn
+
+    def _create_schema(self, c: sqlite3.Connection) -> None:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                c.execute(statement)
+        row = c.execute("SELECT value FROM janus_meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            c.execute(
+                "INSERT INTO janus_meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise LedgerError(
+                f"{self.path} has ledger schema {row[0]}; this Janus knows only "
+                f"{SCHEMA_VERSION}: upgrade Janus"
+            )
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LedgerError(f"{self!r} is closed")
+        if os.getpid() != self._pid:
+            raise LedgerError(
+                f"{self!r} was opened in another process: open a ledger in each process"
+            )
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a write transaction, batched with concurrent writers.
+
+        ``fn`` may raise a PolicyError (a refusal): only its own savepoint is rolled
+        back.  Returns once the batch's COMMIT is durable.
+        """
+        work = _Work(fn)
+        with self._cond:
+            self._check_usable()
+            self._queue.append(work)
+            while not work.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                if self._closed:  # closed while this write was queued
+                    self._queue.remove(work)
+                    raise LedgerError(f"{self!r} is closed")
+                self._leading = True
+                batch = self._queue[: self._max_batch]
+                del self._queue[: len(batch)]
+                self._cond.release()
+                try:
+                    self._run_batch(batch)
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    self._cond.notify_all()
+        if work.error is not None:
+            raise work.error
+        return cast(T, work.value)
+
+    def _run_batch(self, batch: list[_Work]) -> None:
+        """BEGIN IMMEDIATE; a savepoint per write; COMMIT.  Marks every item done.
+
+        IMMEDIATE takes SQLite's write lock before the first read, so checks and
+        writes see the same state: no other process can spend in between.  If the
+        transaction itself fails, every item of the batch gets the LedgerError, refused
+        ones too (their refusal may have counted an earlier item's use).
+        """
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if len(batch) == 1:  # alone: a refusal rolls back the whole transaction
+                try:
+                    batch[0].value = batch[0].fn(conn)
+                except PolicyError as refusal:
+                    conn.execute("ROLLBACK")
+                    batch[0].error = refusal
+                    return
+            else:
+                for work in batch:
+                    conn.execute("SAVEPOINT janus_write")
+                    try:
+                        work.value = work.fn(conn)
+                    except PolicyError as refusal:
+                        conn.execute("ROLLBACK TO janus_write")
+                        work.error = refusal
+                    conn.execute("RELEASE janus_write")
+            conn.execute("COMMIT")
+            self.commits += 1
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            failure: BaseException = exc
+            if isinstance(exc, sqlite3.Error) or not isinstance(exc, Exception):
+                # A database error, or the leading thread was interrupted: the other
+                # callers of the batch get a LedgerError (nothing was committed).
+                failure = LedgerError(f"{self.path}: the write failed: {exc!r}")
+                failure.__cause__ = exc
+            for work in batch:
+                work.value, work.error = None, failure
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for work in batch:
+                work.done = True
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._read_lock:
+            self._check_usable()
+            try:
+                yield self._reader
+            except sqlite3.Error as exc:
+                raise LedgerError(f"{self.path}: {exc}") from exc
+
+    @staticmethod
+    def _append(
+        c: sqlite3.Connection,
+        at: float,
+        kind: str,
+        cap_id: str,
+        data: str,
+        *,
+        head: tuple[int, str] | Literal[False] | None = False,
+    ) -> int:
+        """Append an audit entry after the last one (``head``, read here if not given).
+
+        The write lock is held, so the last entry cannot change under us.  Returns
+        the new entry's seq.
+        """
+        if head is False:
+            row = c.execute(_READ_HEAD).fetchone()
+            head = None if row is None else (int(row[0]), str(row[1]))
+        seq, prev = (1, GENESIS) if head is None else (head[0] + 1, head[1])
+        at = float(at)
+        digest = entry_hash(audit_prefix(at, kind, cap_id, data), prev, seq)
+        c.execute(
+            "INSERT INTO janus_audit (seq, at, kind, cap_id, data, prev, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, at, kind, cap_id, data, prev, digest),
+        )
+        return seq
+
+    # -- the Ledger interface ------------------------------------------------------
+
+    def spend(
+        self,
+        limits: Sequence[LinkLimit],
+        *,
+        nonce: str,
+        nonce_expires_at: float,
+        now: float,
+        audit: Mapping[str, Any] | None = None,
+    ) -> SpendReceipt:
+        check_spend_args(limits, nonce, now)
+        data = normalise_data(audit)
+        ids = [link.cap_id for link in limits]
+        id_list = json.dumps(ids)  # bound as one parameter: no SQL is built from data
+
+        def run(c: sqlite3.Connection) -> SpendReceipt:
+            # The nonce goes in first: if it is taken, this is a replay (and every
+            # refusal below rolls the insert back).
+            inserted = c.execute(
+                "INSERT INTO janus_nonces (nonce, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (nonce) DO NOTHING",
+                (nonce, float(nonce_expires_at)),
+            ).rowcount
+            if inserted != 1:
+                raise ReplayError(f"nonce {nonce!r} was used before")
+            # One read for everything the decision needs: per link (in chain order)
+            # its row, whether it is revoked, and the audit head.
+            found = c.execute(_READ_CHAIN, (id_list,)).fetchall()
+            for i, row in enumerate(found):
+                if row[4]:
+                    raise RevokedError(f"capability {ids[i]} is revoked", link=i)
+            rows = {
+                ids[i]: LinkRow(int(r[1]), None if r[2] is None else int(r[2]), int(r[3]))
+                for i, r in enumerate(found)
+                if r[1] is not None
+            }
+            updates = decide_spend(limits, rows, now)
+            c.executemany(
+                "INSERT INTO janus_links (cap_id, uses, rate_window, rate_count)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (cap_id) DO UPDATE SET"
+                " uses = excluded.uses, rate_window = excluded.rate_window,"
+                " rate_count = excluded.rate_count",
+                [(u.cap_id, u.uses, u.rate_window, u.rate_count) for u in updates],
+            )
+            head = None if found[0][5] is None else (int(found[0][5]), str(found[0][6]))
+            seq = self._append(c, now, "use", ids[-1], data, head=head)
+            return SpendReceipt(uses={u.cap_id: u.uses for u in updates}, audit_seq=seq)
+
+        return self._write(run)
+
+    def uses(self, cap_id: str) -> int:
+        with self._reading() as c:
+            row = c.execute("SELECT uses FROM janus_links WHERE cap_id = ?", (cap_id,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def record_grant(self, cap_id: str, data: Mapping[str, Any]) -> int:
+        normalised = normalise_data(data)
+        at = time.time()
+        return self._write(lambda c: self._append(c, at, "grant", cap_id, normalised))
+
+    def revoke(self, cap_id: str, *, record: str, data: Mapping[str, Any]) -> bool:
+        normalised = normalise_data(data)
+        now = time.time()
+
+        def run(c: sqlite3.Connection) -> bool:
+            cursor = c.execute(
+                "INSERT INTO janus_revocations (cap_id, record, revoked_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (cap_id) DO NOTHING",
+                (cap_id, record, now),
+            )
+            if cursor.rowcount == 0:
+                return False  # already revoked: nothing written, nothing audited
+            self._append(c, now, "revoke", cap_id, normalised)
+            return True
+
+        return self._write(run)
+
+    def revoked(self, cap_ids: Sequence[str]) -> str | None:
+        if not cap_ids:
+            return None
+        with self._reading() as c:
+            found = {
+                str(r[0])
+                for r in c.execute(
+                    _SELECT_REVOKED,
+                    (json.dumps(list(cap_ids)),),
+                )
+            }
+        return next((cap_id for cap_id in cap_ids if cap_id in found), None)
+
+    def audit_entries(self) -> Iterator[AuditEntry]:
+        last = 0
+        while True:
+            with self._reading() as c:
+                rows = c.execute(
+                    "SELECT seq, at, kind, cap_id, data, prev, hash FROM janus_audit"
+                    " WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (last, AUDIT_PAGE),
+                ).fetchall()
+            for row in rows:
+                yield entry_from_row(*row)
+            if len(rows) < AUDIT_PAGE:
+                return
+            last = int(rows[-1][0])
+
+    def audit_head(self) -> tuple[int, str] | None:
+        """(seq, hash) of the last audit entry, to anchor elsewhere; None if empty."""
+        with self._reading() as c:
+            row = c.execute(_READ_HEAD).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def prune_nonces(self, now: float) -> int:
+        return self._write(
+            lambda c: (
+                c.execute("DELETE FROM janus_nonces WHERE expires_at < ?", (float(now),)).rowcount
+            )
+        )
+
+    def close(self) -> None:
+        with self._cond:
+            while self._leading:
+                self._cond.wait()
+            if self._closed:
+                return
+            self._closed = True
+        if os.getpid() == self._pid:
+            with self._read_lock:
+                self._reader.close()
+            self._writer.close()

@@ -1,0 +1,82 @@
+"""Start a real cloud-agent process on 127.0.0.1 for tests and the demo."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class CloudProcess:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        owner: str | None,
+        ledger: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        passphrase = state_dir / "passphrase"
+        if not passphrase.exists():
+            passphrase.write_text("cloud agent test passphrase\n")
+            passphrase.chmod(0o600)
+        args = [
+            sys.executable,
+            "-m",
+            "agent",
+            "cloud",
+            "serve",
+            "--state-dir",
+            str(state_dir),
+            "--port",
+            str(self.port),
+            "--passphrase-file",
+            str(passphrase),
+        ]
+        if owner:
+            args += ["--owner", owner]
+        if ledger:
+            args += ["--ledger", ledger]
+        self.log = (state_dir / "server.log").open("wb")
+        env = {k: v for k, v in os.environ.items() if k != "JANUS_PIN"}
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self._wait()
+
+    def _wait(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"cloud agent exited: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"cloud agent did not start: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.state_dir / "server.log").read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()

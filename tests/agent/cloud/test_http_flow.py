@@ -1,0 +1,156 @@
+"""The whole story against a real cloud-agent process on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.didcomm import Message, pack_anoncrypt, wrap_forward
+from agent.edge.agent import EdgeAgent
+from hardware.softhsm import SoftHSMToken
+from policies.abilities import Ability
+from tests.agent.cloud.server import CloudProcess
+
+PAYMENTS = Ability(
+    "janus:payments/eur",
+    "sign/payment",
+    ({"field": "amount", "le": 10000}, {"field": "currency", "eq": "EUR"}),
+)
+MAILBOX = Ability("janus:mailbox", "msg/receive")
+
+
+@pytest.fixture(scope="module")
+def edge(softhsm_token: SoftHSMToken, tmp_path_factory: pytest.TempPathFactory) -> EdgeAgent:
+    agent, _ = EdgeAgent.init(tmp_path_factory.mktemp("edge"), softhsm_token.uri())
+    return agent
+
+
+@pytest.fixture(scope="module")
+def cloud(edge: EdgeAgent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudProcess]:
+    process = CloudProcess(tmp_path_factory.mktemp("cloud"), owner=edge.did)
+    yield process
+    process.stop()
+
+
+def pay(cloud: CloudProcess, grant_id: str, amount: int) -> httpx.Response:
+    return httpx.post(
+        f"{cloud.url}/v1/grants/{grant_id}/actions/sign/payment",
+        json={
+            "resource": "janus:payments/eur",
+            "request": {"amount": amount, "currency": "EUR", "to": "alice"},
+        },
+        timeout=30,
+    )
+
+
+def test_payments_limits_evidence_and_revocation(
+    edge: EdgeAgent, cloud: CloudProcess, tmp_path: Path
+) -> None:
+    granted = edge.grant(cloud.url, [PAYMENTS], ttl_seconds=600, uses=5)
+    grant_id = granted["grant_id"]
+    for amount in (1000, 2000, 3000, 4000):
+        assert pay(cloud, grant_id, amount).status_code == 200
+    too_big = pay(cloud, grant_id, 20000)
+    assert too_big.status_code == 403
+    assert too_big.json()["error"]["code"] == "caveat_failed"
+    fifth = pay(cloud, grant_id, 5000)
+    assert fifth.status_code == 200
+    sixth = pay(cloud, grant_id, 100)
+    assert sixth.status_code in (410, 429)
+    assert sixth.json()["error"]["code"] in ("grant_inactive", "uses_exhausted")
+
+    evidence = tmp_path / "evidence.json"
+    evidence.write_text(json.dumps(fifth.json()["evidence"]))
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "edge",
+            "verify",
+            str(evidence),
+            "--root",
+            edge.did,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["payload"]["amount"] == 5000
+
+    second = edge.grant(cloud.url, [PAYMENTS], ttl_seconds=600, uses=5)
+    assert pay(cloud, second["grant_id"], 100).status_code == 200
+    revoked = edge.revoke(second["grant_id"])
+    assert revoked["destroyed"] == [second["grant_id"]]
+    after = pay(cloud, second["grant_id"], 100)
+    assert after.status_code == 410
+    status = httpx.get(f"{cloud.url}/v1/grants/{second['grant_id']}").json()
+    assert status["status"] == "destroyed" and status["reason"] == "revoked"
+
+
+def test_messages_held_for_an_offline_owner_then_picked_up(
+    edge: EdgeAgent, cloud: CloudProcess
+) -> None:
+    edge.grant(cloud.url, [MAILBOX], ttl_seconds=600, uses=100)
+    routing_key = httpx.get(f"{cloud.url}/v1/did").json()["routing_key"]
+    owner_key = edge.agreement.did
+    text = f"hello while you were away {uuid.uuid4()}"
+    message = Message(
+        id=str(uuid.uuid4()),
+        type="https://janus.dev/messages/1.0/note",
+        body={"text": text},
+        to=(owner_key,),
+    )
+    envelope = wrap_forward(
+        pack_anoncrypt(message, [owner_key]), to=owner_key, routing_keys=[routing_key]
+    )
+    posted = httpx.post(
+        f"{cloud.url}/v1/didcomm",
+        content=envelope.encode(),
+        headers={"content-type": "application/didcomm-encrypted+json"},
+    )
+    assert posted.status_code == 202, posted.text
+    picked = edge.pickup(cloud.url)
+    assert [m["message"]["body"]["text"] for m in picked] == [text]
+    assert edge.pickup(cloud.url) == []  # acknowledged, so deleted
+
+
+def test_bad_requests_get_json_errors(cloud: CloudProcess) -> None:
+    huge = httpx.post(f"{cloud.url}/v1/invoke", content=b"{" + b" " * 70000 + b"}")
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "bad_request"
+    garbage = httpx.post(f"{cloud.url}/v1/invoke", content=b"not json")
+    assert garbage.status_code == 400
+    missing = httpx.get(f"{cloud.url}/v1/grants/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    unsigned = httpx.post(f"{cloud.url}/v1/grants", json={})
+    assert unsigned.status_code == 403
+
+
+def test_health_metrics_and_openapi(cloud: CloudProcess) -> None:
+    assert httpx.get(f"{cloud.url}/healthz").json()["status"] == "ok"
+    metrics = httpx.get(f"{cloud.url}/metrics").text
+    assert "janus_cloud_requests_total" in metrics
+    spec: dict[str, Any] = httpx.get(f"{cloud.url}/openapi.json").json()
+    from agent.cloud.http import build_app  # noqa: F401 - routes listed below
+
+    paths = set(spec["paths"])
+    assert {
+        "/v1/grants",
+        "/v1/grants/{grant_id}/actions/{action}",
+        "/v1/didcomm",
+        "/v1/pickup",
+        "/v1/revocations",
+        "/healthz",
+        "/metrics",
+    } <= paths
