@@ -1,27 +1,36 @@
-"""The main job, ``make demo``: a narrated key-custody walk-through on a SoftHSM token.
+"""The main job, ``make demo``: the whole Janus story on a SoftHSM token, narrated.
+
+SoftHSM token → edge root identity → a real cloud-agent process on 127.0.0.1 →
+a grant "sign payments of at most 100 EUR, 5 uses, 10 minutes" → five payments signed,
+a 6th and one of 200 EUR refused → an independent verifier checks a payment back to
+the hardware root → a message sent while the owner was offline is held, then picked
+up and decrypted with the token → revocation stops the cloud agent at once.
 
 Every step checks that what it claims actually happened; the demo exits non-zero as
-soon as one does not.  It is idempotent: the token and the edge root key are created
-on the first run and reused afterwards.
+soon as one does not.  It is idempotent: the token and the root keys are created on
+the first run and reused afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, x25519
+import httpx
 
+from agent.cloud.process import CloudProcess
+from agent.didcomm import Message, pack_anoncrypt, wrap_forward
+from agent.edge.agent import EdgeAgent
 from hardware.softhsm import ensure_token
-from janus_hsm.algorithms import Algorithm
-from janus_hsm.errors import KeyNotFoundError
-from janus_hsm.provider import KeyHandle, SignatureFormat, raw_to_der
-from janus_hsm.public_keys import from_did_key
+from janus_hsm.backends.pkcs11.export_probe import probe_export
+from policies.abilities import Ability
+from policies.caveats import parse_caveats
 
-ROOT_LABEL = "edge-root"
-AGREEMENT_LABEL = "edge-agreement"
+PAYMENTS_CAVEATS = '[{"field": "amount", "le": 10000}, {"field": "currency", "eq": "EUR"}]'
 
 
 class DemoFailure(Exception):
@@ -29,93 +38,170 @@ class DemoFailure(Exception):
 
 
 def step(n: int, text: str) -> None:
-    print(f"\n[{n}] {text}")
+    print(f"\n[{n}] {text}", flush=True)
 
 
 def check(condition: bool, what: str) -> None:
     if not condition:
         raise DemoFailure(what)
-    print(f"    ok: {what}")
+    print(f"    ok: {what}", flush=True)
 
 
-def get_or_generate(provider: object, label: str, alg: Algorithm) -> tuple[KeyHandle, bool]:
-    from janus_hsm.backends.pkcs11 import Pkcs11Provider
-
-    assert isinstance(provider, Pkcs11Provider)
-    try:
-        return provider.find(f"pkcs11:object={label}"), False
-    except KeyNotFoundError:
-        return provider.generate(f"pkcs11:object={label}", alg), True
+def pay(cloud_url: str, grant_id: str, amount_cents: int) -> httpx.Response:
+    return httpx.post(
+        f"{cloud_url}/v1/grants/{grant_id}/actions/sign/payment",
+        json={
+            "resource": "janus:payments/eur",
+            "request": {"amount": amount_cents, "currency": "EUR", "to": "alice"},
+        },
+        timeout=30,
+    )
 
 
 def run(state_dir: Path) -> None:
     step(1, f"SoftHSM token in the project's own state directory ({state_dir})")
     token = ensure_token(state_dir, "janus")
     token.activate()  # before the PKCS#11 module is loaded: SoftHSM reads it once
-    print(f"    token 'janus', config {token.conf_path}")
-    print(f"    user PIN in {token.pin_file} (mode 0600); the URI points at it with pin-source")
-    check(oct(token.pin_file.stat().st_mode & 0o777) == "0o600", "PIN file is 0600")
+    print(f"    token 'janus', config {token.conf_path}; PIN in {token.pin_file} (0600)")
+    check(token.pin_file.stat().st_mode & 0o777 == 0o600, "the PIN file is private")
 
-    from janus_hsm.backends.pkcs11 import Pkcs11Provider
-    from janus_hsm.backends.pkcs11.export_probe import probe_export
-
-    provider = Pkcs11Provider.open(token.uri())
-
-    step(2, "Edge root key (ES256), generated inside the token")
-    root, created = get_or_generate(provider, ROOT_LABEL, Algorithm.ES256)
-    print(f"    {'generated' if created else 'found existing'} {root.uri}")
-    props = root.properties
-    for name, value in props.as_dict().items():
-        if isinstance(value, bool):
-            print(f"    {name:18} {value}")
+    step(2, "Edge root identity, generated inside the token")
+    edge, created = EdgeAgent.init(state_dir / "edge", token.uri())
+    print(f"    {'generated' if created else 'found existing'} root key {edge.root.uri}")
+    print(f"    identity: {edge.did}")
+    props = edge.root.properties
+    check(props.custody_grade, "root key: sensitive, never extractable, generated on the token")
+    attempts = probe_export(edge.root)  # type: ignore[arg-type]
     check(
-        props.sensitive
-        and not props.extractable
-        and props.never_extractable
-        and props.always_sensitive
-        and props.local,
-        "sensitive, never extractable, generated on the token",
+        all(a.refused for a in attempts),
+        f"all {len(attempts)} export routes refused "
+        f"({', '.join(a.route for a in attempts[:3])}, …)",
     )
 
-    step(3, "Identity: the root key's did:key")
-    print(f"    {root.did}")
-    check(from_did_key(root.did) == root.public_key(), "did:key decodes to the token's public key")
-
-    step(4, "Sign inside the token, verify outside it with only the did:key")
-    message = b"Janus demo: this statement was signed inside a SoftHSM token"
-    signature = root.sign(message)
-    print(f"    JOSE signature (r||s, {len(signature)} bytes): {signature.hex()[:48]}...")
-    verifier = from_did_key(root.did)
-    assert isinstance(verifier, ec.EllipticCurvePublicKey)
-    verifier.verify(raw_to_der(signature, 32), message, ec.ECDSA(hashes.SHA256()))
-    check(True, "signature verifies with cryptography, independently of the token")
+    step(3, "A real cloud-agent process on 127.0.0.1, accepting only this owner's grants")
+    cloud = CloudProcess(state_dir / "cloud", owner=edge.did)
     try:
-        verifier.verify(raw_to_der(signature, 32), message + b"!", ec.ECDSA(hashes.SHA256()))
-        tampered_ok = True
-    except Exception:
-        tampered_ok = False
-    check(not tampered_ok, "a tampered message does not verify")
-    der = root.sign(message, format=SignatureFormat.DER)
-    verifier.verify(der, message, ec.ECDSA(hashes.SHA256()))
-    check(True, "DER-format signature verifies too")
+        agent_did = httpx.get(f"{cloud.url}/v1/did").json()["did"]
+        print(f"    cloud agent {agent_did} at {cloud.url} (pid {cloud.process.pid})")
+        check(httpx.get(f"{cloud.url}/healthz").status_code == 200, "the cloud agent is up")
+        _story(cloud, edge, state_dir)
+    except DemoFailure:
+        print("\n--- cloud agent log ---\n" + cloud.output(), file=sys.stderr)
+        raise
+    finally:
+        cloud.stop()
 
-    step(5, "Key agreement inside the token (X25519), equal to software ECDH")
-    agreement, created = get_or_generate(provider, AGREEMENT_LABEL, Algorithm.X25519)
-    print(f"    {'generated' if created else 'found existing'} {agreement.uri}")
-    peer = x25519.X25519PrivateKey.generate()
-    inside = agreement.exchange(peer.public_key())
-    outside = peer.exchange(agreement.public_key())  # type: ignore[arg-type]
-    check(inside == outside, "ECDH in the token == ECDH in software")
 
-    step(6, "Every export attempt is refused (made for real, with the PIN)")
-    attempts = probe_export(root)  # type: ignore[arg-type]
-    for attempt in attempts:
-        verdict = "refused" if attempt.refused else "ALLOWED"
-        print(f"    {attempt.route:42} {verdict} ({attempt.detail})")
-    check(all(a.refused for a in attempts), f"all {len(attempts)} export routes refused")
+def _story(cloud: CloudProcess, edge: EdgeAgent, state_dir: Path) -> None:
+    caveats = tuple(json.loads(PAYMENTS_CAVEATS))
+    parse_caveats(caveats)
+    payments = Ability("janus:payments/eur", "sign/payment", caveats)
 
-    print("\nDone: the edge root key signs and agrees keys, and cannot leave the token.")
-    print(f"Try: SOFTHSM2_CONF={token.conf_path} .venv/bin/janus keys list '{token.uri()}'")
+    step(4, "Grant: sign payments of at most 100 EUR, 5 uses, 10 minutes")
+    granted = edge.grant(cloud.url, [payments], ttl_seconds=600, uses=5)
+    grant_id = granted["grant_id"]
+    print(f"    the cloud agent made a fresh key for this grant: {granted['key']}")
+    print("    the token signed the capability; the cloud agent installed it")
+    check(granted["status"] == "active", "the grant is active")
+
+    step(5, "The cloud agent signs payments under the capability")
+    evidence = None
+    for n, amount in enumerate((1250, 4999, 10000, 800), start=1):
+        response = pay(cloud.url, grant_id, amount)
+        check(response.status_code == 200, f"payment {n} of {amount / 100:.2f} EUR signed")
+        evidence = response.json()["evidence"]
+    big = pay(cloud.url, grant_id, 20000)
+    code = big.json().get("error", {}).get("code")
+    check(
+        big.status_code == 403 and code == "caveat_failed",
+        f"a payment of 200.00 EUR is refused ({code}: amount over the caveat)",
+    )
+    fifth = pay(cloud.url, grant_id, 4200)
+    check(fifth.status_code == 200, "payment 5 of 42.00 EUR signed")
+    evidence = fifth.json()["evidence"]
+    sixth = pay(cloud.url, grant_id, 100)
+    code = sixth.json().get("error", {}).get("code")
+    check(sixth.status_code in (410, 429), f"a 6th payment is refused ({code}: uses exhausted)")
+    status = httpx.get(f"{cloud.url}/v1/grants/{grant_id}").json()
+    check(
+        status["status"] == "destroyed",
+        f"the grant's key was destroyed by the cloud agent ({status['reason']})",
+    )
+
+    step(6, "An independent verifier checks a payment back to the hardware root, offline")
+    evidence_file = state_dir / "payment-evidence.json"
+    evidence_file.write_text(json.dumps(evidence, indent=1))
+    verified = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "edge",
+            "verify",
+            str(evidence_file),
+            "--root",
+            edge.did,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    result = json.loads(verified.stdout or "{}")
+    print(
+        f"    `janus edge verify {evidence_file.name} --root <owner did>` →"
+        f" {'valid' if result.get('valid') else verified.stderr.strip()}"
+    )
+    check(
+        verified.returncode == 0
+        and result.get("principal") == edge.did
+        and result["payload"]["amount"] == 4200,
+        "the signature, invocation and capability chain verify to the token's key",
+    )
+
+    step(7, "A message sent to the owner while it is offline is held by the cloud agent")
+    edge.grant(cloud.url, [Ability("janus:mailbox", "msg/receive")], ttl_seconds=600, uses=100)
+    routing_key = httpx.get(f"{cloud.url}/v1/did").json()["routing_key"]
+    text = f"Invoice 2026-{uuid.uuid4().hex[:6]} is ready"
+    message = Message(
+        id=str(uuid.uuid4()),
+        type="https://janus.dev/messages/1.0/note",
+        body={"text": text},
+        to=(edge.agreement.did,),
+    )
+    envelope = wrap_forward(
+        pack_anoncrypt(message, [edge.agreement.did]),
+        to=edge.agreement.did,
+        routing_keys=[routing_key],
+    )
+    posted = httpx.post(
+        f"{cloud.url}/v1/didcomm",
+        content=envelope.encode(),
+        headers={"content-type": "application/didcomm-encrypted+json"},
+    )
+    check(
+        posted.status_code == 202,
+        "a sender's DIDComm message (encrypted to the owner's token key) is held",
+    )
+    picked = edge.pickup(cloud.url)
+    texts = [m["message"]["body"].get("text") for m in picked]
+    print(f"    picked up and decrypted with ECDH inside the token: {texts}")
+    check(text in texts, "the owner reads the message; the cloud agent never could")
+    check(edge.pickup(cloud.url) == [], "acknowledged messages are deleted from the cloud agent")
+
+    step(8, "Revocation stops the cloud agent at once")
+    second = edge.grant(cloud.url, [payments], ttl_seconds=600, uses=5)
+    check(pay(cloud.url, second["grant_id"], 500).status_code == 200, "a new grant signs a payment")
+    revoked = edge.revoke(second["grant_id"], reason="demo")
+    check(
+        second["grant_id"] in revoked["destroyed"],
+        "the token signed a revocation; the cloud agent destroyed the grant's key",
+    )
+    after = pay(cloud.url, second["grant_id"], 500)
+    check(after.status_code == 410, "the next payment is refused immediately")
+
+    print("\nDone: hardware-rooted delegation worked as stated, and every limit held.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", default=".state/demo", type=Path)
     args = parser.parse_args(argv)
     try:
-        run(args.state_dir)
+        run(args.state_dir.resolve())
     except DemoFailure as exc:
         print(f"\nDEMO FAILED: {exc}", file=sys.stderr)
         return 1

@@ -17,17 +17,22 @@ def run_demo(state: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_succeeds_twice_reusing_its_token_and_key(tmp_path: Path) -> None:
+def test_demo_succeeds_twice_reusing_its_token_and_keys(tmp_path: Path) -> None:
     first = run_demo(tmp_path / "demo")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "generated pkcs11:token=janus;object=edge-root" in first.stdout
-    assert "all 6 export routes refused" in first.stdout
-    assert "ALLOWED" not in first.stdout
+    out = first.stdout
+    assert "generated root key pkcs11:token=janus;object=edge-root" in out
+    assert "all 6 export routes refused" in out
+    assert "payment 5 of 42.00 EUR signed" in out
+    assert "a payment of 200.00 EUR is refused (caveat_failed" in out
+    assert "a 6th payment is refused" in out
+    assert "the next payment is refused immediately" in out
+    assert "FAILED" not in out
     did = next(
-        line.strip() for line in first.stdout.splitlines() if line.strip().startswith("did:key:")
+        line.split("identity:")[1].strip() for line in out.splitlines() if "identity:" in line
     )
 
     second = run_demo(tmp_path / "demo")
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "found existing pkcs11:token=janus;object=edge-root" in second.stdout
-    assert did in second.stdout
+    assert "found existing root key" in second.stdout
+    assert f"identity: {did}" in second.stdout

@@ -17,7 +17,7 @@ from agent.didcomm import Message, pack_anoncrypt, wrap_forward
 from agent.edge.agent import EdgeAgent
 from hardware.softhsm import SoftHSMToken
 from policies.abilities import Ability
-from tests.agent.cloud.server import CloudProcess
+from agent.cloud.process import CloudProcess
 
 PAYMENTS = Ability(
     "janus:payments/eur",

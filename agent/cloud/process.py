@@ -1,8 +1,9 @@
-"""Start a real cloud-agent process on 127.0.0.1 for tests and the demo."""
+"""Start a real cloud-agent process on 127.0.0.1: for the demo, tests and benchmarks."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -33,8 +34,9 @@ class CloudProcess:
         state_dir.mkdir(parents=True, exist_ok=True)
         passphrase = state_dir / "passphrase"
         if not passphrase.exists():
-            passphrase.write_text("cloud agent test passphrase\n")
-            passphrase.chmod(0o600)
+            fd = os.open(passphrase, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(24) + "\n")
         args = [
             sys.executable,
             "-m",
