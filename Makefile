@@ -38,7 +38,9 @@ lint: venv
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) benchmarks/pkcs11_provider.py
+	for b in pkcs11_provider capabilities ledger didcomm cloud_http; do \
+		test ! -f benchmarks/$$b.py || $(PY) benchmarks/$$b.py || exit 1; \
+	done
 
 clean:
 	rm -rf $(STATE) build *.egg-info
