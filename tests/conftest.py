@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from hardware.postgres import PostgresUnavailable, start_cluster
 from hardware.softhsm import SoftHSMToken, ensure_token
 
 # Shared, noisy machines: no per-example deadline; correctness, not speed, is tested here.
@@ -101,3 +102,20 @@ def key_name(request: pytest.FixtureRequest) -> str:
 
     digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
     return f"t-{digest}"
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free loopback port, fsync on.
+
+    Missing binaries fail the tests instead of skipping them: CI must run every
+    PostgreSQL test, and a skip would hide that the server was never installed.
+    """
+    try:
+        cluster = start_cluster()
+    except PostgresUnavailable as exc:
+        pytest.fail(f"cannot start PostgreSQL for the ledger tests: {exc}", pytrace=False)
+    try:
+        yield cluster.dsn()
+    finally:
+        cluster.stop()

@@ -54,7 +54,8 @@ class CloudProcess:
             args += ["--owner", owner]
         if ledger:
             args += ["--ledger", ledger]
-        self.log = (state_dir / "server.log").open("wb")
+        self.log_path = state_dir / f"server-{self.port}.log"
+        self.log = self.log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if k != "JANUS_PIN"}
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self._wait()
@@ -73,7 +74,7 @@ class CloudProcess:
 
     def output(self) -> str:
         self.log.flush()
-        return (self.state_dir / "server.log").read_text(errors="replace")[-4000:]
+        return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
         self.process.terminate()

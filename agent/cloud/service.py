@@ -154,7 +154,11 @@ class CloudAgent:
         record = self._live(grant_id)
         if record.status != ACTIVE or record.bundle is None:
             raise ConflictError(f"grant {grant_id} has no capability installed yet")
-        return record, Bundle.parse(record.bundle), self.keys.find(record.key_uri)
+        try:
+            handle = self.keys.find(record.key_uri)
+        except KeyNotFoundError:  # another instance destroyed it a moment ago
+            raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
+        return record, Bundle.parse(record.bundle), handle
 
     # --- actions ------------------------------------------------------------------
 

@@ -17,27 +17,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from hardware.postgres import PostgresUnavailable, start_cluster
 from policies.ledger import Ledger, open_ledger
 
 BACKENDS = ("sqlite", "postgres")
-
-
-@pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on a free loopback port, fsync on.
-
-    Missing binaries fail the tests instead of skipping them: CI must run every
-    PostgreSQL test, and a skip would hide that the server was never installed.
-    """
-    try:
-        cluster = start_cluster()
-    except PostgresUnavailable as exc:
-        pytest.fail(f"cannot start PostgreSQL for the ledger tests: {exc}", pytrace=False)
-    try:
-        yield cluster.dsn()
-    finally:
-        cluster.stop()
 
 
 def with_schema(dsn: str, schema: str) -> str:

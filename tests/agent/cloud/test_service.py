@@ -227,3 +227,64 @@ def test_messages_are_held_until_acknowledged(cloud: CloudAgent, owner: KeyHandl
     assert [m["id"] for m in again["messages"]] == [m["id"] for m in first["messages"]]
     done = pickup([m["id"] for m in first["messages"]])
     assert done["acknowledged"] == 3 and done["remaining"] == 0
+
+
+def test_send_message_on_the_owners_behalf(
+    cloud: CloudAgent, owner: KeyHandle, tmp_path: Path
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from agent.didcomm import unpack
+
+    recipient = software_keys(tmp_path / "r", {"bob": Algorithm.X25519})["bob"]
+    received: list[bytes] = []
+
+    class Inbox(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            received.append(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(202)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Inbox)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/inbox"
+    try:
+        grant_id, _ = new_grant(
+            cloud,
+            owner,
+            uses=2,
+            abilities=[
+                Ability("janus:outbox", "msg/send", ({"field": "endpoint", "prefix": endpoint},))
+            ],
+        )
+        sent = cloud.act(
+            grant_id,
+            "msg/send",
+            "janus:outbox",
+            {"to": recipient.did, "endpoint": endpoint, "body": {"text": "from the cloud"}},
+        )
+        assert sent.result["status"] == 202
+        opened = unpack(received[0], [recipient])
+        assert opened.message.body == {"text": "from the cloud"}
+        with pytest.raises(CaveatFailedError):  # the caveat pins the destination
+            cloud.act(
+                grant_id,
+                "msg/send",
+                "janus:outbox",
+                {"to": recipient.did, "endpoint": "http://127.0.0.1:9/x", "body": {}},
+            )
+    finally:
+        server.shutdown()
+
+
+def test_openapi_describes_every_route(cloud: CloudAgent) -> None:
+    from agent.cloud.http import build_app
+    from agent.cloud.openapi import OPENAPI
+
+    app = build_app(cloud)
+    routes = {r.path.replace("{action:path}", "{action}") for r in app.routes}  # type: ignore[attr-defined]
+    assert routes == set(OPENAPI["paths"])
