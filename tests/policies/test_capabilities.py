@@ -15,7 +15,9 @@ from joserfc.jwk import ECKey, OKPKey
 
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.backends.pkcs11 import Pkcs11Provider
+from janus_hsm.errors import KeyNotFoundError
 from janus_hsm.provider import KeyHandle
+from policies import issue
 from policies.abilities import Ability, pattern_matches
 from policies.capability import CAPABILITY_TYP, Bundle, Limits, capability_claims
 from policies.errors import (
@@ -36,7 +38,6 @@ from policies.errors import (
     WrongHolderError,
 )
 from policies.invocation import invoke
-from policies import issue
 from policies.jws import canonical_json, sign_compact
 from policies.policy import IssuancePolicy
 from policies.revocation import Revocation, sign_revocation
@@ -72,7 +73,7 @@ def root(pkcs11_provider: Pkcs11Provider) -> KeyHandle:
     uri = "pkcs11:object=capability-root"
     try:
         return pkcs11_provider.find(uri)
-    except Exception:  # noqa: BLE001 - first use in this session
+    except KeyNotFoundError:  # first use in this session
         return pkcs11_provider.generate(uri, Algorithm.ES256)
 
 

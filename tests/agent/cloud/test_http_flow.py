@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.cloud.process import CloudProcess
 from agent.didcomm import Message, pack_anoncrypt, wrap_forward
 from agent.edge.agent import EdgeAgent
 from hardware.softhsm import SoftHSMToken
 from policies.abilities import Ability
-from agent.cloud.process import CloudProcess
 
 PAYMENTS = Ability(
     "janus:payments/eur",
