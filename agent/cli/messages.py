@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -163,8 +164,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _replace(message: Message, **changes: Any) -> Message:
-    import dataclasses
-
     return dataclasses.replace(message, **changes)
 
 

@@ -150,17 +150,13 @@ def encrypt(
             kek = jwa.concat_kdf(z, alg=alg, apu=apu, apv=apv, tag=tag)
         else:
             kek = jwa.concat_kdf(z, alg=alg, apu=apu, apv=apv)
-        entries.append(
-            {"header": {"kid": recipient.kid}, "encrypted_key": b64e(jwa.wrap_key(kek, cek))}
-        )
-    return dumps(
-        {
-            "protected": protected,
-            "recipients": entries,
-            "iv": b64e(iv),
-            "ciphertext": b64e(ciphertext),
-            "tag": b64e(tag),
-        }
+        wrapped = b64e(jwa.wrap_key(kek, cek))
+        entries.append(f'{{"header":{{"kid":{dumps(recipient.kid)}}},"encrypted_key":"{wrapped}"}}')
+    # Written out rather than through json: every value but the kids (JSON-escaped above)
+    # is base64url, which needs no escaping, and this is on every envelope's path.
+    return (
+        f'{{"protected":"{protected}","recipients":[{",".join(entries)}],'
+        f'"iv":"{b64e(iv)}","ciphertext":"{b64e(ciphertext)}","tag":"{b64e(tag)}"}}'
     )
 
 

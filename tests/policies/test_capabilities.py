@@ -149,6 +149,7 @@ def test_grant_redelegate_invoke_verify(root: KeyHandle, agents: dict[str, KeyHa
     assert [lim.uses for lim in auth.chain.link_limits()] == [5, 3]
 
 
+@pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
 def test_each_link_verifies_with_a_standard_jose_library(
     root: KeyHandle, agents: dict[str, KeyHandle]
 ) -> None:
