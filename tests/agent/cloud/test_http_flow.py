@@ -154,3 +154,69 @@ def test_health_metrics_and_openapi(cloud: CloudProcess) -> None:
         "/healthz",
         "/metrics",
     } <= paths
+
+
+def test_external_invocations_forged_replayed_and_over_limit(
+    edge: EdgeAgent, cloud: CloudProcess, tmp_path: Path
+) -> None:
+    import time
+
+    from janus_hsm.algorithms import Algorithm
+    from policies.capability import Bundle
+    from policies.invocation import invoke
+    from tests.policies.keys import software_keys
+
+    keys = software_keys(tmp_path / "k", {"worker": Algorithm.EdDSA, "thief": Algorithm.EdDSA})
+    worker, thief = keys["worker"], keys["thief"]
+    granted = edge.grant(
+        cloud.url,
+        [PAYMENTS, Ability("janus:payments/eur", "cap/delegate")],
+        ttl_seconds=600,
+        uses=10,
+        depth=1,
+    )
+    delegated = httpx.post(
+        f"{cloud.url}/v1/grants/{granted['grant_id']}/actions/cap/delegate",
+        json={
+            "resource": "janus:payments/eur",
+            "request": {
+                "to": worker.did,
+                "can": "sign/payment",
+                "with": "janus:payments/eur",
+                "ttl": "5m",
+                "uses": 2,
+            },
+        },
+    ).json()["bundle"]
+    leaf = Bundle.parse(json.dumps(delegated)).leaf
+
+    def call(signer: Any, request: dict[str, Any], invocation: str | None = None) -> Any:
+        inv = invocation or invoke(
+            signer,
+            capability_id=leaf.id,
+            action="sign/payment",
+            resource="janus:payments/eur",
+            request=request,
+            now=int(time.time()),
+        )
+        return httpx.post(
+            f"{cloud.url}/v1/invoke",
+            json={"bundle": delegated, "invocation": inv, "request": request},
+        ), inv
+
+    ok, inv = call(worker, {"amount": 10, "currency": "EUR"})
+    assert ok.status_code == 200, ok.text
+    replay, _ = call(worker, {"amount": 10, "currency": "EUR"}, inv)
+    assert replay.status_code == 409 and replay.json()["error"]["code"] == "replayed"
+    forged, _ = call(thief, {"amount": 10, "currency": "EUR"})
+    assert forged.status_code == 403 and forged.json()["error"]["code"] == "wrong_holder"
+    tampered, _ = call(
+        worker,
+        {"amount": 10, "currency": "EUR"},
+        inv[:-4] + ("AAAA" if not inv.endswith("AAAA") else "BBBB"),
+    )
+    assert tampered.status_code in (400, 403)
+    second, _ = call(worker, {"amount": 20, "currency": "EUR"})
+    assert second.status_code == 200
+    over, _ = call(worker, {"amount": 30, "currency": "EUR"})
+    assert over.status_code == 429 and over.json()["error"]["code"] == "uses_exhausted"
