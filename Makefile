@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STATE  := .state
-EXTRAS := dev,postgres
+EXTRAS := dev,postgres,server
 
 SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates postgresql
 
