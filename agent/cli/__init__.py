@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from agent.cli import capabilities, cloud, edge, keys, messages
 from agent.cli.output import CommandError, emit_error
+from agent.didcomm.errors import DIDCommError
 from agent.errors import AgentError
 from janus_hsm.errors import JanusHSMError
 from policies.errors import PolicyError
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args)
         return result
-    except (JanusHSMError, PolicyError, AgentError, CommandError) as exc:
+    except (JanusHSMError, PolicyError, AgentError, DIDCommError, CommandError) as exc:
         emit_error(exc, as_json=as_json)
         return 1
     except KeyboardInterrupt:

@@ -85,7 +85,12 @@ def cmd_pickup(args: argparse.Namespace) -> int:
         print_json(messages)
     else:
         for item in messages:
-            print(json.dumps(item["message"], indent=2))
+            if "error" in item:
+                print(
+                    f"janus: could not open message {item['id']}: {item['error']}", file=sys.stderr
+                )
+            else:
+                print(json.dumps(item["message"], indent=2))
         print(f"{len(messages)} message(s) picked up", file=sys.stderr)
     return 0
 

@@ -343,6 +343,7 @@ class CloudAgent:
     def sweep(self, *, now: float | None = None) -> list[str]:
         """Destroy the keys of grants that expired, were used up or were revoked."""
         now = time.time() if now is None else now
+        self.ledger.prune_nonces(now)  # expired invocations can no longer be replayed
         destroyed = []
         for g in self.store.grants():
             reason = None

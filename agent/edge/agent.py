@@ -257,7 +257,7 @@ class EdgeAgent:
 
     def pickup(self, cloud: str, *, limit: int = 100) -> list[dict[str, Any]]:
         """Fetch held messages, decrypt them with the token, then acknowledge them."""
-        from agent.didcomm import unpack
+        from agent.didcomm import DIDCommError, unpack
 
         agent_did = self.cloud_did(cloud)
         now = int(time.time())
@@ -266,7 +266,13 @@ class EdgeAgent:
         messages = []
         opened = []
         for item in held["messages"]:
-            unpacked = unpack(item["envelope"], [self.agreement, self.root])
+            try:
+                unpacked = unpack(item["envelope"], [self.agreement, self.root])
+            except DIDCommError as exc:
+                # Left on the cloud agent (not acknowledged), reported, and not allowed
+                # to block the messages behind it.
+                messages.append({"id": item["id"], "error": f"{exc.code}: {exc}"})
+                continue
             messages.append(
                 {
                     "id": item["id"],
