@@ -31,7 +31,7 @@ def _bundle(path: str) -> Bundle:
     return Bundle.parse(read_input(path))
 
 
-def _caveats(values: list[str]) -> tuple[Any, ...]:
+def parse_caveat_args(values: list[str]) -> tuple[Any, ...]:
     caveats: list[Any] = []
     for text in values:
         try:
@@ -60,7 +60,7 @@ def _request(path: str | None) -> dict[str, Any]:
 def cmd_grant(args: argparse.Namespace) -> int:
     if args.uses <= 0:
         raise CommandError("--uses must be a positive integer")
-    ability = Ability(args.resource, args.action, _caveats(args.caveat or []))
+    ability = Ability(args.resource, args.action, parse_caveat_args(args.caveat or []))
     policy = IssuancePolicy.load(args.policy) if args.policy else None
     proof = _bundle(args.proof) if args.proof else None
     issuer = open_key(args.issuer, allow_extractable=args.allow_extractable)

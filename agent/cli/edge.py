@@ -11,7 +11,7 @@ from typing import Any
 
 from platformdirs import user_data_dir
 
-from agent.cli.capabilities import _caveats
+from agent.cli.capabilities import parse_caveat_args
 from agent.cli.output import CommandError, print_json, read_input, write_output
 from policies.abilities import Ability
 from policies.durations import parse_duration
@@ -60,7 +60,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     edge = _open(args)
     if args.uses <= 0:
         raise CommandError("--uses must be a positive integer")
-    abilities = [Ability(args.resource, args.action, _caveats(args.caveat or []))]
+    abilities = [Ability(args.resource, args.action, parse_caveat_args(args.caveat or []))]
     result = edge.grant(
         args.cloud.rstrip("/"),
         abilities,
