@@ -108,7 +108,13 @@ class Capability:
     def parse(cls, compact: str, *, index: int | None = None) -> Capability:
         what = "capability" if index is None else f"link {index}"
         jws = parse_compact(compact, typ=CAPABILITY_TYP, what=what)
-        claims = jws.payload
+        return cls.from_claims(jws.payload, jws=jws, cap_id=sha256_b64(compact), what=what)
+
+    @classmethod
+    def from_claims(
+        cls, claims: dict[str, Any], *, jws: ParsedJws, cap_id: str, what: str = "capability"
+    ) -> Capability:
+        """Validate the claims and build the link (also used on drafts before signing)."""
         missing = _REQUIRED - set(claims)
         unknown = set(claims) - _CLAIMS
         if missing or unknown:
@@ -141,7 +147,7 @@ class Capability:
             raise FormatError(f"{what}: 'evd' must be an object")
         return cls(
             jws=jws,
-            id=sha256_b64(compact),
+            id=cap_id,
             issuer=claims["iss"],
             audience=claims["aud"],
             principal=claims["sub"],

@@ -129,18 +129,6 @@ def _draft(claims: dict[str, Any], issuer: KeyHandle) -> Capability:
     """The capability as it would be, for attenuation checks before signing."""
     from policies.jws import ParsedJws
 
-    return Capability(
-        jws=ParsedJws("", {}, claims, b"", b""),
-        id="",
-        issuer=claims["iss"],
-        audience=claims["aud"],
-        principal=claims["sub"],
-        jti=claims["jti"],
-        issued_at=claims["iat"],
-        not_before=claims["nbf"],
-        expires=claims["exp"],
-        abilities=tuple(Ability.from_json(a) for a in claims["att"]),
-        limits=Limits.from_json(claims["lim"]),
-        proofs=tuple(claims["prf"]),
-        evidence=claims.get("evd"),
+    return Capability.from_claims(
+        claims, jws=ParsedJws("", {}, claims, b"", b""), cap_id="", what="new capability"
     )
