@@ -89,6 +89,7 @@ class CloudAgent:
         self.routing_key = self._own_key("agent-routing", Algorithm.X25519)
         self.verifier = Verifier(revocations=self.ledger)
         self._seen_requests: dict[str, float] = {}
+        self._unlocked: dict[str, tuple[Bundle, KeyHandle]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -154,11 +155,21 @@ class CloudAgent:
         record = self._live(grant_id)
         if record.status != ACTIVE or record.bundle is None:
             raise ConflictError(f"grant {grant_id} has no capability installed yet")
-        try:
-            handle = self.keys.find(record.key_uri)
-        except KeyNotFoundError:  # another instance destroyed it a moment ago
-            raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
-        return record, Bundle.parse(record.bundle), handle
+        with self._lock:
+            cached = self._unlocked.get(grant_id)
+        if cached is None:
+            try:
+                found: KeyHandle = self.keys.find(record.key_uri)
+            except KeyNotFoundError:  # another instance destroyed it a moment ago
+                raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
+            # Unlocking costs a scrypt derivation (~0.2 s by design); do it once per
+            # grant, not per request. The store's status, read above on every request,
+            # still decides whether the grant may be used.
+            cached = (Bundle.parse(record.bundle), found)
+            with self._lock:
+                self._unlocked[grant_id] = cached
+        bundle, handle = cached
+        return record, bundle, handle
 
     # --- actions ------------------------------------------------------------------
 
@@ -185,7 +196,7 @@ class CloudAgent:
         try:
             return self._perform(record, bundle, handle, invocation, request, now=now)
         finally:
-            self.sweep(now=now)
+            self._retire_if_spent(record, bundle, now=now)
 
     def invoke_external(
         self,
@@ -202,11 +213,11 @@ class CloudAgent:
         anchor = next((active[c.audience] for c in bundle.chain if c.audience in active), None)
         if anchor is None:
             raise NotFoundError("the chain passes through none of this agent's active grants")
-        record, _, handle = self._active(anchor.grant_id)
+        record, anchor_bundle, handle = self._active(anchor.grant_id)
         try:
             return self._perform(record, bundle, handle, invocation, request, now=now)
         finally:
-            self.sweep(now=now)
+            self._retire_if_spent(record, anchor_bundle, now=now)
 
     def _perform(
         self,
@@ -341,7 +352,11 @@ class CloudAgent:
         }
 
     def sweep(self, *, now: float | None = None) -> list[str]:
-        """Destroy the keys of grants that expired, were used up or were revoked."""
+        """Destroy the keys of grants that expired, were used up or were revoked.
+
+        Runs periodically (and checks every grant); after each action only the grant
+        that acted is checked, by _retire_if_spent.
+        """
         now = time.time() if now is None else now
         self.ledger.prune_nonces(now)  # expired invocations can no longer be replayed
         destroyed = []
@@ -350,23 +365,32 @@ class CloudAgent:
             if g.status == PENDING and now - g.created_at > PENDING_TTL:
                 reason = "never received a capability"
             elif g.status == ACTIVE and g.bundle is not None:
-                bundle = Bundle.parse(g.bundle)
-                if g.expires_at is not None and now >= g.expires_at:
-                    reason = "expired"
-                elif self.ledger.revoked([c.id for c in bundle.chain]) is not None:
-                    reason = "revoked"
-                elif any(
-                    c.limits.uses is not None and self.ledger.uses(c.id) >= c.limits.uses
-                    for c in bundle.chain
-                ):
-                    reason = "used up"
+                reason = self._spent_reason(g, Bundle.parse(g.bundle), now=now)
             if reason is not None:
                 self._destroy(g, reason)
                 destroyed.append(g.grant_id)
         return destroyed
 
+    def _retire_if_spent(self, record: GrantRecord, bundle: Bundle, *, now: float) -> None:
+        reason = self._spent_reason(record, bundle, now=now)
+        if reason is not None:
+            self._destroy(record, reason)
+
+    def _spent_reason(self, record: GrantRecord, bundle: Bundle, *, now: float) -> str | None:
+        if record.expires_at is not None and now >= record.expires_at:
+            return "expired"
+        if self.ledger.revoked([c.id for c in bundle.chain]) is not None:
+            return "revoked"
+        if any(
+            c.limits.uses is not None and self.ledger.uses(c.id) >= c.limits.uses
+            for c in bundle.chain
+        ):
+            return "used up"
+        return None
+
     def _destroy(self, record: GrantRecord, reason: str) -> None:
         with self._lock:
+            self._unlocked.pop(record.grant_id, None)
             with contextlib.suppress(KeyNotFoundError):  # already gone: same outcome
                 self.keys.delete(record.key_uri)
             self.store.destroy(record.grant_id, reason)
