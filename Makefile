@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STATE  := .state
-EXTRAS := dev,postgres,server
+EXTRAS := dev,postgres,server,fido2
 
 SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates postgresql
 
@@ -38,6 +38,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 bench: setup
+	@bash hardware/install-system-packages.sh wrk  # load generator of cloud_http.py
 	for b in pkcs11_provider capabilities ledger didcomm cloud_http; do \
 		test ! -f benchmarks/$$b.py || $(PY) benchmarks/$$b.py || exit 1; \
 	done

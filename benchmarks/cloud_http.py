@@ -17,9 +17,11 @@ Why these measurements:
   runs (``agent.cloud.process.CloudProcess``), owned by an edge identity whose root key
   is in a SoftHSM token made for the run, and the grant was made by ``EdgeAgent.grant``.
 * Load: ``wrk`` if installed (``-t2 -c32 -d10s --latency``, a Lua script for the POST
-  body and a ``done`` hook that prints exact counts and percentiles), otherwise an
-  asyncio httpx client with a bounded number of connections (much slower than wrk:
-  with it the bare figure is the client's limit).  Same generator, body and
+  body and a ``done`` hook that prints exact counts and percentiles), otherwise a
+  minimal asyncio HTTP/1.1 client with one keep-alive stream per connection, in this
+  process (slower than wrk, so the bare figure is partly the client's limit).  httpx's
+  AsyncClient is available with ``--generator httpx`` but managed only 100-300
+  requests/s here, too slow to load the bare endpoint.  Same generator, body and
   connections for both targets, alternating which goes first; medians of ``--repeat``.
   The client shares the machine's cores with the server, as it would in any loopback
   test.
@@ -33,8 +35,8 @@ Run it as::
     .venv/bin/python benchmarks/cloud_http.py [--seconds 10] [--connections 32]
         [--repeat 3] [--json OUT] [--profile]
 
-(about 85 s with the defaults on 2 vCPUs; ``--profile`` adds two py-spy recordings of
-the cloud agent under the same load, about 30 s, and needs ``pip install py-spy``.)
+(about 90 s with the defaults on 2 vCPUs; ``--profile`` adds two py-spy recordings of
+the cloud agent under the same load, about 40 s, and needs ``pip install py-spy``.)
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -80,6 +82,7 @@ TARGET_RATIO = 0.4
 HOST = "127.0.0.1"
 SOFTHSM_LABEL = "bench-http"
 PROFILE_RATE = 100  # py-spy samples per second
+CODE_UNDER_TEST = ("agent", "policies", "janus_hsm", "hardware")
 
 RESOURCE = "janus:payments/eur"
 ACTION = "sign/payment"
@@ -307,8 +310,109 @@ class Wrk:
         )
 
 
+def load_result(
+    target: str,
+    elapsed: float,
+    latencies: list[float],
+    statuses: collections.Counter[int],
+    errors: collections.Counter[str],
+) -> LoadResult:
+    latencies.sort()
+    ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
+    return LoadResult(
+        target=target,
+        seconds=elapsed,
+        requests=len(latencies),
+        ok=ok,
+        non_2xx=len(latencies) - ok,
+        errors=dict(errors),
+        p50_ms=percentile(latencies, 50) * 1e3,
+        p90_ms=percentile(latencies, 90) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        max_ms=(latencies[-1] if latencies else float("nan")) * 1e3,
+    )
+
+
+class AsyncioLoad:
+    """The fallback: one asyncio stream per connection, keep-alive, one request in flight
+    on each.  It speaks just enough HTTP/1.1 for this request (both servers answer with
+    a Content-Length).  Requests in flight at the deadline are waited for and counted."""
+
+    name = "asyncio"
+
+    def __init__(self, workdir: Path, connections: int) -> None:
+        self.connections = connections
+        self.version = f"Python {platform.python_version()} asyncio streams"
+
+    def describe(self) -> str:
+        return (
+            f"asyncio HTTP/1.1 keep-alive client in the benchmark process, "
+            f"{self.connections} connections  ({self.version})"
+        )
+
+    def run(self, target: str, url: str, seconds: int) -> LoadResult:
+        return asyncio.run(self._run(target, url, seconds))
+
+    async def _run(self, target: str, url: str, seconds: float) -> LoadResult:
+        parsed = httpx.URL(url)
+        host, port = parsed.host, parsed.port or 80
+        body = BODY.encode()
+        request = (
+            f"POST {parsed.raw_path.decode()} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        latencies: list[float] = []
+        statuses: collections.Counter[int] = collections.Counter()
+        errors: collections.Counter[str] = collections.Counter()
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split()[1])
+            length = next(
+                (
+                    int(x.split(b":", 1)[1])
+                    for x in lines
+                    if x.lower().startswith(b"content-length:")
+                ),
+                None,
+            )
+            if length is None:
+                raise ValueError("response without Content-Length")
+            await reader.readexactly(length)
+            return status
+
+        async def worker() -> None:
+            stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                try:
+                    if stream is None:
+                        stream = await asyncio.open_connection(host, port)
+                    status = await asyncio.wait_for(exchange(*stream), CLIENT_TIMEOUT)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                    errors[type(exc).__name__] += 1
+                    if stream is not None:
+                        stream[1].close()
+                    stream = None
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                statuses[status] += 1
+            if stream is not None:
+                stream[1].close()
+
+        await asyncio.gather(*(worker() for _ in range(self.connections)))
+        elapsed = time.perf_counter() - started
+        return load_result(target, elapsed, latencies, statuses, errors)
+
+
 class HttpxLoad:
-    """The fallback: asyncio + httpx, ``connections`` requests in flight at any time."""
+    """asyncio + httpx, ``connections`` requests in flight (only with --generator httpx:
+    on these machines httpx's AsyncClient managed 100-300 requests/s against the bare
+    endpoint, which measures the client rather than the server)."""
 
     name = "httpx"
 
@@ -318,8 +422,8 @@ class HttpxLoad:
 
     def describe(self) -> str:
         return (
-            f"asyncio + httpx.AsyncClient, {self.connections} connections, "
-            f"{self.connections} workers  ({self.version})"
+            f"asyncio + httpx.AsyncClient in the benchmark process, {self.connections} "
+            f"connections  ({self.version})"
         )
 
     def run(self, target: str, url: str, seconds: int) -> LoadResult:
@@ -351,23 +455,10 @@ class HttpxLoad:
 
             await asyncio.gather(*(worker() for _ in range(self.connections)))
             elapsed = time.perf_counter() - started
-        latencies.sort()
-        ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
-        return LoadResult(
-            target=target,
-            seconds=elapsed,
-            requests=len(latencies),
-            ok=ok,
-            non_2xx=len(latencies) - ok,
-            errors=dict(errors),
-            p50_ms=percentile(latencies, 50) * 1e3,
-            p90_ms=percentile(latencies, 90) * 1e3,
-            p99_ms=percentile(latencies, 99) * 1e3,
-            max_ms=(latencies[-1] if latencies else float("nan")) * 1e3,
-        )
+        return load_result(target, elapsed, latencies, statuses, errors)
 
 
-LoadGenerator = Wrk | HttpxLoad
+LoadGenerator = Wrk | AsyncioLoad | HttpxLoad
 
 
 def percentile(ordered: list[float], p: float) -> float:
@@ -541,7 +632,7 @@ def run_pairs(
     seconds: int,
     repeat: int,
 ) -> tuple[list[LoadResult], list[LoadResult]]:
-    sides = {
+    sides: dict[str, Callable[[int], LoadResult]] = {
         "bare": lambda s: measure(generator, "bare", bare_url, bare_pid, s, None),
         "janus": lambda s: measure(generator, "janus", janus.url, janus.pid, s, janus.base),
     }
@@ -611,7 +702,7 @@ def profile_janus(
             load.wait()
             wait_idle(janus.pid, janus.base)
         else:
-            # The httpx fallback runs in this process: py-spy records alongside it.
+            # The fallback clients run in this process: py-spy records alongside them.
             recorder = subprocess.Popen(record, stdout=subprocess.DEVNULL)
             generator.run("janus", janus.url, seconds + 2)
             recorder.wait()
@@ -767,8 +858,25 @@ def environment(generator: LoadGenerator) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    commit: str | None = None
+    dirty: list[str] | None = None
+    with contextlib.suppress(OSError):
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+        commit = done.stdout.strip() or None
+        # Uncommitted changes to the code under test, if any, make the commit inexact.
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", *CODE_UNDER_TEST],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            dirty = [line[3:] for line in done.stdout.splitlines() if line.strip()]
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": commit,
+        "code_under_test_modified": dirty,
         "os": os_release.get("PRETTY_NAME", platform.platform()),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
@@ -790,6 +898,22 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def describe_changes(env: dict[str, Any]) -> str:
+    changed = env["code_under_test_modified"]
+    if not changed:
+        return ""
+    if not isinstance(changed, list):  # older results stored only a flag
+        return " + uncommitted changes"
+    if len(changed) <= 3:
+        return f" + uncommitted changes to {', '.join(changed)}"
+    return f" + uncommitted changes to {len(changed)} files (listed in the JSON)"
+
+
+def fmt_ratio(value: float) -> str:
+    """Two decimals, or two significant digits for the small ratios a slow side gives."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
 def render(result: dict[str, Any]) -> str:
     env, params, summary = result["environment"], result["parameters"], result["summary"]
     lines = [
@@ -797,6 +921,7 @@ def render(result: dict[str, Any]) -> str:
         f"{env['date_utc']}  {env['os']}  {env['cpu_count']} CPUs  Python {env['python']}  "
         f"uvicorn {env['uvicorn']}  starlette {env['starlette']}  uvloop {env['uvloop']}  "
         f"httptools {env['httptools']}  SQLite {env['sqlite']}",
+        f"code: commit {(env['git_commit'] or '?')[:12]}" + describe_changes(env),
         f"load generator: {result['generator']}",
         f"{params['repeat']} runs x {params['seconds']} s per target, {params['connections']} "
         "connections, alternating which goes first; medians. Ratio = median of the "
@@ -819,8 +944,8 @@ def render(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"janus/bare requests/s: {summary['ratio']:.3f}x "
-        f"[{summary['ratio_min']:.3f}-{summary['ratio_max']:.3f}]   target >= "
+        f"janus/bare requests/s: {fmt_ratio(summary['ratio'])}x "
+        f"[{fmt_ratio(summary['ratio_min'])}-{fmt_ratio(summary['ratio_max'])}]   target >= "
         f"{summary['target']:.1f}x   met: {'yes' if summary['met'] else 'NO'}",
         f"janus/bare p99 latency: {summary['p99_ratio']:.1f}x",
         "server CPU = CPU seconds of the server process per wall second (all threads).",
@@ -899,9 +1024,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
     parser.add_argument(
         "--generator",
-        choices=["auto", "wrk", "httpx"],
+        choices=["auto", "wrk", "asyncio", "httpx"],
         default="auto",
-        help="load generator (default: wrk if installed, else httpx)",
+        help="load generator (default: wrk if installed, else the asyncio client)",
     )
     parser.add_argument(
         "--profile",
@@ -923,10 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
         generator: LoadGenerator
         if args.generator == "wrk" or (args.generator == "auto" and shutil.which("wrk")):
             generator = Wrk(workdir, args.connections)
+        elif args.generator == "httpx":
+            generator = HttpxLoad(workdir, args.connections)
         else:
             if args.generator == "auto":
-                progress("wrk is not installed: falling back to the asyncio httpx client")
-            generator = HttpxLoad(workdir, args.connections)
+                progress("wrk is not installed: falling back to the asyncio client")
+            generator = AsyncioLoad(workdir, args.connections)
         progress(f"load generator: {generator.describe()}")
         env = environment(generator)
         progress("setting up: SoftHSM token, edge identity, cloud agent, grant")

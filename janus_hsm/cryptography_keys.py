@@ -9,7 +9,7 @@ that never leaves its token.  Every method that would reveal private material ra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, Self
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -28,17 +28,37 @@ def _refuse_export(handle: KeyHandle) -> NoReturn:
     )
 
 
-class HandleECPrivateKey(ec.EllipticCurvePrivateKey):
+class _HandleKey:
+    """What both adapters share: the handle, and no way to the private bytes."""
+
+    _handle: KeyHandle
+
+    @property
+    def handle(self) -> KeyHandle:
+        return self._handle
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _refuse_export(self._handle)
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        return self
+
+
+class HandleECPrivateKey(_HandleKey, ec.EllipticCurvePrivateKey):
     """An ECDSA/ECDH key in a backend, usable with cryptography's builders."""
 
     def __init__(self, handle: KeyHandle) -> None:
         if handle.algorithm.curve is None:
             raise MechanismUnsupportedError(f"{handle.uri} is not an ECDSA key")
         self._handle = handle
-
-    @property
-    def handle(self) -> KeyHandle:
-        return self._handle
 
     @property
     def curve(self) -> ec.EllipticCurve:
@@ -81,32 +101,14 @@ class HandleECPrivateKey(ec.EllipticCurvePrivateKey):
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         _refuse_export(self._handle)
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _refuse_export(self._handle)
 
-    def __copy__(self) -> HandleECPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> HandleECPrivateKey:
-        return self
-
-
-class HandleEd25519PrivateKey(ed25519.Ed25519PrivateKey):
+class HandleEd25519PrivateKey(_HandleKey, ed25519.Ed25519PrivateKey):
     """An Ed25519 key in a backend, usable with cryptography's builders."""
 
     def __init__(self, handle: KeyHandle) -> None:
         if handle.algorithm is not Algorithm.EdDSA:
             raise MechanismUnsupportedError(f"{handle.uri} is not an Ed25519 key")
         self._handle = handle
-
-    @property
-    def handle(self) -> KeyHandle:
-        return self._handle
 
     def public_key(self) -> ed25519.Ed25519PublicKey:
         public = self._handle.public_key()
@@ -116,22 +118,8 @@ class HandleEd25519PrivateKey(ed25519.Ed25519PrivateKey):
     def sign(self, data: bytes) -> bytes:  # type: ignore[override]
         return self._handle.sign(bytes(data))
 
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _refuse_export(self._handle)
-
     def private_bytes_raw(self) -> bytes:
         _refuse_export(self._handle)
-
-    def __copy__(self) -> HandleEd25519PrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> HandleEd25519PrivateKey:
-        return self
 
 
 def as_private_key(handle: KeyHandle) -> HandleECPrivateKey | HandleEd25519PrivateKey:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.errors import JanusHSMError
+from janus_hsm.strictjson import canonical_json
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | x25519.X25519PublicKey
 
@@ -151,8 +152,8 @@ def jwk_thumbprint(public_key: PublicKey) -> str:
     """RFC 7638 thumbprint (SHA-256, base64url): a stable key id that needs no registry."""
     jwk = to_jwk(public_key)
     required = ("crv", "kty", "x", "y") if jwk["kty"] == "EC" else ("crv", "kty", "x")
-    canonical = json.dumps({k: jwk[k] for k in required}, separators=(",", ":"), sort_keys=True)
-    return b64url_encode(hashlib.sha256(canonical.encode()).digest())
+    canonical = canonical_json({k: jwk[k] for k in required}, ascii_only=True)
+    return b64url_encode(hashlib.sha256(canonical).digest())
 
 
 def to_did_key(public_key: PublicKey) -> str:

@@ -46,15 +46,16 @@ OBJECT_TYPES = ("public", "private", "cert", "secret-key", "data")
 # Attributes that pick the token (as opposed to the object in it).
 TOKEN_ATTRIBUTES = PATH_ATTRIBUTES[:10]
 
-_UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
-_RES_AVAIL = ":[]@!$'()*+,="
-_PATH_SAFE = frozenset(_UNRESERVED + _RES_AVAIL + "&")
-_QUERY_SAFE = frozenset(_UNRESERVED + _RES_AVAIL + "/?|")
+# RFC 7512's character classes, shared with ``soft:`` URIs (janus_hsm.backends.software.uri).
+UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+RES_AVAIL = ":[]@!$'()*+,="
+PATH_SAFE = frozenset(UNRESERVED + RES_AVAIL + "&")
+QUERY_SAFE = frozenset(UNRESERVED + RES_AVAIL + "/?|")
 _PCT = re.compile(r"%[0-9A-Fa-f]{2}")
 _VERSION = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 
-def _decode(raw: str, safe: frozenset[str], where: str) -> bytes:
+def percent_decode(raw: str, safe: frozenset[str], where: str) -> bytes:
     """Percent-decode, refusing characters the RFC says must be encoded."""
     out = bytearray()
     i = 0
@@ -73,7 +74,8 @@ def _decode(raw: str, safe: frozenset[str], where: str) -> bytes:
     return bytes(out)
 
 
-def _encode(value: bytes, safe: frozenset[str], *, encode_all: bool = False) -> str:
+def percent_encode(value: bytes, safe: frozenset[str], *, encode_all: bool = False) -> str:
+    """Percent-encode every byte outside ``safe`` (every byte at all with ``encode_all``)."""
     return "".join(chr(b) if not encode_all and chr(b) in safe else f"%{b:02X}" for b in value)
 
 
@@ -114,19 +116,19 @@ class Pkcs11Uri:
                 raise UriError(f"{name!r} is a query attribute; put it after '?' (at {part!r})")
             if name not in PATH_ATTRIBUTES:
                 raise UriError(f"unknown PKCS#11 URI path attribute {name!r} (at {part!r})")
-            raw = _decode(value, _PATH_SAFE, part)
-            path[name] = raw if name == "id" else _text(raw, part)
+            raw = percent_decode(value, PATH_SAFE, part)
+            path[name] = raw if name == "id" else utf8_text(raw, part)
         for part in query_text.split("&") if query_text else []:
             name, value = _split_attribute(part)
             if name in query:
                 raise UriError(f"attribute {name!r} appears twice (at {part!r})")
             if name in PATH_ATTRIBUTES:
                 raise UriError(f"{name!r} is a path attribute; put it before '?' (at {part!r})")
-            query[name] = _text(_decode(value, _QUERY_SAFE, part), part)
+            query[name] = utf8_text(percent_decode(value, QUERY_SAFE, part), part)
         try:
             return cls(path, query)
         except UriError as exc:
-            raise UriError(f"{exc} in {_redacted(text)!r}") from None
+            raise UriError(f"{exc} in {shortened(text)!r}") from None
 
     def __str__(self) -> str:
         parts = []
@@ -134,12 +136,12 @@ class Pkcs11Uri:
             if name in self.path:
                 value = self.path[name]
                 if name == "id":
-                    parts.append(f"id={_encode(value, _PATH_SAFE, encode_all=True)}")
+                    parts.append(f"id={percent_encode(value, PATH_SAFE, encode_all=True)}")
                 else:
-                    parts.append(f"{name}={_encode(value.encode(), _PATH_SAFE)}")
+                    parts.append(f"{name}={percent_encode(value.encode(), PATH_SAFE)}")
         text = f"{SCHEME}:" + ";".join(parts)
         query = [
-            f"{name}={_encode(self.query[name].encode(), _QUERY_SAFE)}"
+            f"{name}={percent_encode(self.query[name].encode(), QUERY_SAFE)}"
             for name in QUERY_ATTRIBUTES
             if name in self.query
         ]
@@ -212,7 +214,8 @@ def _split_attribute(part: str) -> tuple[str, str]:
     return name, value
 
 
-def _text(raw: bytes, where: str) -> str:
+def utf8_text(raw: bytes, where: str) -> str:
+    """A decoded value as text, or UriError if its bytes are not UTF-8."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -245,5 +248,6 @@ def _validate_query(name: str, value: str) -> None:
         raise UriError(f"module-name={value!r} must be a bare module name; use module-path")
 
 
-def _redacted(text: str) -> str:
+def shortened(text: str) -> str:
+    """A URI cut to 200 characters for an error message."""
     return text if len(text) <= 200 else text[:200] + "…"

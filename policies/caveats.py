@@ -38,6 +38,7 @@ from functools import lru_cache
 from typing import Any, Final, TypeAlias
 from zoneinfo import ZoneInfo, available_timezones
 
+from janus_hsm.strictjson import FLOATS_REFUSED, loads
 from policies.errors import FormatError
 
 __all__ = [
@@ -74,11 +75,6 @@ MAX_RAW_REQUEST_BYTES: Final = 4 * MAX_REQUEST_BYTES
 """Bytes :func:`load_request` reads before parsing (room for pretty-printing)."""
 MAX_SAFE_INTEGER: Final = 2**53 - 1
 """I-JSON (RFC 7493) limit: beyond it, many JSON parsers silently round integers."""
-
-FLOATS_REFUSED: Final = (
-    "floats are not allowed: write money as an integer count of the smallest unit "
-    "(e.g. cents) or as a string"
-)
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _INT_OPS: Final[dict[str, tuple[str, Callable[[int, int], bool]]]] = {
@@ -650,23 +646,6 @@ def check_request(request: object) -> Mapping[str, Any]:
     return result
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise FormatError(f"request: member {_show(key)} appears twice")
-        result[key] = value
-    return result
-
-
-def _no_float(text: str) -> Any:
-    raise FormatError(f"request: {text[:32]}: {FLOATS_REFUSED}")
-
-
-def _no_constant(text: str) -> Any:
-    raise FormatError(f"request: {text} is not JSON")
-
-
 def load_request(data: bytes | str) -> Mapping[str, Any]:
     """Parse a request's JSON text (UTF-8) strictly, then :func:`check_request` it.
 
@@ -675,14 +654,4 @@ def load_request(data: bytes | str) -> Mapping[str, Any]:
     """
     if len(data) > MAX_RAW_REQUEST_BYTES:
         raise FormatError(f"request: more than {MAX_RAW_REQUEST_BYTES} bytes of JSON text")
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        obj = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_float=_no_float,
-            parse_constant=_no_constant,
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FormatError(f"request: not valid JSON ({exc.__class__.__name__})") from None
-    return check_request(obj)
+    return check_request(loads(data, "request", error=FormatError))

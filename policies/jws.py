@@ -11,7 +11,6 @@ verifies with any standard JOSE library, which the tests check.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +30,12 @@ from janus_hsm.public_keys import (
     b64url_encode,
     from_did_key,
 )
+from janus_hsm.strictjson import canonical_json as canonical_json
+from janus_hsm.strictjson import loads_object
 from policies.errors import AlgorithmRefusedError, FormatError, SignatureInvalidError
 
 ALLOWED_ALGS = frozenset({"ES256", "ES384", "EdDSA"})
 MAX_COMPACT = 16 * 1024
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the one byte string a JSON value hashes to."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def sha256_b64(data: bytes | str) -> str:
@@ -48,41 +44,9 @@ def sha256_b64(data: bytes | str) -> str:
     return b64url_encode(hashlib.sha256(data).digest())
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise FormatError(f"duplicate JSON member {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _refuse_constant(name: str) -> Any:
-    raise FormatError(f"JSON constant {name} is not allowed")
-
-
-def _refuse_float(text: str) -> Any:
-    raise FormatError(f"non-integer number {text} is not allowed")
-
-
-# One decoder for all strict parsing: json.loads with hooks builds a new one per call.
-_STRICT_DECODER = json.JSONDecoder(
-    object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant, parse_float=_refuse_float
-)
-
-
 def strict_json(data: bytes, what: str) -> dict[str, Any]:
     """Parse a JSON object from outside: no duplicate members, no NaN, no floats."""
-    try:
-        text = data.decode("utf-8")
-        obj = _STRICT_DECODER.decode(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{what} is not valid UTF-8 JSON: {exc}") from None
-    except RecursionError:
-        raise FormatError(f"{what} is nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{what} must be a JSON object")
-    return obj
+    return loads_object(data, what, error=FormatError)
 
 
 @dataclass(frozen=True)

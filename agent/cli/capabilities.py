@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from typing import Any
 
-from agent.cli.output import CommandError, print_json, read_input, write_output
+from agent.cli.output import (
+    CommandError,
+    common_options,
+    emit,
+    emit_written,
+    read_input,
+    report_invalid,
+)
 from janus_hsm import open_key
 from policies.abilities import Ability
 from policies.capability import Bundle
@@ -89,24 +95,17 @@ def cmd_grant(args: argparse.Namespace) -> int:
                 },
             )
     text = bundle.to_json() + "\n"
-    if args.out:
-        write_output(args.out, text.encode())
-    if args.json:
-        print_json(
-            {
-                "id": leaf.id,
-                "issuer": leaf.issuer,
-                "audience": leaf.audience,
-                "principal": leaf.principal,
-                "expires": leaf.expires,
-                "links": len(bundle.chain),
-                "bundle": json.loads(text),
-                **({"out": args.out} if args.out else {}),
-            }
-        )
-    elif not args.out:
-        print(text, end="")
-    return 0
+    result = {
+        "id": leaf.id,
+        "issuer": leaf.issuer,
+        "audience": leaf.audience,
+        "principal": leaf.principal,
+        "expires": leaf.expires,
+        "links": len(bundle.chain),
+        "bundle": json.loads(text),
+        **({"out": args.out} if args.out else {}),
+    }
+    return emit_written(args.out, text.encode(), result, as_json=args.json)
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
@@ -121,13 +120,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         now=int(time.time()),
         lifetime=args.lifetime,
     )
-    if args.out:
-        write_output(args.out, (compact + "\n").encode())
-    if args.json:
-        print_json({"invocation": compact, **({"out": args.out} if args.out else {})})
-    elif not args.out:
-        print(compact)
-    return 0
+    result = {"invocation": compact, **({"out": args.out} if args.out else {})}
+    return emit_written(args.out, (compact + "\n").encode(), result, as_json=args.json)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -151,14 +145,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 _bundle(args.bundle), now=now, skew=args.skew, root=args.root
             )
     except (VerificationError, FormatError) as exc:
-        result = {
-            "valid": False,
-            "error": {"code": exc.code, "link": getattr(exc, "link", None), "message": str(exc)},
-        }
-        if args.json:
-            print_json(result)
-        print(f"janus: invalid: {exc}", file=sys.stderr)
-        return 1
+        return report_invalid(exc, as_json=args.json, link=getattr(exc, "link", None))
     finally:
         if ledger is not None:
             ledger.close()
@@ -177,11 +164,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         },
         "invocation": bool(args.invocation),
     }
-    if args.json:
-        print_json(result)
-    else:
-        print(f"valid: {len(chain.bundle.chain)} links rooted at {chain.principal}")
-    return 0
+    text = f"valid: {len(chain.bundle.chain)} links rooted at {chain.principal}"
+    return emit(result, text, as_json=args.json)
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
@@ -204,20 +188,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
                 record=compact,
                 data={"issuer": record.issuer, "link": index, "reason": args.reason},
             )
-    if args.out:
-        write_output(args.out, (compact + "\n").encode())
-    if args.json:
-        print_json(
-            {
-                "revoked": target.id,
-                "link": index,
-                "record": compact,
-                **({"newly_revoked": stored} if stored is not None else {}),
-            }
-        )
-    elif not args.out:
-        print(compact)
-    return 0
+    result = {
+        "revoked": target.id,
+        "link": index,
+        "record": compact,
+        **({"newly_revoked": stored} if stored is not None else {}),
+    }
+    return emit_written(args.out, (compact + "\n").encode(), result, as_json=args.json)
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -225,34 +202,16 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         try:
             count = ledger.verify_audit()
         except PolicyError as exc:
-            if args.json:
-                print_json(
-                    {
-                        "valid": False,
-                        "error": {
-                            "code": exc.code,
-                            "entry": getattr(exc, "entry", None),
-                            "message": str(exc),
-                        },
-                    }
-                )
-            print(f"janus: invalid: {exc}", file=sys.stderr)
-            return 1
-    if args.json:
-        print_json({"valid": True, "entries": count})
-    else:
-        print(f"audit log valid: {count} entries")
-    return 0
+            return report_invalid(exc, as_json=args.json, entry=getattr(exc, "entry", None))
+    return emit(
+        {"valid": True, "entries": count}, f"audit log valid: {count} entries", as_json=args.json
+    )
 
 
 def register(commands: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    keyed = argparse.ArgumentParser(add_help=False)
-    keyed.add_argument(
-        "--allow-extractable",
-        action="store_true",
-        help="accept a signing key that is or was extractable",
+    common = common_options()
+    keyed = common_options(
+        json_output=False, allow_extractable="accept a signing key that is or was extractable"
     )
 
     p = commands.add_parser(

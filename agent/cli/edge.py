@@ -12,7 +12,15 @@ from typing import Any
 from platformdirs import user_data_dir
 
 from agent.cli.capabilities import parse_caveat_args
-from agent.cli.output import CommandError, print_json, read_input, write_output
+from agent.cli.output import (
+    CommandError,
+    common_options,
+    emit,
+    print_json,
+    read_input,
+    report_invalid,
+    write_output,
+)
 from policies.abilities import Ability
 from policies.durations import parse_duration
 from policies.jws import strict_json
@@ -28,14 +36,6 @@ def _open(args: argparse.Namespace) -> Any:
     return EdgeAgent.open(_state(args))
 
 
-def _emit(args: argparse.Namespace, obj: Any, text: str) -> int:
-    if args.json:
-        print_json(obj)
-    else:
-        print(text)
-    return 0
-
-
 def cmd_init(args: argparse.Namespace) -> int:
     from agent.edge.agent import EdgeAgent
 
@@ -48,12 +48,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         "state_dir": str(_state(args)),
     }
     verb = "created" if created else "found"
-    return _emit(args, info, f"{verb} edge identity {edge.did}")
+    return emit(info, f"{verb} edge identity {edge.did}", as_json=args.json)
 
 
 def cmd_did(args: argparse.Namespace) -> int:
     edge = _open(args)
-    return _emit(args, edge.did_document(), json.dumps(edge.did_document(), indent=2))
+    document = edge.did_document()
+    return emit(document, json.dumps(document, indent=2), as_json=args.json)
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
@@ -69,13 +70,13 @@ def cmd_grant(args: argparse.Namespace) -> int:
         depth=args.depth,
         satisfied=args.satisfied or (),
     )
-    return _emit(args, result, f"granted {result['grant_id']} to {result['key']}")
+    return emit(result, f"granted {result['grant_id']} to {result['key']}", as_json=args.json)
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     edge = _open(args)
     result = edge.revoke(args.grant, reason=args.reason)
-    return _emit(args, result, f"revoked {result['revoked']}")
+    return emit(result, f"revoked {result['revoked']}", as_json=args.json)
 
 
 def cmd_pickup(args: argparse.Namespace) -> int:
@@ -107,7 +108,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         envelope = wrap_forward(envelope, to=args.to, routing_keys=args.routing_key)
     if args.out:
         write_output(args.out, envelope.encode())
-        return _emit(args, {"id": message.id, "out": args.out}, f"wrote {args.out}")
+        return emit({"id": message.id, "out": args.out}, f"wrote {args.out}", as_json=args.json)
     if not args.endpoint:
         raise CommandError("give --endpoint URL or --out FILE")
     response = httpx.post(
@@ -118,9 +119,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     )
     if response.status_code >= 300:
         raise CommandError(f"{args.endpoint} answered {response.status_code}: {response.text}")
-    return _emit(
-        args, {"id": message.id, "status": response.status_code}, f"delivered {message.id}"
-    )
+    result = {"id": message.id, "status": response.status_code}
+    return emit(result, f"delivered {message.id}", as_json=args.json)
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
@@ -129,7 +129,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     edge = _open(args)
     unpacked = unpack(read_input(args.input), [edge.agreement, edge.root])
     result = {"message": unpacked.message.to_dict(), "metadata": unpacked.metadata.as_dict()}
-    return _emit(args, result, json.dumps(result["message"], indent=2))
+    return emit(result, json.dumps(result["message"], indent=2), as_json=args.json)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -140,10 +140,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         verified = verify_evidence(evidence, root=args.root)
     except (VerificationError, FormatError) as exc:
-        if args.json:
-            print_json({"valid": False, "error": {"code": exc.code, "message": str(exc)}})
-        print(f"janus: invalid: {exc}", file=sys.stderr)
-        return 1
+        return report_invalid(exc, as_json=args.json)
     result = {
         "valid": True,
         "principal": verified.principal,
@@ -154,16 +151,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "used_at": verified.used_at,
         "payload": dict(verified.payload),
     }
-    return _emit(
-        args,
+    return emit(
         result,
         f"valid: {verified.action} signed by {verified.signer}, authorised by {verified.principal}",
+        as_json=args.json,
     )
 
 
 def register(commands: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common = common_options()
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument(
         "--state-dir",

@@ -10,7 +10,15 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from agent.cli.output import CommandError, print_json, read_input, write_output
+from agent.cli.output import (
+    CommandError,
+    common_options,
+    emit,
+    emit_written,
+    print_json,
+    read_input,
+    write_output,
+)
 from janus_hsm import open_provider
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.provider import KeyHandle, SignatureFormat
@@ -176,13 +184,8 @@ def cmd_cert(args: argparse.Namespace) -> int:
 
 
 def _emit_pem(args: argparse.Namespace, pem: bytes, field: str) -> int:
-    if args.out:
-        write_output(args.out, pem)
-    if args.json:
-        print_json({field: pem.decode("ascii"), **({"out": args.out} if args.out else {})})
-    elif not args.out:
-        sys.stdout.write(pem.decode("ascii"))
-    return 0
+    result = {field: pem.decode("ascii"), **({"out": args.out} if args.out else {})}
+    return emit_written(args.out, pem, result, as_json=args.json)
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
@@ -199,14 +202,11 @@ def cmd_attest(args: argparse.Namespace) -> int:
         ],
         "details": attestation.details,
     }
-    if args.json:
-        print_json(result)
-    else:
-        print(
-            f"{handle.uri}: {attestation.format}, generated on device: "
-            f"{'yes' if attestation.generated_on_device else 'no'}"
-        )
-    return 0
+    text = (
+        f"{handle.uri}: {attestation.format}, generated on device: "
+        f"{'yes' if attestation.generated_on_device else 'no'}"
+    )
+    return emit(result, text, as_json=args.json)
 
 
 def _algorithm(name: str) -> Algorithm:
@@ -217,12 +217,8 @@ def _algorithm(name: str) -> Algorithm:
 
 
 def register(commands: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument(
-        "--allow-extractable",
-        action="store_true",
-        help="accept a private key that is or was extractable (not fit for custody)",
+    common = common_options(
+        allow_extractable="accept a private key that is or was extractable (not fit for custody)"
     )
 
     keys = commands.add_parser("keys", help="manage keys in hardware and keystores")

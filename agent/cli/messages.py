@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.cli.output import CommandError, print_json, write_output
+from agent.cli.output import CommandError, common_options, emit, emit_written
 from agent.didcomm import (
     CONTENT_ALGORITHMS,
     MAX_ENVELOPE,
@@ -142,25 +142,18 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 mode = "anoncrypt"
             if signer is not None:
                 mode += "+signed"
-    data = envelope.encode() + b"\n"
+    result: dict[str, Any] = {
+        "mode": mode,
+        "recipients": [r.kid for r in recipients],
+        "envelope": json.loads(envelope),
+    }
+    if sender is not None:
+        result["sender"] = agreement_kid(did_key_of(sender.public_key()))
+    if signer is not None:
+        result["signed_by"] = authentication_kid(signer.did)
     if args.out:
-        write_output(args.out, data)
-    if args.json:
-        result: dict[str, Any] = {
-            "mode": mode,
-            "recipients": [r.kid for r in recipients],
-            "envelope": json.loads(envelope),
-        }
-        if sender is not None:
-            result["sender"] = agreement_kid(did_key_of(sender.public_key()))
-        if signer is not None:
-            result["signed_by"] = authentication_kid(signer.did)
-        if args.out:
-            result["out"] = args.out
-        print_json(result)
-    elif not args.out:
-        sys.stdout.write(data.decode())
-    return 0
+        result["out"] = args.out
+    return emit_written(args.out, envelope.encode() + b"\n", result, as_json=args.json)
 
 
 def _replace(message: Message, **changes: Any) -> Message:
@@ -195,22 +188,17 @@ def cmd_unpack(args: argparse.Namespace) -> int:
             raise ConsistencyError(
                 f"the message is authenticated by {who}, not by {', '.join(sorted(expected))}"
             )
-    if args.json:
-        print_json({"message": unpacked.message.to_dict(), "metadata": metadata.as_dict()})
-    else:
-        sys.stdout.write(
-            json.dumps(unpacked.message.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        )
-    return 0
+    message = unpacked.message.to_dict()
+    return emit(
+        {"message": message, "metadata": metadata.as_dict()},
+        json.dumps(message, indent=2, ensure_ascii=False),
+        as_json=args.json,
+    )
 
 
 def register(commands: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument(
-        "--allow-extractable",
-        action="store_true",
-        help="accept a private key that is or was extractable (software keys need it)",
+    common = common_options(
+        allow_extractable="accept a private key that is or was extractable (software keys need it)"
     )
     msg = commands.add_parser("msg", help="pack and unpack DIDComm v2 messages")
     sub = msg.add_subparsers(dest="msg_command", metavar="ACTION", required=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -16,8 +17,52 @@ class CommandError(Exception):
     code = "bad_request"
 
 
+def common_options(
+    *, json_output: bool = True, allow_extractable: str | None = None
+) -> argparse.ArgumentParser:
+    """A parent parser with ``--json`` and, given its help text, ``--allow-extractable``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    if json_output:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    if allow_extractable is not None:
+        parser.add_argument("--allow-extractable", action="store_true", help=allow_extractable)
+    return parser
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def emit(obj: Any, text: str, *, as_json: bool) -> int:
+    """Print ``obj`` as JSON for ``--json``, else ``text`` for people; exit status 0."""
+    if as_json:
+        print_json(obj)
+    else:
+        print(text)
+    return 0
+
+
+def emit_written(out: str | None, data: bytes, result: Any, *, as_json: bool) -> int:
+    """Write ``data`` to ``--out`` if given; print ``result`` for ``--json``, else ``data``.
+
+    Without ``--json`` nothing is printed when ``data`` went to a file.  Exit status 0.
+    """
+    if out:
+        write_output(out, data)
+    if as_json:
+        print_json(result)
+    elif not out:
+        sys.stdout.write(data.decode())
+    return 0
+
+
+def report_invalid(exc: Exception, *, as_json: bool, **error: Any) -> int:
+    """Say why something did not verify (``error`` adds to the ``--json`` error); status 1."""
+    if as_json:
+        code = getattr(exc, "code", "error")
+        print_json({"valid": False, "error": {"code": code, **error, "message": str(exc)}})
+    print(f"janus: invalid: {exc}", file=sys.stderr)
+    return 1
 
 
 def emit_error(exc: Exception, *, as_json: bool) -> None:

@@ -152,7 +152,12 @@ class CloudAgent:
         return record
 
     def _active(self, grant_id: str) -> tuple[GrantRecord, Bundle, KeyHandle]:
-        record = self._live(grant_id)
+        try:
+            record = self._live(grant_id)
+        except GrantInactiveError:
+            with self._lock:  # destroyed elsewhere: forget the key material here too
+                self._unlocked.pop(grant_id, None)
+            raise
         if record.status != ACTIVE or record.bundle is None:
             raise ConflictError(f"grant {grant_id} has no capability installed yet")
         with self._lock:

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from agent.didcomm.errors import MalformedEnvelopeError
+from janus_hsm import strictjson
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _VALUE = {c: i for i, c in enumerate(_ALPHABET)}
@@ -48,46 +49,13 @@ def b64d(text: object, what: str) -> bytes:
         raise MalformedEnvelopeError(f"{what} is not unpadded base64url") from None
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        keys = [key for key, _ in pairs]
-        duplicate = next(key for key in keys if keys.count(key) > 1)
-        raise MalformedEnvelopeError(f"duplicate JSON member {duplicate!r}")
-    return obj
-
-
-def _refuse_constant(name: str) -> Any:
-    raise MalformedEnvelopeError(f"JSON constant {name} is not allowed")
-
-
-# Made once: json.loads/dumps with non-default options build a new codec on every call.
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+# Made once: json.dumps with non-default options builds a new encoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def loads(data: bytes | str, what: str) -> Any:
-    """Parse JSON strictly (UTF-8, no duplicate members, no NaN/Infinity)."""
-    try:
-        text = data if isinstance(data, str) else data.decode("utf-8")
-        return _DECODER.decode(text)
-    except MalformedEnvelopeError as exc:
-        raise MalformedEnvelopeError(f"{what}: {exc}") from None
-    except UnicodeDecodeError:
-        raise MalformedEnvelopeError(f"{what} is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise MalformedEnvelopeError(f"{what} is not JSON: {exc.msg} at offset {exc.pos}") from None
-    except RecursionError:
-        raise MalformedEnvelopeError(f"{what} is nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer with more digits than Python allows
-        raise MalformedEnvelopeError(f"{what} is not acceptable JSON: {exc}") from None
-
-
 def load_object(data: bytes | str, what: str) -> dict[str, Any]:
-    value = loads(data, what)
-    if not isinstance(value, dict):
-        raise MalformedEnvelopeError(f"{what} must be a JSON object")
-    return value
+    """Parse a JSON object strictly (see :mod:`janus_hsm.strictjson`); floats are allowed."""
+    return strictjson.loads_object(data, what, allow_floats=True, error=MalformedEnvelopeError)
 
 
 def dumps(obj: Any) -> str:

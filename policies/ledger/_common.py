@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from janus_hsm.strictjson import canonical_text
 from policies.errors import FormatError, LimitExceededError, RateLimitedError
 from policies.ledger.base import AuditEntry, LinkLimit
 
@@ -131,12 +132,7 @@ def normalise_data(data: Mapping[str, Any] | None) -> str:
         first = json.dumps(dict(data or {}), separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise FormatError(f"audit data must be plain JSON: {exc}") from exc
-    return canonical_json(json.loads(first))
-
-
-def canonical_json(value: Any) -> str:
-    """The canonical JSON text of a JSON value (audit_hash's serialisation)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_text(json.loads(first))
 
 
 def entry_hash(prefix: str, prev: str, seq: int) -> str:
@@ -196,6 +192,6 @@ def audit_prefix(at: float, kind: str, cap_id: str, data_text: str) -> str:
     if not math.isfinite(at):
         raise FormatError(f"an audit timestamp must be finite, not {at!r}")
     return (
-        f'{{"at":{json.dumps(float(at))},"cap_id":{canonical_json(cap_id)},'
-        f'"data":{data_text},"kind":{canonical_json(kind)},"prev":'
+        f'{{"at":{json.dumps(float(at))},"cap_id":{canonical_text(cap_id)},'
+        f'"data":{data_text},"kind":{canonical_text(kind)},"prev":'
     )

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from janus_hsm.strictjson import canonical_json
 
 GENESIS = "0" * 64
 
@@ -70,8 +71,7 @@ class AuditEntry:
 
 def audit_hash(body: Mapping[str, Any]) -> str:
     """SHA-256 over canonical JSON (sorted keys, no spaces, UTF-8) of the entry body."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
 class Ledger(abc.ABC):

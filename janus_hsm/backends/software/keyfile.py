@@ -26,7 +26,6 @@ import errno
 import fcntl
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from janus_hsm import strictjson
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.errors import KeystoreError, MechanismUnsupportedError
 from janus_hsm.public_keys import (
@@ -317,10 +317,11 @@ def parse_key_file(data: bytes, *, expected_name: str) -> KeyFile:
     """Validate a file's bytes completely, without any secret; KeystoreError otherwise."""
     where = f"key file {expected_name}{SUFFIX}"
     try:
-        text = data.decode("ascii")
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+        doc = strictjson.loads(data.decode("ascii"), where, allow_floats=True)
+    except UnicodeDecodeError as exc:
         raise KeystoreError(f"{where} is not a valid key file (not JSON: {exc})") from None
+    except strictjson.StrictJSONError as exc:
+        raise KeystoreError(f"{where} is not a valid key file (not JSON: {exc.problem})") from None
     if not isinstance(doc, dict):
         raise KeystoreError(f"{where} is not a valid key file (not a JSON object)")
     if doc.get("format") != FORMAT:
@@ -425,27 +426,12 @@ def _public_from_jwk(jwk: Any, where: str) -> PublicKey:
     return public
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate member {key!r}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 # --- primitives ---------------------------------------------------------------------
 
 
 def canonical_json(value: Any) -> bytes:
     """RFC 8785 form for the values this format holds (ASCII strings, small integers)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode(
-        "ascii"
-    )
+    return strictjson.canonical_json(value, ascii_only=True)
 
 
 def b64e(data: bytes) -> str:

@@ -23,6 +23,14 @@ from pathlib import Path
 
 from janus_hsm.errors import UriError
 from janus_hsm.pin import pin_source_path
+from janus_hsm.uri import (
+    PATH_SAFE,
+    QUERY_SAFE,
+    percent_decode,
+    percent_encode,
+    shortened,
+    utf8_text,
+)
 
 SCHEME = "soft"
 PATH_ATTRIBUTES = ("dir", "object")
@@ -32,12 +40,8 @@ MAX_URI = 4096
 #: Object names: they become ``<name>.jkey`` inside the keystore directory.
 OBJECT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
-_UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
-_RES_AVAIL = ":[]@!$'()*+,="
 # Unlike RFC 7512's path, '/' is allowed literally so a directory reads as a directory.
-_PATH_SAFE = frozenset(_UNRESERVED + _RES_AVAIL + "&/")
-_QUERY_SAFE = frozenset(_UNRESERVED + _RES_AVAIL + "/?|")
-_PCT = re.compile(r"%[0-9A-Fa-f]{2}")
+_PATH_SAFE = PATH_SAFE | {"/"}
 
 
 def default_directory() -> Path:
@@ -82,35 +86,12 @@ class SoftwareUri:
             raise UriError(f"not a software keystore URI (must start with 'soft:'): {text[:40]!r}")
         path_text, _, query_text = rest.partition("?")
         values: dict[str, str] = {}
-        for part in path_text.split(";") if path_text else []:
-            name, value = _split_attribute(part)
-            if name in values:
-                raise UriError(f"attribute {name!r} appears twice (at {part!r})")
-            if name in QUERY_ATTRIBUTES:
-                raise UriError(f"{name!r} is a query attribute; put it after '?' (at {part!r})")
-            if name not in PATH_ATTRIBUTES:
-                raise UriError(
-                    f"unknown soft: URI path attribute {name!r} (at {part!r}); "
-                    f"expected {', '.join(PATH_ATTRIBUTES)}"
-                )
-            values[name] = _decode(value, _PATH_SAFE, part)
-        for part in query_text.split("&") if query_text else []:
-            name, value = _split_attribute(part)
-            if name in values:
-                raise UriError(f"attribute {name!r} appears twice (at {part!r})")
-            if name in PATH_ATTRIBUTES:
-                raise UriError(f"{name!r} is a path attribute; put it before '?' (at {part!r})")
-            if name not in QUERY_ATTRIBUTES:
-                raise UriError(
-                    f"unknown soft: URI query attribute {name!r} (at {part!r}); "
-                    f"expected {', '.join(QUERY_ATTRIBUTES)}"
-                )
-            values[name] = _decode(value, _QUERY_SAFE, part)
+        _read_attributes(path_text, values, query=False)
+        _read_attributes(query_text, values, query=True)
         try:
             return cls(values.get("dir"), values.get("object"), values.get("pin-source"))
         except UriError as exc:
-            shown = text if len(text) <= 200 else text[:200] + "…"
-            raise UriError(f"{exc} in {shown!r}") from None
+            raise UriError(f"{exc} in {shortened(text)!r}") from None
 
     def __str__(self) -> str:
         parts = []
@@ -120,7 +101,7 @@ class SoftwareUri:
             parts.append(f"object={_encode(self.object, _PATH_SAFE)}")
         text = f"{SCHEME}:" + ";".join(parts)
         if self.pin_source is not None:
-            text += f"?pin-source={_encode(self.pin_source, _QUERY_SAFE)}"
+            text += f"?pin-source={_encode(self.pin_source, QUERY_SAFE)}"
         return text
 
     @property
@@ -133,6 +114,32 @@ class SoftwareUri:
 
     def without_query(self) -> SoftwareUri:
         return replace(self, pin_source=None)
+
+
+def _read_attributes(text: str, values: dict[str, str], *, query: bool) -> None:
+    """Decode the path (``;``-separated) or query (``&``) attributes into ``values``."""
+    names: tuple[str, ...]
+    others: tuple[str, ...]
+    if query:
+        separator, kind, safe = "&", "query", QUERY_SAFE
+        names, others = QUERY_ATTRIBUTES, PATH_ATTRIBUTES
+        misplaced = "a path attribute; put it before '?'"
+    else:
+        separator, kind, safe = ";", "path", _PATH_SAFE
+        names, others = PATH_ATTRIBUTES, QUERY_ATTRIBUTES
+        misplaced = "a query attribute; put it after '?'"
+    for part in text.split(separator) if text else []:
+        name, value = _split_attribute(part)
+        if name in values:
+            raise UriError(f"attribute {name!r} appears twice (at {part!r})")
+        if name in others:
+            raise UriError(f"{name!r} is {misplaced} (at {part!r})")
+        if name not in names:
+            raise UriError(
+                f"unknown soft: URI {kind} attribute {name!r} (at {part!r}); "
+                f"expected {', '.join(names)}"
+            )
+        values[name] = utf8_text(percent_decode(value, safe, part), part)
 
 
 def _split_attribute(part: str) -> tuple[str, str]:
@@ -149,30 +156,8 @@ def _split_attribute(part: str) -> tuple[str, str]:
     return name, value
 
 
-def _decode(raw: str, safe: frozenset[str], where: str) -> str:
-    """Percent-decode as UTF-8, refusing characters that must have been encoded."""
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        ch = raw[i]
-        if ch == "%":
-            if not _PCT.fullmatch(raw[i : i + 3]):
-                raise UriError(f"bad percent-encoding at {raw[i : i + 3]!r} in {where!r}")
-            out.append(int(raw[i + 1 : i + 3], 16))
-            i += 3
-            continue
-        if ch not in safe:
-            raise UriError(f"character {ch!r} must be percent-encoded in {where!r}")
-        out.append(ord(ch))
-        i += 1
-    try:
-        return out.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UriError(f"value is not UTF-8 text at {where!r}") from None
-
-
 def _encode(value: str, safe: frozenset[str]) -> str:
-    return "".join(chr(b) if chr(b) in safe else f"%{b:02X}" for b in value.encode("utf-8"))
+    return percent_encode(value.encode("utf-8"), safe)
 
 
 def _validate_text(name: str, value: object) -> None:
