@@ -38,8 +38,11 @@ def _open(args: argparse.Namespace) -> Any:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from agent.edge.agent import EdgeAgent
+    from janus_hsm.algorithms import Algorithm
 
-    edge, created = EdgeAgent.init(_state(args), args.token)
+    edge, created = EdgeAgent.init(
+        _state(args), args.token, root_algorithm=Algorithm.parse(args.root_alg), name=args.name
+    )
     info = {
         "did": edge.did,
         "created": created,
@@ -127,7 +130,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     from agent.didcomm import unpack
 
     edge = _open(args)
-    unpacked = unpack(read_input(args.input), [edge.agreement, edge.root])
+    unpacked = unpack(read_input(args.input), edge.agreement_keys())
     result = {"message": unpacked.message.to_dict(), "metadata": unpacked.metadata.as_dict()}
     return emit(result, json.dumps(result["message"], indent=2), as_json=args.json)
 

@@ -21,7 +21,7 @@ import httpx
 
 from agent.cloud.service import KEYREQ_TYP, PICKUP_TYP, sign_request
 from agent.edge.identity import did_document
-from agent.errors import AgentError, BadRequestError, DeliveryError, NotFoundError
+from agent.errors import AgentError, BadRequestError, ConflictError, DeliveryError, NotFoundError
 from janus_hsm import open_key, open_provider
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.errors import KeyNotFoundError
@@ -32,8 +32,6 @@ from policies.issue import grant
 from policies.policy import IssuancePolicy
 from policies.revocation import sign_revocation
 
-ROOT_LABEL = "edge-root"
-AGREEMENT_LABEL = "edge-agreement"
 HTTP_TIMEOUT = 30.0
 
 DEFAULT_POLICY = """\
@@ -131,31 +129,52 @@ class EdgeAgent:
         self.policy = IssuancePolicy.load(config.policy_file)
 
     @classmethod
-    def init(cls, state_dir: Path, token_uri: str) -> tuple[EdgeAgent, bool]:
-        """Create (or reuse) the root identity on the token; idempotent."""
+    def init(
+        cls,
+        state_dir: Path,
+        token_uri: str,
+        *,
+        root_algorithm: Algorithm = Algorithm.ES256,
+        name: str = "edge",
+    ) -> tuple[EdgeAgent, bool]:
+        """Create (or reuse) the root identity on the token; idempotent.
+
+        The root signs (ES256 or EdDSA); key agreement uses a separate X25519 key on the
+        same device (a P-256 root can also agree keys itself).  Keys are labelled
+        ``<name>-root`` and ``<name>-agreement``; an existing root is reused whatever its
+        algorithm, and a mismatch with ``root_algorithm`` is an error, not a silent swap.
+        """
+        if root_algorithm not in (Algorithm.ES256, Algorithm.EdDSA):
+            raise BadRequestError("the root key must be ES256 (P-256) or EdDSA (Ed25519)")
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (state_dir / "grants").mkdir(exist_ok=True, mode=0o700)
         provider = open_provider(token_uri)
         created = False
         handles = {}
-        for label, alg in ((ROOT_LABEL, Algorithm.ES256), (AGREEMENT_LABEL, Algorithm.X25519)):
+        root_label, agreement_label = f"{name}-root", f"{name}-agreement"
+        for label, alg in ((root_label, root_algorithm), (agreement_label, Algorithm.X25519)):
             uri = _with_object(token_uri, label)
             try:
                 handles[label] = provider.find(uri)
             except KeyNotFoundError:
                 handles[label] = provider.generate(uri, alg)
                 created = True
+            if handles[label].algorithm is not alg:
+                raise ConflictError(
+                    f"{label} on the token is {handles[label].algorithm.value}, not "
+                    f"{alg.value}; pick another --name or the existing algorithm"
+                )
         policy_file = state_dir / "policy.toml"
         if not policy_file.exists():
             _write_atomic(policy_file, DEFAULT_POLICY, mode=0o644)
         config = EdgeConfig(
             state_dir,
-            _with_object(token_uri, ROOT_LABEL),
-            _with_object(token_uri, AGREEMENT_LABEL),
+            _with_object(token_uri, root_label),
+            _with_object(token_uri, agreement_label),
             policy_file,
         )
         config.save()
-        return cls(config, handles[ROOT_LABEL], handles[AGREEMENT_LABEL]), created
+        return cls(config, handles[root_label], handles[agreement_label]), created
 
     @classmethod
     def open(cls, state_dir: Path) -> EdgeAgent:
@@ -165,6 +184,10 @@ class EdgeAgent:
     @property
     def did(self) -> str:
         return self.root.did
+
+    def agreement_keys(self) -> list[KeyHandle]:
+        """The token keys that can decrypt (ECDH): the X25519 key, and a P-256 root."""
+        return [k for k in (self.agreement, self.root) if k.algorithm.can_exchange]
 
     def did_document(self) -> dict[str, Any]:
         return did_document(self.root, self.agreement)
@@ -267,7 +290,7 @@ class EdgeAgent:
         opened = []
         for item in held["messages"]:
             try:
-                unpacked = unpack(item["envelope"], [self.agreement, self.root])
+                unpacked = unpack(item["envelope"], self.agreement_keys())
             except DIDCommError as exc:
                 # Left on the cloud agent (not acknowledged), reported, and not allowed
                 # to block the messages behind it.

@@ -220,3 +220,39 @@ def test_external_invocations_forged_replayed_and_over_limit(
     assert second.status_code == 200
     over, _ = call(worker, {"amount": 30, "currency": "EUR"})
     assert over.status_code == 429 and over.json()["error"]["code"] == "uses_exhausted"
+
+
+def test_ed25519_rooted_identity_grants_and_receives(
+    softhsm_token: SoftHSMToken, cloud: CloudProcess, tmp_path: Path
+) -> None:
+    """An EdDSA root signs; its X25519 key on the same token receives messages."""
+    from janus_hsm.algorithms import Algorithm
+
+    ed_edge, _ = EdgeAgent.init(
+        tmp_path / "ed-edge", softhsm_token.uri(), root_algorithm=Algorithm.EdDSA, name="ed"
+    )
+    assert ed_edge.root.algorithm is Algorithm.EdDSA
+    assert ed_edge.did_document()["keyAgreement"][0].startswith(ed_edge.agreement.did)
+    # This cloud agent accepts only the module's ES256 owner: its own owner check refuses.
+    with pytest.raises(Exception, match="owner"):
+        ed_edge.grant(cloud.url, [MAILBOX], ttl_seconds=60, uses=1)
+    own = CloudProcess(tmp_path / "ed-cloud", owner=ed_edge.did)
+    try:
+        ed_edge.grant(own.url, [MAILBOX], ttl_seconds=600, uses=10)
+        routing_key = httpx.get(f"{own.url}/v1/did").json()["routing_key"]
+        to = ed_edge.agreement.did
+        message = Message(
+            id=str(uuid.uuid4()),
+            type="https://janus.dev/messages/1.0/note",
+            body={"text": "to an Ed25519 principal"},
+            to=(to,),
+        )
+        envelope = wrap_forward(pack_anoncrypt(message, [to]), to=to, routing_keys=[routing_key])
+        assert httpx.post(f"{own.url}/v1/didcomm", content=envelope.encode()).status_code == 202
+        picked = ed_edge.pickup(own.url)
+        assert all("error" not in m for m in picked), picked
+        assert [m["message"]["body"]["text"] for m in picked] == ["to an Ed25519 principal"]
+    finally:
+        own.stop()
+    with pytest.raises(Exception, match="not ES256"):
+        EdgeAgent.init(tmp_path / "other", softhsm_token.uri(), name="ed")
