@@ -43,6 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             else IssuancePolicy.permissive()
         ),
     )
+    if args.api_token_file:
+        config.api_token = read_pin_file(Path(args.api_token_file))
     agent = CloudAgent(config)
     print(f"janus cloud agent {agent.did} on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(
@@ -82,6 +84,11 @@ def register(commands: Any) -> None:
         "--delegation-policy",
         metavar="FILE",
         help="issuance policy for cap/delegate (default: permissive)",
+    )
+    p.add_argument(
+        "--api-token-file",
+        metavar="FILE",
+        help="require 'Authorization: Bearer <token>' on grant actions",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8700)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agent.cloud.service import CloudAgent
-from agent.errors import AgentError, BadRequestError
+from agent.errors import AgentError, BadRequestError, UnauthorizedError
 from janus_hsm.errors import JanusHSMError
 from policies.errors import (
     FormatError,
@@ -87,6 +88,15 @@ class Metrics:
         self.refusals = Counter(
             "janus_cloud_refusals", "refused requests", ["code"], registry=self.registry
         )
+
+
+def _check_bearer(request: Request, token: str | None) -> None:
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+        raise UnauthorizedError("this agent requires 'Authorization: Bearer <api token>'")
 
 
 async def _body(request: Request) -> bytes:
@@ -180,6 +190,7 @@ def build_app(agent: CloudAgent) -> Starlette:
         }
 
     async def act(request: Request) -> dict[str, Any]:
+        _check_bearer(request, agent.config.api_token)
         body = await _json(request)
         resource, payload = body.get("resource"), body.get("request", {})
         if not isinstance(resource, str) or not isinstance(payload, dict):

@@ -27,6 +27,7 @@ class CloudProcess:
         owner: str | None,
         ledger: str | None = None,
         port: int | None = None,
+        api_token_file: Path | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.port = port or free_port()
@@ -54,6 +55,8 @@ class CloudProcess:
             args += ["--owner", owner]
         if ledger:
             args += ["--ledger", ledger]
+        if api_token_file:
+            args += ["--api-token-file", str(api_token_file)]
         self.log_path = state_dir / f"server-{self.port}.log"
         self.log = self.log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if k != "JANUS_PIN"}

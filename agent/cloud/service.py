@@ -58,6 +58,9 @@ class CloudConfig:
     owner: str | None = None  # only grants rooted at this did:key are accepted
     key_algorithm: Algorithm = Algorithm.EdDSA
     delegation_policy: IssuancePolicy = field(default_factory=IssuancePolicy.permissive)
+    # When set, /v1/grants/{id}/actions/… requires "Authorization: Bearer <token>": the
+    # capability limits what the agent may do, the token limits who may ask it to.
+    api_token: str | None = None
 
     @property
     def database_url(self) -> str:

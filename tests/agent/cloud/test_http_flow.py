@@ -256,3 +256,24 @@ def test_ed25519_rooted_identity_grants_and_receives(
         own.stop()
     with pytest.raises(Exception, match="not ES256"):
         EdgeAgent.init(tmp_path / "other", softhsm_token.uri(), name="ed")
+
+
+def test_api_token_guards_grant_actions(edge: EdgeAgent, tmp_path: Path) -> None:
+    token_file = tmp_path / "api-token"
+    token_file.write_text("s3cret-api-token\n")
+    token_file.chmod(0o600)
+    guarded = CloudProcess(tmp_path / "guarded", owner=edge.did, api_token_file=token_file)
+    try:
+        granted = edge.grant(guarded.url, [PAYMENTS], ttl_seconds=600, uses=5)
+        url = f"{guarded.url}/v1/grants/{granted['grant_id']}/actions/sign/payment"
+        body = {"resource": "janus:payments/eur", "request": {"amount": 1, "currency": "EUR"}}
+        assert httpx.post(url, json=body).status_code == 401
+        wrong = httpx.post(url, json=body, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
+        ok = httpx.post(url, json=body, headers={"authorization": "Bearer s3cret-api-token"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{guarded.url}/v1/grants/{granted['grant_id']}").json()["status"] == (
+            "active"
+        )
+    finally:
+        guarded.stop()
