@@ -35,6 +35,7 @@ def authorize(
     now: float,
     skew: int = DEFAULT_SKEW,
     root: str | None = None,
+    audience: str | None = None,
 ) -> Grant:
     """Verify ``invocation`` under ``bundle`` for ``request`` and record one use.
 
@@ -42,7 +43,9 @@ def authorize(
     LimitExceededError / RateLimitedError / RevokedError from the ledger (nothing
     recorded either: the ledger's transaction is all or nothing).
     """
-    authorization = verifier.verify(bundle, invocation, request, now=now, skew=skew, root=root)
+    authorization = verifier.verify(
+        bundle, invocation, request, now=now, skew=skew, root=root, audience=audience
+    )
     inv = authorization.invocation
     receipt = ledger.spend(
         authorization.chain.link_limits(),

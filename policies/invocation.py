@@ -23,6 +23,7 @@ from policies.jws import ParsedJws, canonical_json, parse_compact, sha256_b64, s
 INVOCATION_TYP = "janus-inv+jws"
 MAX_LIFETIME = 300
 _CLAIMS = {"iss", "cap", "can", "with", "dig", "nonce", "iat", "exp"}
+_OPTIONAL = {"aud"}
 
 
 def request_digest(request: Mapping[str, Any]) -> str:
@@ -41,6 +42,7 @@ class Invocation:
     nonce: str
     issued_at: int
     expires: int
+    audience: str | None = None  # the verifier it is meant for, when the invoker named one
 
     @property
     def compact(self) -> str:
@@ -50,8 +52,13 @@ class Invocation:
     def parse(cls, compact: str) -> Invocation:
         jws = parse_compact(compact.strip(), typ=INVOCATION_TYP, what="invocation")
         claims = jws.payload
-        if set(claims) != _CLAIMS:
-            raise FormatError(f"invocation claims must be exactly {', '.join(sorted(_CLAIMS))}")
+        if not _CLAIMS <= set(claims) <= _CLAIMS | _OPTIONAL:
+            raise FormatError(
+                f"invocation claims must be {', '.join(sorted(_CLAIMS))} (and optionally aud)"
+            )
+        audience = claims.get("aud")
+        if audience is not None and (not isinstance(audience, str) or not 0 < len(audience) <= 512):
+            raise FormatError("invocation 'aud' must be a non-empty string")
         for name in ("iss", "cap", "can", "with", "dig", "nonce"):
             if not isinstance(claims[name], str) or not 0 < len(claims[name]) <= 512:
                 raise FormatError(f"invocation '{name}' must be a non-empty string")
@@ -73,6 +80,7 @@ class Invocation:
             nonce=claims["nonce"],
             issued_at=claims["iat"],
             expires=claims["exp"],
+            audience=audience,
         )
 
     def check_request(self, request: Mapping[str, Any]) -> None:
@@ -89,8 +97,14 @@ def invoke(
     request: Mapping[str, Any],
     now: int,
     lifetime: int = 60,
+    audience: str | None = None,
 ) -> str:
-    """Sign an invocation with the capability's audience key."""
+    """Sign an invocation with the capability's audience key.
+
+    ``audience`` names the verifier (e.g. a cloud agent's DID); a verifier that checks
+    it refuses invocations meant for someone else, so one cannot be replayed across
+    verifiers that share no ledger.
+    """
     if not 0 < lifetime <= MAX_LIFETIME:
         raise FormatError(f"invocation lifetime must be 1 to {MAX_LIFETIME} seconds")
     payload = {
@@ -103,4 +117,6 @@ def invoke(
         "iat": now,
         "exp": now + lifetime,
     }
+    if audience is not None:
+        payload["aud"] = audience
     return sign_compact(holder, {"typ": INVOCATION_TYP}, payload)

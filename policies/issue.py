@@ -10,17 +10,26 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import b64url_encode
 from policies.abilities import Ability
+from policies.approvals import (
+    EVIDENCE_KEY,
+    Approval,
+    ApproverSet,
+    approval_challenge,
+    approvals_evidence,
+    verify_approvals,
+)
 from policies.capability import CAPABILITY_TYP, Bundle, Capability, Limits, capability_claims
 from policies.caveats import parse_caveats
 from policies.errors import FormatError, LinkageError, PolicyViolationError
 from policies.jws import public_key_for, sign_compact
 from policies.ledger.base import Rate
-from policies.policy import GrantRequest, IssuancePolicy, PolicyDecision
+from policies.policy import APPROVAL, GrantRequest, IssuancePolicy, PolicyDecision
 from policies.verify import Verifier, _check_attenuation
 
 # Backends whose keys can only be used after a PIN/passphrase unlock.
@@ -42,12 +51,147 @@ def grant(
     holder_attested: bool = False,
     evidence: dict[str, Any] | None = None,
     now: int | None = None,
+    jti: str | None = None,
+    approvals: Sequence[Approval] = (),
+    approvers: ApproverSet | None = None,
+    approval_origin: str | None = None,
+    approval_rp_id: str | None = None,
+    approval_require_uv: bool = False,
 ) -> Bundle:
     """Issue a capability to ``audience``; with ``proof``, redelegate from that bundle.
 
     ``satisfied`` names the policy requirements the caller has already fulfilled
     (e.g. "touch", "approval"); "pin" is fulfilled by the issuer key's own unlock.
+    Naming "approval" there is the caller's own assertion that it collected and
+    verified the approvals; nothing is checked or recorded.
+
+    ``approvals`` are FIDO2 assertions over the claims this call signs (get those
+    claims first with :func:`prepare_grant`, and pass its ``jti`` and ``now`` here).
+    They are verified against ``approvers`` for ``approval_origin`` / ``approval_rp_id``
+    (UV too with ``approval_require_uv``) before the key signs, at least
+    ``decision.approvals`` distinct approvers must be valid, and they are put in the
+    capability's evidence as ``evd.approvals`` for later verifiers
+    (:func:`policies.approvals.verify_capability_approvals`).
     """
+    draft = _prepare(
+        issuer,
+        audience=audience,
+        abilities=abilities,
+        ttl_seconds=ttl_seconds,
+        uses=uses,
+        depth=depth,
+        rate=rate,
+        proof=proof,
+        policy=policy,
+        holder_attested=holder_attested,
+        now=now,
+        jti=jti,
+        satisfied=set(satisfied) | ({APPROVAL} if approvals else set()),
+    )
+    claims = draft.claims
+    if approvals:
+        if approvers is None or approval_origin is None or approval_rp_id is None:
+            raise FormatError(
+                "verifying approvals needs approvers, approval_origin and approval_rp_id"
+            )
+        if evidence and EVIDENCE_KEY in evidence:
+            raise FormatError(f"evidence already has an {EVIDENCE_KEY!r} member")
+        # Verified against the unsigned claims: a refusal here signs nothing.
+        verify_approvals(
+            approvals,
+            approvers,
+            claims,
+            required=max(draft.decision.approvals, 1),
+            require_uv=approval_require_uv,
+            origin=approval_origin,
+            rp_id=approval_rp_id,
+        )
+        evidence = {**(evidence or {}), EVIDENCE_KEY: approvals_evidence(approvals)}
+    if evidence:
+        claims = {**claims, "evd": evidence}
+    compact = sign_compact(issuer, {"typ": CAPABILITY_TYP}, claims)
+    chain = (proof.chain if proof is not None else ()) + (
+        Capability.parse(compact, index=len(proof.chain) if proof else 0),
+    )
+    bundle = Bundle(chain)
+    Verifier().verify_chain(bundle, now=draft.now)  # a grant that would not verify is a bug
+    return bundle
+
+
+@dataclass(frozen=True)
+class GrantDraft:
+    """The claims :func:`grant` would sign (without evidence), and the policy decision.
+
+    ``challenge`` is what approvers sign (:func:`policies.approvals.approval_challenge`).
+    """
+
+    claims: dict[str, Any]
+    decision: PolicyDecision
+    now: int
+
+    @property
+    def jti(self) -> str:
+        jti: str = self.claims["jti"]
+        return jti
+
+    @property
+    def challenge(self) -> bytes:
+        return approval_challenge(self.claims)
+
+
+def prepare_grant(
+    issuer: KeyHandle,
+    *,
+    audience: str,
+    abilities: Sequence[Ability],
+    ttl_seconds: int,
+    uses: int | None,
+    depth: int = 0,
+    rate: Rate | None = None,
+    proof: Bundle | None = None,
+    policy: IssuancePolicy | None = None,
+    holder_attested: bool = False,
+    now: int | None = None,
+    jti: str | None = None,
+) -> GrantDraft:
+    """Check a grant request against the policy (and its parent) and build its claims,
+    without signing: the approvers sign :attr:`GrantDraft.challenge`, then :func:`grant`
+    with the same arguments, ``now=draft.now`` and ``jti=draft.jti`` signs the same
+    claims.  Requirements are not checked here (they are collected after this)."""
+    return _prepare(
+        issuer,
+        audience=audience,
+        abilities=abilities,
+        ttl_seconds=ttl_seconds,
+        uses=uses,
+        depth=depth,
+        rate=rate,
+        proof=proof,
+        policy=policy,
+        holder_attested=holder_attested,
+        now=now,
+        jti=jti,
+        satisfied=None,
+    )
+
+
+def _prepare(
+    issuer: KeyHandle,
+    *,
+    audience: str,
+    abilities: Sequence[Ability],
+    ttl_seconds: int,
+    uses: int | None,
+    depth: int,
+    rate: Rate | None,
+    proof: Bundle | None,
+    policy: IssuancePolicy | None,
+    holder_attested: bool,
+    now: int | None,
+    jti: str | None,
+    satisfied: Collection[str] | None,
+) -> GrantDraft:
+    """prepare_grant, and with ``satisfied`` the requirements check of grant."""
     now = int(time.time()) if now is None else now
     public_key_for(audience, "audience")
     if not abilities:
@@ -71,7 +215,8 @@ def grant(
             holder_attested=holder_attested,
         )
     )
-    _check_requirements(decision, issuer, satisfied)
+    if satisfied is not None:
+        _check_requirements(decision, issuer, satisfied)
 
     if proof is not None:
         parent_chain = Verifier().verify_chain(proof, now=now)
@@ -89,26 +234,19 @@ def grant(
         issuer=issuer.did,
         audience=audience,
         principal=principal,
-        jti=b64url_encode(os.urandom(16)),
+        jti=b64url_encode(os.urandom(16)) if jti is None else jti,
         issued_at=now,
         not_before=now,
         expires=now + ttl_seconds,
         abilities=abilities,
         limits=Limits(uses=uses, rate=rate, depth=depth),
         proofs=proofs,
-        evidence=evidence,
     )
     if proof is not None:
         # Check the unsigned child against its parent before the key signs anything.
         draft = _draft(claims, issuer)
         _check_attenuation(proof.leaf, draft, len(proof.chain))
-    compact = sign_compact(issuer, {"typ": CAPABILITY_TYP}, claims)
-    chain = (proof.chain if proof is not None else ()) + (
-        Capability.parse(compact, index=len(proof.chain) if proof else 0),
-    )
-    bundle = Bundle(chain)
-    Verifier().verify_chain(bundle, now=now)  # a grant that would not verify is a bug
-    return bundle
+    return GrantDraft(claims, decision, now)
 
 
 def _check_requirements(

@@ -152,10 +152,21 @@ class Verifier:
         now: float,
         skew: int = DEFAULT_SKEW,
         root: str | None = None,
+        audience: str | None = None,
     ) -> Authorization:
+        """Verify the chain and one invocation of it for ``request``.
+
+        With ``audience`` (this verifier's identifier), the invocation must name it in
+        ``aud``: one meant for another verifier is refused.
+        """
         chain = self.verify_chain(bundle, now=now, skew=skew, root=root)
         if not isinstance(invocation, Invocation):
             invocation = Invocation.parse(invocation)
+        if audience is not None and invocation.audience != audience:
+            raise WrongHolderError(
+                f"the invocation is addressed to {invocation.audience or 'no verifier'}, "
+                f"not to {audience}"
+            )
         leaf = chain.leaf
         if invocation.holder != leaf.audience:
             raise WrongHolderError(

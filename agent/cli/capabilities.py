@@ -119,6 +119,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         request=_request(args.request),
         now=int(time.time()),
         lifetime=args.lifetime,
+        audience=args.audience,
     )
     result = {"invocation": compact, **({"out": args.out} if args.out else {})}
     return emit_written(args.out, (compact + "\n").encode(), result, as_json=args.json)
@@ -260,6 +261,11 @@ def register(commands: Any) -> None:
     p.add_argument("--with", dest="resource", required=True, metavar="RESOURCE")
     p.add_argument("--request", metavar="FILE", help="the request (JSON object); default {}")
     p.add_argument("--lifetime", type=int, default=60, metavar="SECONDS")
+    p.add_argument(
+        "--audience",
+        metavar="DID",
+        help="the verifier the invocation is for (e.g. a cloud agent's DID)",
+    )
     p.add_argument("--out", metavar="FILE")
     p.set_defaults(handler=cmd_invoke)
 

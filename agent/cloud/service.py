@@ -200,6 +200,7 @@ class CloudAgent:
             resource=resource,
             request=request,
             now=int(now),
+            audience=self.did,
         )
         try:
             return self._perform(record, bundle, handle, invocation, request, now=now)
@@ -237,8 +238,17 @@ class CloudAgent:
         *,
         now: float,
     ) -> ActionResult:
+        # Invocations must name this agent: one made for another verifier (which keeps
+        # its own nonces) cannot be replayed here.
         used = authorize(
-            self.verifier, self.ledger, bundle, invocation, request, now=now, root=self.config.owner
+            self.verifier,
+            self.ledger,
+            bundle,
+            invocation,
+            request,
+            now=now,
+            root=self.config.owner,
+            audience=self.did,
         )
         inv = used.authorization.invocation
         action = inv.action

@@ -189,6 +189,7 @@ def test_external_invocations_forged_replayed_and_over_limit(
         },
     ).json()["bundle"]
     leaf = Bundle.parse(json.dumps(delegated)).leaf
+    agent_did = httpx.get(f"{cloud.url}/v1/did").json()["did"]
 
     def call(signer: Any, request: dict[str, Any], invocation: str | None = None) -> Any:
         inv = invocation or invoke(
@@ -198,6 +199,7 @@ def test_external_invocations_forged_replayed_and_over_limit(
             resource="janus:payments/eur",
             request=request,
             now=int(time.time()),
+            audience=agent_did,
         )
         return httpx.post(
             f"{cloud.url}/v1/invoke",
@@ -218,6 +220,17 @@ def test_external_invocations_forged_replayed_and_over_limit(
     assert tampered.status_code in (400, 403)
     second, _ = call(worker, {"amount": 20, "currency": "EUR"})
     assert second.status_code == 200
+    elsewhere = invoke(
+        worker,
+        capability_id=leaf.id,
+        action="sign/payment",
+        resource="janus:payments/eur",
+        request={"amount": 5, "currency": "EUR"},
+        now=int(time.time()),
+        audience="did:key:z6MkOtherVerifier",
+    )
+    misaddressed, _ = call(worker, {"amount": 5, "currency": "EUR"}, elsewhere)
+    assert misaddressed.status_code == 403
     over, _ = call(worker, {"amount": 30, "currency": "EUR"})
     assert over.status_code == 429 and over.json()["error"]["code"] == "uses_exhausted"
 

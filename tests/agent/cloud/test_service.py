@@ -200,6 +200,7 @@ def test_delegate_then_external_holder_invokes(
         resource="janus:payments/eur",
         request=request,
         now=int(time.time()),
+        audience=cloud.did,
     )
     result = cloud.invoke_external(json.dumps(delegated), inv, request)
     verified = verify_evidence(result.result["evidence"], root=owner.did)
