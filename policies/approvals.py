@@ -431,7 +431,7 @@ def _describe(exc: Exception) -> str:
             err.USER_ACTION_TIMEOUT: "timed out waiting for a touch",
             err.NO_CREDENTIALS: "the key does not hold the registered credential",
             err.PIN_BLOCKED: "the PIN is blocked",
-            err.PIN_REQUIRED: "a PIN is required",
+            err.PUAT_REQUIRED: "a PIN is required",
         }
         return known.get(exc.code, str(exc))
     return str(exc)
