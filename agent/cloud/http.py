@@ -131,6 +131,8 @@ def build_app(agent: CloudAgent) -> Starlette:
             except (AgentError, PolicyError, JanusHSMError) as exc:
                 metrics.refusals.labels(getattr(exc, "code", "error")).inc()
                 response = error_response(exc)
+                if response.status_code >= 500:
+                    log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
             except Exception:
                 log.exception("internal error in %s", name)
                 response = JSONResponse(

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,7 @@ class CloudAgent:
         self.verifier = Verifier(revocations=self.ledger)
         self._seen_requests: dict[str, float] = {}
         self._unlocked: dict[str, tuple[Bundle, KeyHandle]] = {}
+        self._users: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -192,20 +193,18 @@ class CloudAgent:
     ) -> ActionResult:
         """Use a grant on the agent's own initiative: sign an invocation with its key."""
         now = time.time() if now is None else now
-        record, bundle, handle = self._active(grant_id)
-        invocation = invoke(
-            handle,
-            capability_id=bundle.leaf.id,
-            action=action,
-            resource=resource,
-            request=request,
-            now=int(now),
-            audience=self.did,
-        )
-        try:
+        with self._in_flight(grant_id):
+            record, bundle, handle = self._active(grant_id)
+            invocation = invoke(
+                handle,
+                capability_id=bundle.leaf.id,
+                action=action,
+                resource=resource,
+                request=request,
+                now=int(now),
+                audience=self.did,
+            )
             return self._perform(record, bundle, handle, invocation, request, now=now)
-        finally:
-            self._retire_if_spent(record, bundle, now=now)
 
     def invoke_external(
         self,
@@ -222,11 +221,9 @@ class CloudAgent:
         anchor = next((active[c.audience] for c in bundle.chain if c.audience in active), None)
         if anchor is None:
             raise NotFoundError("the chain passes through none of this agent's active grants")
-        record, anchor_bundle, handle = self._active(anchor.grant_id)
-        try:
+        with self._in_flight(anchor.grant_id):
+            record, _, handle = self._active(anchor.grant_id)
             return self._perform(record, bundle, handle, invocation, request, now=now)
-        finally:
-            self._retire_if_spent(record, anchor_bundle, now=now)
 
     def _perform(
         self,
@@ -389,7 +386,38 @@ class CloudAgent:
                 destroyed.append(g.grant_id)
         return destroyed
 
-    def _retire_if_spent(self, record: GrantRecord, bundle: Bundle, *, now: float) -> None:
+    @contextlib.contextmanager
+    def _in_flight(self, grant_id: str) -> Iterator[None]:
+        """Count requests using a grant; the last one out retires a spent grant.
+
+        Destroying the key while another request of this process is between its
+        counted use and its signature would lose that paid-for action, so retirement
+        waits for the grant's requests here to finish (the periodic sweep is the
+        backstop).
+        """
+        with self._lock:
+            self._users[grant_id] = self._users.get(grant_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users[grant_id] -= 1
+                last = self._users[grant_id] == 0
+                if last:
+                    del self._users[grant_id]
+            if last:
+                self._retire_if_spent(grant_id, now=time.time())
+
+    def _retire_if_spent(self, grant_id: str, *, now: float) -> None:
+        with self._lock:
+            cached = self._unlocked.get(grant_id)
+        try:
+            record = self.store.grant(grant_id)
+        except NotFoundError:
+            return
+        if record.status != ACTIVE or record.bundle is None:
+            return
+        bundle = cached[0] if cached is not None else Bundle.parse(record.bundle)
         reason = self._spent_reason(record, bundle, now=now)
         if reason is not None:
             self._destroy(record, reason)

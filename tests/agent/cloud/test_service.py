@@ -289,3 +289,28 @@ def test_openapi_describes_every_route(cloud: CloudAgent) -> None:
     app = build_app(cloud)
     routes = {r.path.replace("{action:path}", "{action}") for r in app.routes}  # type: ignore[attr-defined]
     assert routes == set(OPENAPI["paths"])
+
+
+def test_concurrent_actions_never_lose_a_paid_use(cloud: CloudAgent, owner: KeyHandle) -> None:
+    """Racing requests: exactly the limit succeeds, the rest are refused, none crash."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.errors import AgentError
+    from policies.errors import PolicyError
+
+    grant_id, bundle = new_grant(cloud, owner, uses=5)
+    outcomes: list[str] = []
+
+    def attempt(n: int) -> None:
+        try:
+            pay(cloud, grant_id, n + 1)
+            outcomes.append("ok")
+        except (AgentError, PolicyError) as exc:
+            outcomes.append(type(exc).__name__)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(attempt, range(24)))
+    assert outcomes.count("ok") == 5, outcomes
+    assert set(outcomes) - {"ok"} <= {"LimitExceededError", "GrantInactiveError"}, outcomes
+    assert cloud.ledger.uses(bundle.leaf.id) == 5
+    assert cloud.store.grant(grant_id).status == "destroyed"
