@@ -182,6 +182,15 @@ def register(commands: Any) -> None:
         metavar="TOKEN_URI",
         help="e.g. pkcs11:token=janus?pin-source=file:/path",
     )
+    p.add_argument(
+        "--root-alg",
+        default="ES256",
+        choices=["ES256", "EdDSA"],
+        help="the root (signing) key's algorithm (default ES256)",
+    )
+    p.add_argument(
+        "--name", default="edge", help="label prefix of the keys on the token (default: edge)"
+    )
     p.set_defaults(handler=cmd_init)
 
     p = sub.add_parser("did", parents=[common, state], help="print the DID document")
