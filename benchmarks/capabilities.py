@@ -53,7 +53,6 @@ import json
 import os
 import platform
 import pstats
-import statistics
 import sys
 import tempfile
 import time
@@ -69,8 +68,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import base58  # noqa: E402
+import harness  # noqa: E402
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: E402
+from harness import median, positive_float, positive_int, progress  # noqa: E402
 
 from janus_hsm.algorithms import Algorithm  # noqa: E402
 from janus_hsm.backends.software import SoftwareProvider  # noqa: E402
@@ -149,25 +150,11 @@ allow if right($resource, $operation), resource($resource), operation($operation
 Operation = Callable[[], object]
 
 
-# --------------------------------------------------------------------------- timing
-
-
 def ops_per_second(operation: Operation, seconds: float, batch: int = BATCH) -> float:
-    """Call ``operation`` for about ``seconds`` of wall time; return calls per second."""
-    count = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(batch):
-            operation()
-        count += batch
-        now = time.perf_counter()
-        if now >= deadline:
-            return count / (now - start)
+    return harness.ops_per_second(operation, seconds, batch)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+# --------------------------------------------------------------------------- timing
 
 
 @dataclass(frozen=True)
@@ -634,10 +621,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def fmt_rate(value: float) -> str:
     return f"{value:,.0f}"
 
@@ -700,20 +683,6 @@ def render(result: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

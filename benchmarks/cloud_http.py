@@ -50,7 +50,6 @@ import os
 import platform
 import shutil
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import median, positive_int, progress
 
 # Benchmark the checkout this file lives in, not whatever janus_hsm is installed.
 ROOT = Path(__file__).resolve().parent.parent
@@ -808,10 +808,6 @@ def summarise_profile(text: str, seconds: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------- output
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def summarise(bare: list[LoadResult], janus: list[LoadResult]) -> dict[str, Any]:
     ratios = [j.rps / b.rps for b, j in zip(bare, janus, strict=True)]
     p99_ratios = [j.p99_ms / b.p99_ms for b, j in zip(bare, janus, strict=True)]
@@ -892,10 +888,6 @@ def environment(generator: LoadGenerator) -> dict[str, Any]:
         "generator_version": generator.version,
         "loadavg_start": list(os.getloadavg()),
     }
-
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def describe_changes(env: dict[str, Any]) -> str:
@@ -990,13 +982,6 @@ def render(result: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- main
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

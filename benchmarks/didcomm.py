@@ -40,7 +40,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import harness  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, x25519  # noqa: E402
+from harness import median, positive_float, positive_int, progress  # noqa: E402
 
 from agent.didcomm import (  # noqa: E402
     A256CBC_HS512,
@@ -94,6 +95,10 @@ CASES = (
 )
 
 Operation = Callable[[], object]
+
+
+def ops_per_second(operation: Operation, seconds: float) -> float:
+    return harness.ops_per_second(operation, seconds, BATCH)
 
 
 # --------------------------------------------------------------------- didcomm-python
@@ -284,23 +289,6 @@ class DidcommPython:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def ops_per_second(operation: Operation, seconds: float) -> float:
-    count = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(BATCH):
-            operation()
-        count += BATCH
-        now = time.perf_counter()
-        if now >= deadline:
-            return count / (now - start)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 @dataclass
@@ -556,25 +544,7 @@ def fmt_range(row: dict[str, Any]) -> str:
     return f"[{row['ratio_min']:.2f}-{row['ratio_max']:.2f}]"
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- main
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -49,7 +49,6 @@ import os
 import platform
 import re
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from harness import median, ops_per_second, positive_float, positive_int, progress  # noqa: E402
 
 from policies.ledger import Ledger, LinkLimit, open_ledger  # noqa: E402
 
@@ -95,23 +96,6 @@ def new_nonce() -> str:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def ops_per_second(operation: Operation, seconds: float) -> float:
-    """Call ``operation`` for about ``seconds`` of wall time; return calls per second."""
-    count = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        operation()
-        count += 1
-        now = time.perf_counter()
-        if now >= deadline:
-            return count / (now - start)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 # ---------------------------------------------------------------- the three sides
@@ -487,10 +471,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def render(result: dict[str, Any]) -> str:
     env, params = result["environment"], result["parameters"]
     lines = [
@@ -555,20 +535,6 @@ def render(result: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------- main
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def client_counts(text: str) -> tuple[int, ...]:

@@ -42,7 +42,6 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # Importing these does not load the PKCS#11 module; SOFTHSM2_CONF is set before that.
+import harness  # noqa: E402
 import pkcs11  # noqa: E402
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519  # noqa: E402
@@ -68,6 +68,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (  # noqa: E402
     encode_dss_signature,
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
+from harness import median, positive_float, positive_int, progress  # noqa: E402
 from pkcs11 import KDF, Attribute, KeyType, Mechanism, ObjectClass  # noqa: E402
 from pkcs11._pkcs11 import DeriveMixin  # type: ignore[attr-defined]  # noqa: E402
 
@@ -95,25 +96,11 @@ ECDH_TEMPLATE = {
 Operation = Callable[[], object]
 
 
-# --------------------------------------------------------------------------- timing
-
-
 def ops_per_second(operation: Operation, seconds: float) -> float:
-    """Call ``operation`` for about ``seconds`` of wall time; return calls per second."""
-    count = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        for _ in range(BATCH):
-            operation()
-        count += BATCH
-        now = time.perf_counter()
-        if now >= deadline:
-            return count / (now - start)
+    return harness.ops_per_second(operation, seconds, BATCH)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+# --------------------------------------------------------------------------- timing
 
 
 @dataclass
@@ -528,10 +515,6 @@ def environment(token: SoftHSMToken) -> dict[str, Any]:
     }
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 @contextlib.contextmanager
 def bench_token() -> Iterator[SoftHSMToken]:
     with tempfile.TemporaryDirectory(prefix="janus-bench-") as tmp:
@@ -619,20 +602,6 @@ def render(result: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- main
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
