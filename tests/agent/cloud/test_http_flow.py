@@ -142,7 +142,6 @@ def test_health_metrics_and_openapi(cloud: CloudProcess) -> None:
     metrics = httpx.get(f"{cloud.url}/metrics").text
     assert "janus_cloud_requests_total" in metrics
     spec: dict[str, Any] = httpx.get(f"{cloud.url}/openapi.json").json()
-    from agent.cloud.http import build_app  # noqa: F401 - routes listed below
 
     paths = set(spec["paths"])
     assert {
