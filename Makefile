@@ -7,9 +7,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STATE  := .state
-EXTRAS := dev,postgres,server,fido2
+EXTRAS := dev,postgres,server,fido2,piv
 
-SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates postgresql
+# pcscd + vsmartcard-vpcd: the virtual PIV card and the FIDO2 authenticator appear as
+# real cards in PC/SC; gcc, python3-dev, swig, libpcsclite-dev build pyscard;
+# ykcs11 and yubico-piv-tool cross-check the virtual card as independent clients.
+SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates postgresql \
+	pcscd vsmartcard-vpcd libpcsclite-dev gcc python3-dev swig ykcs11 yubico-piv-tool
 
 .PHONY: setup system venv demo test lint bench clean
 
