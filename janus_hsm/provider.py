@@ -118,7 +118,12 @@ class KeyHandle(abc.ABC):
 
     @property
     def did(self) -> str:
-        return to_did_key(self.public_key())
+        # A handle's public key never changes, and encoding it (base58) costs more than
+        # an Ed25519 signature: services that name their key on every request cache it.
+        cached: str | None = self.__dict__.get("_did")
+        if cached is None:
+            cached = self.__dict__["_did"] = to_did_key(self.public_key())
+        return cached
 
     def sign(self, data: bytes, *, format: SignatureFormat = SignatureFormat.RAW) -> bytes:
         """Sign ``data`` as JOSE does: ECDSA over SHA-256/384 of it, Ed25519 over the bytes."""

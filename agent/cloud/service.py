@@ -33,11 +33,12 @@ from policies.abilities import Ability
 from policies.authorize import authorize
 from policies.capability import Bundle
 from policies.durations import parse_duration
-from policies.errors import FormatError, VerificationError
+from policies.errors import FormatError, PolicyError, RevokedError, VerificationError
 from policies.invocation import invoke
 from policies.issue import grant
 from policies.jws import canonical_json, parse_compact, public_key_for, verify_signature
 from policies.ledger import open_ledger
+from policies.ledger.base import SpendReceipt
 from policies.policy import IssuancePolicy
 from policies.revocation import Revocation
 from policies.verify import Verifier
@@ -74,6 +75,29 @@ class ActionResult:
     result: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class _Unlocked:
+    """What an active grant needs per request, read and decrypted once."""
+
+    record: GrantRecord
+    bundle: Bundle
+    handle: KeyHandle
+    bundle_json: Any  # the bundle as evidence carries it (read-only, shared)
+
+
+@dataclass
+class _Users:
+    """Requests of this process on one grant, and whether one of them may have spent it."""
+
+    count: int = 0
+    check: bool = False
+
+
+@dataclass
+class _Flight:
+    settled: bool = False  # the request's own receipt showed uses left on every link
+
+
 class CloudAgent:
     """Thread-safe; one per process (several processes may share a PostgreSQL store)."""
 
@@ -90,10 +114,13 @@ class CloudAgent:
         self.identity = self._own_key("agent-identity", Algorithm.EdDSA)
         # Senders encrypt forward messages to this key (Ed25519 keys cannot do ECDH).
         self.routing_key = self._own_key("agent-routing", Algorithm.X25519)
-        self.verifier = Verifier(revocations=self.ledger)
+        # No revocation source here: a use is only ever counted by the ledger's spend,
+        # which refuses a revoked link in the same transaction, so a second read of the
+        # revocations before it would only cost time (install checks them itself).
+        self.verifier = Verifier()
         self._seen_requests: dict[str, float] = {}
-        self._unlocked: dict[str, tuple[Bundle, KeyHandle]] = {}
-        self._users: dict[str, int] = {}
+        self._unlocked: dict[str, _Unlocked] = {}
+        self._users: dict[str, _Users] = {}
         self._lock = threading.Lock()
 
     @property
@@ -135,6 +162,11 @@ class CloudAgent:
                 f"the bundle is granted to {chain.leaf.audience}, not to this grant's key "
                 f"{record.did}"
             )
+        revoked = self.ledger.revoked(list(chain.ids))
+        if revoked is not None:
+            raise RevokedError(
+                f"capability {revoked} is revoked", link=list(chain.ids).index(revoked)
+            )
         self.store.activate(grant_id, bundle.to_json(), chain.leaf.id, chain.leaf.expires)
         self.ledger.record_grant(
             chain.leaf.id,
@@ -155,30 +187,47 @@ class CloudAgent:
             )
         return record
 
-    def _active(self, grant_id: str) -> tuple[GrantRecord, Bundle, KeyHandle]:
+    def _active(self, grant_id: str) -> _Unlocked:
+        """The grant's key and capability, from this process's cache once unlocked.
+
+        A cached grant is not read back from the store on every request: whatever
+        ends a grant (expiry, use-up, revocation, here or in another instance) also
+        makes the verifier or the ledger refuse the use, and a refused use re-reads
+        the store (_refused). The periodic sweep forgets keys destroyed elsewhere.
+        """
+        with self._lock:
+            cached = self._unlocked.get(grant_id)
+        if cached is not None:
+            return cached
         try:
             record = self._live(grant_id)
         except GrantInactiveError:
-            with self._lock:  # destroyed elsewhere: forget the key material here too
-                self._unlocked.pop(grant_id, None)
+            self._forget(grant_id)
             raise
         if record.status != ACTIVE or record.bundle is None:
             raise ConflictError(f"grant {grant_id} has no capability installed yet")
+        try:
+            found: KeyHandle = self.keys.find(record.key_uri)
+        except KeyNotFoundError:  # another instance destroyed it a moment ago
+            raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
+        # Unlocking costs a scrypt derivation (~0.2 s by design); do it once per grant,
+        # not per request.
+        bundle = Bundle.parse(record.bundle)
+        unlocked = _Unlocked(record, bundle, found, json.loads(bundle.to_json()))
         with self._lock:
-            cached = self._unlocked.get(grant_id)
-        if cached is None:
-            try:
-                found: KeyHandle = self.keys.find(record.key_uri)
-            except KeyNotFoundError:  # another instance destroyed it a moment ago
-                raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
-            # Unlocking costs a scrypt derivation (~0.2 s by design); do it once per
-            # grant, not per request. The store's status, read above on every request,
-            # still decides whether the grant may be used.
-            cached = (Bundle.parse(record.bundle), found)
-            with self._lock:
-                self._unlocked[grant_id] = cached
-        bundle, handle = cached
-        return record, bundle, handle
+            return self._unlocked.setdefault(grant_id, unlocked)
+
+    def _forget(self, grant_id: str) -> None:
+        with self._lock:
+            self._unlocked.pop(grant_id, None)
+
+    def _refused(self, grant_id: str) -> None:
+        """After a refusal: if the grant was ended meanwhile, say that instead."""
+        try:
+            self._live(grant_id)
+        except GrantInactiveError:
+            self._forget(grant_id)
+            raise
 
     # --- actions ------------------------------------------------------------------
 
@@ -193,18 +242,18 @@ class CloudAgent:
     ) -> ActionResult:
         """Use a grant on the agent's own initiative: sign an invocation with its key."""
         now = time.time() if now is None else now
-        with self._in_flight(grant_id):
-            record, bundle, handle = self._active(grant_id)
+        with self._in_flight(grant_id) as flight:
+            grant_ = self._active(grant_id)
             invocation = invoke(
-                handle,
-                capability_id=bundle.leaf.id,
+                grant_.handle,
+                capability_id=grant_.bundle.leaf.id,
                 action=action,
                 resource=resource,
                 request=request,
                 now=int(now),
                 audience=self.did,
             )
-            return self._perform(record, bundle, handle, invocation, request, now=now)
+            return self._perform(grant_, grant_.bundle, invocation, request, flight, now=now)
 
     def invoke_external(
         self,
@@ -221,36 +270,45 @@ class CloudAgent:
         anchor = next((active[c.audience] for c in bundle.chain if c.audience in active), None)
         if anchor is None:
             raise NotFoundError("the chain passes through none of this agent's active grants")
-        with self._in_flight(anchor.grant_id):
-            record, _, handle = self._active(anchor.grant_id)
-            return self._perform(record, bundle, handle, invocation, request, now=now)
+        with self._in_flight(anchor.grant_id) as flight:
+            grant_ = self._active(anchor.grant_id)
+            return self._perform(grant_, bundle, invocation, request, flight, now=now)
 
     def _perform(
         self,
-        record: GrantRecord,
+        grant_: _Unlocked,
         bundle: Bundle,
-        handle: KeyHandle,
         invocation: str,
         request: Mapping[str, Any],
+        flight: _Flight,
         *,
         now: float,
     ) -> ActionResult:
+        record, handle = grant_.record, grant_.handle
         # Invocations must name this agent: one made for another verifier (which keeps
         # its own nonces) cannot be replayed here.
-        used = authorize(
-            self.verifier,
-            self.ledger,
-            bundle,
-            invocation,
-            request,
-            now=now,
-            root=self.config.owner,
-            audience=self.did,
-        )
+        try:
+            used = authorize(
+                self.verifier,
+                self.ledger,
+                bundle,
+                invocation,
+                request,
+                now=now,
+                root=self.config.owner,
+                audience=self.did,
+            )
+        except PolicyError:
+            self._refused(record.grant_id)
+            raise
+        flight.settled = not self._exhausted(grant_, used.receipt, now=now)
         inv = used.authorization.invocation
         action = inv.action
         if action.startswith("sign/"):
-            result = self._sign(handle, bundle, inv.compact, used.authorization.request)
+            bundle_json = grant_.bundle_json if bundle is grant_.bundle else None
+            result = self._sign(
+                handle, bundle, bundle_json, inv.compact, used.authorization.request
+            )
         elif action == "msg/receive":
             result = self._hold(used.authorization.chain.principal, used.authorization.request)
         elif action == "msg/send":
@@ -262,8 +320,25 @@ class CloudAgent:
         result["uses"] = used.receipt.uses
         return ActionResult(action, record.grant_id, result)
 
+    @staticmethod
+    def _exhausted(grant_: _Unlocked, receipt: SpendReceipt, *, now: float) -> bool:
+        """Whether this use may have been the grant's last (then it is checked at once)."""
+        expires = grant_.record.expires_at
+        if expires is not None and now >= expires:
+            return True
+        for cap in grant_.bundle.chain:
+            limit = cap.limits.uses
+            if limit is not None and receipt.uses.get(cap.id, limit) >= limit:
+                return True
+        return False
+
     def _sign(
-        self, handle: KeyHandle, bundle: Bundle, invocation: str, payload: Mapping[str, Any]
+        self,
+        handle: KeyHandle,
+        bundle: Bundle,
+        bundle_json: Any,
+        invocation: str,
+        payload: Mapping[str, Any],
     ) -> dict[str, Any]:
         signature = handle.sign(canonical_json(dict(payload)))
         return {
@@ -274,7 +349,7 @@ class CloudAgent:
                 "alg": handle.algorithm.value,
                 "signature": b64url_encode(signature),
                 "invocation": invocation,
-                "bundle": json.loads(bundle.to_json()),
+                "bundle": bundle_json if bundle_json is not None else json.loads(bundle.to_json()),
             }
         }
 
@@ -376,6 +451,8 @@ class CloudAgent:
         self.ledger.prune_nonces(now)  # expired invocations can no longer be replayed
         destroyed = []
         for g in self.store.grants():
+            if g.status != ACTIVE:  # perhaps destroyed by another instance: drop our copy
+                self._forget(g.grant_id)
             reason = None
             if g.status == PENDING and now - g.created_at > PENDING_TTL:
                 reason = "never received a capability"
@@ -387,25 +464,29 @@ class CloudAgent:
         return destroyed
 
     @contextlib.contextmanager
-    def _in_flight(self, grant_id: str) -> Iterator[None]:
+    def _in_flight(self, grant_id: str) -> Iterator[_Flight]:
         """Count requests using a grant; the last one out retires a spent grant.
 
         Destroying the key while another request of this process is between its
         counted use and its signature would lose that paid-for action, so retirement
         waits for the grant's requests here to finish (the periodic sweep is the
-        backstop).
+        backstop). A request whose receipt showed uses left everywhere cannot have
+        spent the grant, so only the others make the last one out look.
         """
+        flight = _Flight()
         with self._lock:
-            self._users[grant_id] = self._users.get(grant_id, 0) + 1
+            users = self._users.setdefault(grant_id, _Users())
+            users.count += 1
         try:
-            yield
+            yield flight
         finally:
             with self._lock:
-                self._users[grant_id] -= 1
-                last = self._users[grant_id] == 0
+                users.check = users.check or not flight.settled
+                users.count -= 1
+                last = users.count == 0
                 if last:
                     del self._users[grant_id]
-            if last:
+            if last and users.check:
                 self._retire_if_spent(grant_id, now=time.time())
 
     def _retire_if_spent(self, grant_id: str, *, now: float) -> None:
@@ -416,8 +497,10 @@ class CloudAgent:
         except NotFoundError:
             return
         if record.status != ACTIVE or record.bundle is None:
+            if record.status != ACTIVE:
+                self._forget(grant_id)
             return
-        bundle = cached[0] if cached is not None else Bundle.parse(record.bundle)
+        bundle = cached.bundle if cached is not None else Bundle.parse(record.bundle)
         reason = self._spent_reason(record, bundle, now=now)
         if reason is not None:
             self._destroy(record, reason)

@@ -22,6 +22,7 @@ from policies.capability import Bundle
 from policies.errors import (
     CaveatFailedError,
     FormatError,
+    RevokedError,
     VerificationError,
 )
 from policies.invocation import invoke
@@ -138,6 +139,61 @@ def test_revocation_destroys_the_key_at_once(cloud: CloudAgent, owner: KeyHandle
     assert result["destroyed"] == [grant_id]
     with pytest.raises(GrantInactiveError, match="revoked"):
         pay(cloud, grant_id, 1)
+
+
+def test_a_grant_ended_by_another_instance_is_reported_inactive(
+    cloud: CloudAgent, owner: KeyHandle, tmp_path: Path
+) -> None:
+    # A second process on the same state (SQLite ledger and keystore): the first one
+    # keeps the grant's key unlocked between requests, so it must learn of the end
+    # from the ledger's refusal, say "inactive", and forget the key.
+    grant_id, bundle = new_grant(cloud, owner)
+    pay(cloud, grant_id, 1)
+    other = CloudAgent(
+        CloudConfig(
+            state_dir=tmp_path / "cloud", passphrase_source=lambda: "cloud pass", owner=owner.did
+        )
+    )
+    try:
+        record = sign_revocation(owner, revoked_id=bundle.leaf.id, now=int(time.time()))
+        assert other.revoke(record)["destroyed"] == [grant_id]
+    finally:
+        other.close()
+    with pytest.raises(GrantInactiveError, match="revoked"):
+        pay(cloud, grant_id, 1)
+    assert grant_id not in cloud._unlocked
+    assert cloud.ledger.uses(bundle.leaf.id) == 1
+
+
+def test_sweep_forgets_keys_destroyed_elsewhere(
+    cloud: CloudAgent, owner: KeyHandle, tmp_path: Path
+) -> None:
+    grant_id, bundle = new_grant(cloud, owner)
+    pay(cloud, grant_id, 1)
+    assert grant_id in cloud._unlocked
+    other = CloudAgent(
+        CloudConfig(
+            state_dir=tmp_path / "cloud", passphrase_source=lambda: "cloud pass", owner=owner.did
+        )
+    )
+    try:
+        other.revoke(sign_revocation(owner, revoked_id=bundle.leaf.id, now=int(time.time())))
+    finally:
+        other.close()
+    cloud.sweep()
+    assert grant_id not in cloud._unlocked
+
+
+def test_a_revoked_capability_cannot_be_installed(cloud: CloudAgent, owner: KeyHandle) -> None:
+    now = int(time.time())
+    record = cloud.create_grant(sign_request(owner, typ=KEYREQ_TYP, audience=cloud.did, now=now))
+    bundle = grant(
+        owner, audience=record.did, abilities=[PAYMENTS], ttl_seconds=600, uses=5, now=now
+    )
+    cloud.ledger.revoke(bundle.leaf.id, record="test", data={"by": "test"})
+    with pytest.raises(RevokedError):
+        cloud.install(record.grant_id, bundle.to_json())
+    assert cloud.store.grant(record.grant_id).status == "pending"
 
 
 def test_only_the_owner_may_request_keys(cloud: CloudAgent, tmp_path: Path) -> None:
