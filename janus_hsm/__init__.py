@@ -1,10 +1,13 @@
 """janus_hsm: key custody. Private keys stay in hardware; this package reaches them.
 
 Start with :func:`open_provider` (a token or keystore) or :func:`open_key` (one key),
-both of which take a key URI: ``pkcs11:`` (RFC 7512) or ``soft:`` (software keystore).
+both of which take a key URI: ``pkcs11:`` (RFC 7512), ``piv:`` (a PIV card slot, e.g. a
+YubiKey's) or ``soft:`` (software keystore).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.errors import JanusHSMError, UriError
@@ -30,7 +33,7 @@ __all__ = [
     "uri_scheme",
 ]
 
-SCHEMES = ("pkcs11", "soft")
+SCHEMES = ("pkcs11", "piv", "soft")
 
 
 def uri_scheme(uri: str) -> str:
@@ -45,14 +48,28 @@ def uri_scheme(uri: str) -> str:
 
 
 def open_provider(
-    uri: str, *, pin_source: PinSource | None = None, allow_extractable: bool = False
+    uri: str,
+    *,
+    pin_source: PinSource | None = None,
+    allow_extractable: bool = False,
+    on_touch: Callable[[str], None] | None = None,
 ) -> KeyProvider:
-    """The key store a URI points into (object attributes in the URI are ignored)."""
+    """The key store a URI points into (object attributes in the URI are ignored).
+
+    ``on_touch`` is called with a sentence before an operation that waits for a touch
+    (PIV slots with a touch policy); other backends ignore it.
+    """
     scheme = uri_scheme(uri)
     if scheme == "pkcs11":
         from janus_hsm.backends.pkcs11 import Pkcs11Provider
 
         return Pkcs11Provider.open(uri, pin_source=pin_source, allow_extractable=allow_extractable)
+    if scheme == "piv":
+        from janus_hsm.backends.piv import PivProvider
+
+        return PivProvider.open(
+            uri, pin_source=pin_source, allow_extractable=allow_extractable, on_touch=on_touch
+        )
     from janus_hsm.backends.software import SoftwareProvider
 
     return SoftwareProvider.open(
@@ -61,8 +78,14 @@ def open_provider(
 
 
 def open_key(
-    uri: str, *, pin_source: PinSource | None = None, allow_extractable: bool = False
+    uri: str,
+    *,
+    pin_source: PinSource | None = None,
+    allow_extractable: bool = False,
+    on_touch: Callable[[str], None] | None = None,
 ) -> KeyHandle:
     """The one key a URI names, checked fit for custody unless ``allow_extractable``."""
-    provider = open_provider(uri, pin_source=pin_source, allow_extractable=allow_extractable)
+    provider = open_provider(
+        uri, pin_source=pin_source, allow_extractable=allow_extractable, on_touch=on_touch
+    )
     return provider.find(uri)

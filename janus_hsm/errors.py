@@ -127,3 +127,39 @@ class BackendError(JanusHSMError):
     """The device reported a failure Janus has no more specific name for."""
 
     code = "backend_error"
+
+
+class UserPresenceTimeoutError(JanusHSMError):
+    """The device wanted a touch (user presence) and none came before it gave up."""
+
+    code = "presence_timeout"
+
+
+class ManagementKeyError(JanusHSMError):
+    """A PIV card's management key is missing, malformed or was rejected by the card."""
+
+    code = "management_key"
+
+
+class AttestationError(JanusHSMError):
+    """An attestation does not prove what it claims: bad chain, wrong key, bad data."""
+
+    code = "attestation_invalid"
+
+
+class AttestationUntrustedError(AttestationError):
+    """The attestation chain is well formed but ends at no trusted root."""
+
+    code = "attestation_untrusted"
+
+
+class AttestationExpiredError(AttestationError):
+    """A certificate in the attestation chain is outside its validity period."""
+
+    code = "attestation_expired"
+
+
+class AttestationKeyMismatchError(AttestationError):
+    """The attested public key is not the key it was presented for."""
+
+    code = "attestation_key_mismatch"

@@ -1,0 +1,176 @@
+"""One PIV card: its yubikit session, its lock, its PIN state, its touch prompts.
+
+Every APDU exchange with a card goes through :meth:`PivCard.run`, which holds the
+card's lock (a card does one thing at a time, and a PIN verified by one thread is the
+card's state, not the thread's), turns yubikit / PC/SC exceptions into typed Janus
+errors, and, when the card was opened by discovery, reconnects once if the connection
+dropped (a pcscd restart, a USB reset).  A card that is really gone gives
+:class:`TokenLostError` at once; nothing waits for it to come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from yubikit.core import InvalidPinError
+from yubikit.core.smartcard import SW, ApduError, SmartCardConnection
+from yubikit.piv import PIN_POLICY, TOUCH_POLICY, PivSession
+
+from janus_hsm.errors import JanusHSMError, PinIncorrectError
+from janus_hsm.pin import PinSource
+
+from .errors import CONNECTION_LOST, pin_locked, presence_timeout, translate
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: Called with a human sentence before an operation that waits for a touch.
+TouchCallback = Callable[[str], None]
+
+_NEEDS_TOUCH = (TOUCH_POLICY.ALWAYS, TOUCH_POLICY.CACHED)
+
+
+def log_touch(message: str) -> None:
+    log.warning("%s", message)
+
+
+class PivCard:
+    """The process's session with one card. Thread-safe: one lock per card."""
+
+    def __init__(
+        self,
+        *,
+        description: str,
+        pin_source: PinSource,
+        connection: SmartCardConnection | None = None,
+        connect: Callable[[], SmartCardConnection] | None = None,
+        on_touch: TouchCallback | None = None,
+    ) -> None:
+        if connection is None and connect is None:
+            raise ValueError("a PivCard needs a connection or a way to connect")
+        self.description = description
+        self.lock = threading.RLock()
+        self.pin_source = pin_source
+        self.on_touch: TouchCallback = on_touch or log_touch
+        self._connect = connect
+        self._connection = connection
+        self._session: PivSession | None = None
+        self._pin_verified = False
+
+    # --- session ------------------------------------------------------------------
+
+    def session(self) -> PivSession:
+        """The open yubikit session (opened on first use). Call with the lock held."""
+        if self._session is None:
+            if self._connection is None:
+                assert self._connect is not None
+                self._connection = self._connect()
+            self._session = PivSession(self._connection)
+            self._pin_verified = False
+        return self._session
+
+    def run(self, what: str, operation: Callable[[PivSession], T], *, retry: bool = True) -> T:
+        """``operation(session)`` under the card lock, with errors translated.
+
+        With ``retry`` (for operations that are safe to repeat), a dropped connection is
+        reopened once when the card was found by discovery.
+        """
+        with self.lock:
+            try:
+                return operation(self.session())
+            except CONNECTION_LOST as exc:
+                self._discard()
+                if not (retry and self._connect is not None):
+                    raise translate(exc, where=self.description, what=what) from None
+            except JanusHSMError:
+                raise
+            except Exception as exc:
+                raise translate(exc, where=self.description, what=what) from None
+            try:  # one reconnect, for discovered cards only
+                return operation(self.session())
+            except Exception as exc:
+                if isinstance(exc, CONNECTION_LOST):
+                    self._discard()
+                raise translate(exc, where=self.description, what=what) from None
+
+    def _discard(self) -> None:
+        connection = self._connection if self._connect is not None else None
+        self._session = None
+        self._pin_verified = False
+        if connection is not None:
+            self._connection = None
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def close(self) -> None:
+        """Drop the session (and a discovered card's connection); reopened on next use."""
+        with self.lock:
+            self._discard()
+
+    # --- PIN and touch ------------------------------------------------------------
+
+    def verify_pin(self, session: PivSession, *, force: bool = False) -> None:
+        """Verify the PIN unless already verified in this session (or ``force``)."""
+        if self._pin_verified and not force:
+            return
+        try:
+            remaining = session.get_pin_metadata().attempts_remaining
+        except Exception:  # no metadata before firmware 5.3
+            remaining = None
+        if remaining == 0:
+            raise pin_locked(self.description)
+        pin = self.pin_source()
+        try:
+            session.verify_pin(pin)
+        except ValueError as exc:
+            if isinstance(exc, InvalidPinError):
+                self._pin_verified = False
+                raise translate(exc, where=self.description, what="PIN verification") from None
+            raise PinIncorrectError(
+                f"the PIN for {self.description} is longer than the 8 bytes PIV allows"
+            ) from None
+        finally:
+            del pin
+        self._pin_verified = True
+
+    def use_key(
+        self,
+        session: PivSession,
+        what: str,
+        pin_policy: PIN_POLICY | None,
+        touch_policy: TOUCH_POLICY | None,
+        operation: Callable[[], T],
+    ) -> T:
+        """Run a private-key operation as the slot's PIN and touch policies demand."""
+        always = pin_policy in (PIN_POLICY.ALWAYS, PIN_POLICY.MATCH_ALWAYS)
+        if pin_policy is not PIN_POLICY.NEVER:
+            self.verify_pin(session, force=always)
+        touch = touch_policy in _NEEDS_TOUCH
+        if touch:
+            self.on_touch(f"Touch your YubiKey ({self.description}) to approve {what}")
+        try:
+            return operation()
+        except ApduError as exc:
+            denied = exc.sw == SW.SECURITY_CONDITION_NOT_SATISFIED
+            if touch and (exc.sw == SW.CONDITIONS_NOT_SATISFIED or (denied and always)):
+                raise presence_timeout(self.description, what) from None
+            if not denied or pin_policy is PIN_POLICY.NEVER:
+                raise
+        # Security status not satisfied although the PIN was verified: the card lost the
+        # verification (another application selected, a reset). Verify once more.
+        self.verify_pin(session, force=True)
+        if touch:
+            self.on_touch(f"Touch your YubiKey ({self.description}) to approve {what}")
+        try:
+            return operation()
+        except ApduError as exc:
+            if touch and exc.sw in (
+                SW.SECURITY_CONDITION_NOT_SATISFIED,
+                SW.CONDITIONS_NOT_SATISFIED,
+            ):
+                raise presence_timeout(self.description, what) from None
+            raise

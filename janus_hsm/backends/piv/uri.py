@@ -1,0 +1,178 @@
+"""``piv:`` key URIs: which card (serial or reader) and which slot.
+
+Grammar, in the spirit of RFC 7512 (same character classes and percent-encoding)::
+
+    piv-uri   = "piv:" attr *( ";" attr ) [ "?" query *( "&" query ) ]
+    attr      = "serial=" 1*DIGIT                 ; a YubiKey's serial number
+              / "reader=" pct-encoded-text        ; the PC/SC reader name
+              / "slot=" slot                      ; 9a 9c 9d 9e 82..95 (hex)
+    query     = "pin-source=" uri                 ; file:/path or /path of a PIN file
+              / "management-key-source=" uri     ; file holding the management key (hex)
+
+Examples: ``piv:serial=12345678;slot=9c``,
+``piv:reader=Yubico%20YubiKey%20OTP%2BFIDO%2BCCID%2000%2000;slot=9a``.
+
+Strict for the same reason as :mod:`janus_hsm.uri`: an attribute Janus does not know is
+refused with the offending part, never ignored.  A PIN or management key itself is never
+accepted in the URI (it would leak into shell history and process lists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from yubikit.piv import SLOT
+
+from janus_hsm.errors import UriError
+from janus_hsm.uri import (
+    PATH_SAFE,
+    QUERY_SAFE,
+    percent_decode,
+    percent_encode,
+    shortened,
+    utf8_text,
+)
+
+SCHEME = "piv"
+PATH_ATTRIBUTES = ("serial", "reader", "slot")
+QUERY_ATTRIBUTES = ("pin-source", "management-key-source")
+
+#: The slots that hold user keys: the four PIV slots and the twenty retired ones.
+KEY_SLOTS: tuple[SLOT, ...] = (
+    SLOT.AUTHENTICATION,
+    SLOT.SIGNATURE,
+    SLOT.KEY_MANAGEMENT,
+    SLOT.CARD_AUTH,
+    *(SLOT(s) for s in range(0x82, 0x96)),
+)
+_SECRET_NAMES = ("pin-value", "pin", "management-key", "puk")
+
+
+def parse_slot(text: str) -> SLOT:
+    """A slot in hex (``9c``, ``0x9c``) or by its PIV name (``signature``)."""
+    value = text.strip().lower()
+    names = {
+        "authentication": SLOT.AUTHENTICATION,
+        "signature": SLOT.SIGNATURE,
+        "key-management": SLOT.KEY_MANAGEMENT,
+        "card-authentication": SLOT.CARD_AUTH,
+    }
+    if value in names:
+        return names[value]
+    digits = value.removeprefix("0x")
+    try:
+        number = int(digits, 16) if digits and len(digits) <= 2 else -1
+    except ValueError:
+        number = -1
+    if number not in {int(s) for s in KEY_SLOTS}:
+        raise UriError(f"slot={text!r} is not a PIV key slot: use 9a, 9c, 9d, 9e or 82..95 (hex)")
+    return SLOT(number)
+
+
+@dataclass(frozen=True)
+class PivUri:
+    """A parsed ``piv:`` URI. Every attribute is optional; ``slot`` names the key."""
+
+    serial: int | None = None
+    reader: str | None = None
+    slot: SLOT | None = None
+    pin_source: str | None = None
+    management_key_source: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> PivUri:
+        if not isinstance(text, str):
+            raise UriError("a piv: URI must be a string")
+        if len(text) > 4096:
+            raise UriError("piv: URI is longer than 4096 characters")
+        scheme, colon, rest = text.partition(":")
+        if not colon or scheme.lower() != SCHEME:
+            raise UriError(f"not a PIV URI (must start with 'piv:'): {shortened(text)!r}")
+        path_text, _, query_text = rest.partition("?")
+        values: dict[str, str] = {}
+        for part in path_text.split(";") if path_text else []:
+            name, value = _split(part)
+            if name in QUERY_ATTRIBUTES:
+                raise UriError(f"{name!r} is a query attribute; put it after '?' (at {part!r})")
+            if name not in PATH_ATTRIBUTES:
+                raise UriError(
+                    f"unknown piv: URI attribute {name!r} (at {part!r}); "
+                    f"known: {', '.join(PATH_ATTRIBUTES)}"
+                )
+            if name in values:
+                raise UriError(f"attribute {name!r} appears twice (at {part!r})")
+            values[name] = utf8_text(percent_decode(value, PATH_SAFE, part), part)
+        for part in query_text.split("&") if query_text else []:
+            name, value = _split(part)
+            if name in PATH_ATTRIBUTES:
+                raise UriError(f"{name!r} is a path attribute; put it before '?' (at {part!r})")
+            if name not in QUERY_ATTRIBUTES:
+                raise UriError(
+                    f"unknown piv: URI query attribute {name!r} (at {part!r}); "
+                    f"known: {', '.join(QUERY_ATTRIBUTES)}"
+                )
+            if name in values:
+                raise UriError(f"attribute {name!r} appears twice (at {part!r})")
+            values[name] = utf8_text(percent_decode(value, QUERY_SAFE, part), part)
+        serial = values.get("serial")
+        if serial is not None and (not serial.isdigit() or len(serial) > 10):
+            raise UriError(f"serial={serial!r} must be a decimal number (at {shortened(text)!r})")
+        reader = values.get("reader")
+        if reader is not None and not reader:
+            raise UriError("reader= must not be empty")
+        slot = values.get("slot")
+        return cls(
+            serial=int(serial) if serial is not None else None,
+            reader=reader,
+            slot=parse_slot(slot) if slot is not None else None,
+            pin_source=values.get("pin-source"),
+            management_key_source=values.get("management-key-source"),
+        )
+
+    def __str__(self) -> str:
+        parts = []
+        if self.serial is not None:
+            parts.append(f"serial={self.serial}")
+        if self.reader is not None:
+            parts.append(f"reader={percent_encode(self.reader.encode(), _READER_SAFE)}")
+        if self.slot is not None:
+            parts.append(f"slot={self.slot:02x}")
+        text = f"{SCHEME}:" + ";".join(parts)
+        query = []
+        if self.pin_source is not None:
+            query.append(f"pin-source={percent_encode(self.pin_source.encode(), QUERY_SAFE)}")
+        if self.management_key_source is not None:
+            encoded = percent_encode(self.management_key_source.encode(), QUERY_SAFE)
+            query.append(f"management-key-source={encoded}")
+        if query:
+            text += "?" + "&".join(query)
+        return text
+
+    def card_uri(self) -> PivUri:
+        """The same URI without the slot: it names the card only."""
+        return PivUri(self.serial, self.reader, None, self.pin_source, self.management_key_source)
+
+    def with_slot(self, slot: SLOT | None) -> PivUri:
+        return PivUri(self.serial, self.reader, slot, self.pin_source, self.management_key_source)
+
+    def public(self) -> PivUri:
+        """The URI a handle prints: card and slot only (no file paths to secrets)."""
+        return PivUri(self.serial, self.reader if self.serial is None else None, self.slot)
+
+
+# Reader names contain spaces and '+'; encode those, keep the rest readable.
+_READER_SAFE = frozenset(PATH_SAFE - {"+", "&", "="})
+
+
+def _split(part: str) -> tuple[str, str]:
+    name, eq, value = part.partition("=")
+    if not eq or not name:
+        raise UriError(f"attribute must be name=value, at {part!r}")
+    if name.lower() in _SECRET_NAMES:
+        raise UriError(
+            f"{name} is refused: secrets in a URI leak into shell history and process "
+            "lists. Use pin-source=file:/path (or JANUS_PIN) for the PIN and "
+            "management-key-source=file:/path (or JANUS_PIV_MANAGEMENT_KEY) for the "
+            "management key"
+        )
+    return name, value
