@@ -1,0 +1,84 @@
+"""piv: URIs: the grammar, canonical printing, and refusals that name the bad part."""
+
+from __future__ import annotations
+
+import pytest
+from yubikit.piv import SLOT
+
+from janus_hsm import uri_scheme
+from janus_hsm.backends.piv.uri import KEY_SLOTS, PivUri, parse_slot
+from janus_hsm.errors import UriError
+
+
+def test_serial_and_slot() -> None:
+    uri = PivUri.parse("piv:serial=12345678;slot=9c")
+    assert uri.serial == 12345678
+    assert uri.slot is SLOT.SIGNATURE
+    assert uri.reader is None
+    assert str(uri) == "piv:serial=12345678;slot=9c"
+
+
+def test_reader_is_percent_decoded_and_round_trips() -> None:
+    text = "piv:reader=Yubico%20YubiKey%20OTP%2BFIDO%2BCCID%2000%2000;slot=9a"
+    uri = PivUri.parse(text)
+    assert uri.reader == "Yubico YubiKey OTP+FIDO+CCID 00 00"
+    assert uri.slot is SLOT.AUTHENTICATION
+    assert PivUri.parse(str(uri)) == uri
+
+
+def test_query_sources() -> None:
+    uri = PivUri.parse(
+        "piv:serial=1;slot=82?pin-source=file:/run/pin&management-key-source=/run/mgm"
+    )
+    assert uri.pin_source == "file:/run/pin"
+    assert uri.management_key_source == "/run/mgm"
+    assert PivUri.parse(str(uri)) == uri
+    # The handle URI keeps only card and slot: no paths to secrets.
+    assert str(uri.public()) == "piv:serial=1;slot=82"
+
+
+@pytest.mark.parametrize("slot", ["9a", "9C", "0x9d", "9e", "82", "95", "signature"])
+def test_every_key_slot_parses(slot: str) -> None:
+    assert parse_slot(slot) in KEY_SLOTS
+
+
+def test_all_24_key_slots() -> None:
+    assert len(KEY_SLOTS) == 24
+    assert SLOT.ATTESTATION not in KEY_SLOTS
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("piv:serial=1;slot=f9", "slot='f9'"),
+        ("piv:serial=1;slot=96", "slot='96'"),
+        ("piv:serial=1;slot=81", "slot='81'"),
+        ("piv:serial=abc;slot=9a", "serial='abc'"),
+        ("piv:serial=1;label=x", "label=x"),
+        ("piv:serial=1?module-path=/x", "module-path=/x"),
+        ("piv:serial=1;slot=9a;slot=9c", "slot=9c"),
+        ("piv:serial=1;pin-source=/x", "pin-source=/x"),
+        ("piv:serial=1?slot=9a", "slot=9a"),
+        ("piv:serial", "serial"),
+        ("pkcs11:token=x", "pkcs11:token=x"),
+    ],
+)
+def test_refusals_name_the_offending_part(text: str, fragment: str) -> None:
+    with pytest.raises(UriError) as info:
+        PivUri.parse(text)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("secret", ["pin-value=123456", "pin=123456", "management-key=01"])
+def test_secrets_are_refused(secret: str) -> None:
+    with pytest.raises(UriError, match="secrets in a URI leak"):
+        PivUri.parse(f"piv:serial=1;slot=9a?{secret}")
+
+
+def test_reader_characters_must_be_encoded() -> None:
+    with pytest.raises(UriError, match="must be percent-encoded"):
+        PivUri.parse("piv:reader=Yubico YubiKey;slot=9a")
+
+
+def test_scheme_is_registered() -> None:
+    assert uri_scheme("piv:serial=1;slot=9a") == "piv"
