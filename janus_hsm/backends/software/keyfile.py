@@ -8,7 +8,9 @@ authenticates that metadata.  So the private key is kept as plain PKCS#8 DER - t
 standard, lossless serialisation - sealed with AES-256-GCM, inside a small JSON
 document whose every other field is the AEAD's associated data.  The key-encryption key
 comes either from the passphrase (scrypt) or from ECDH with a wrapping key (ECDH-ES
-with HKDF-SHA256, the construction JOSE uses, with HKDF in place of Concat KDF).
+with HKDF-SHA256, the construction JOSE uses, with HKDF in place of Concat KDF), or, in
+format version 2, from a FIDO2 authenticator's hmac-secret (one wrapped content key per
+enrolled credential, any one of which opens the file).
 
 The file is canonical JSON (RFC 8785: sorted keys, no whitespace, ASCII only) plus one
 newline, and is refused if it is not byte-for-byte in that form.  So *any* change to
@@ -30,11 +32,11 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from janus_hsm import strictjson
 from janus_hsm.algorithms import Algorithm
@@ -61,10 +64,18 @@ PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | x25519.X25
 
 FORMAT = "janus-software-key"
 VERSION = 1
+#: Files in the fido2-hmac-secret mode are version 2, so a Janus that predates the mode
+#: says "upgrade Janus" instead of "unknown protection mode"; other modes stay version 1.
+VERSION_FIDO2 = 2
 SUFFIX = ".jkey"
 ENC = "A256GCM"
 MODE_PASSPHRASE = "passphrase"  # noqa: S105 - the name of a mode, not a secret
 MODE_ECDH_ES = "ecdh-es"
+MODE_FIDO2_HMAC_SECRET = "fido2-hmac-secret"  # noqa: S105 - the name of a mode
+KEY_WRAP = "A256KW"
+HMAC_SECRET_EXTENSION = "hmac-secret"  # noqa: S105 - an extension name
+HMAC_SECRET_SALT_SIZE = 32  # what the hmac-secret extension takes (CTAP 2.1 §12.5)
+MAX_RECIPIENTS = 16
 KDF_SCRYPT = "scrypt"
 KDF_HKDF = "HKDF-SHA256"
 LOCK_NAME = ".janus-keystore.lock"
@@ -82,6 +93,10 @@ NONCE_SIZE = 12
 _SCRYPT_MAX_MEMORY = 1 << 30
 # HKDF info for the ECDH-ES mode; the header digest is appended, binding the KEK to it.
 HKDF_INFO = b"janus-software-key/1 ECDH-ES HKDF-SHA256 A256GCM\x00"
+# HKDF info for the fido2-hmac-secret mode; the digest of the recipient's binding
+# (key name, alg, public key, credential id, RP ID, uv) is appended.
+HKDF_INFO_FIDO2 = b"janus-software-key/2 fido2-hmac-secret HKDF-SHA256 A256KW\x00"
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
@@ -103,6 +118,8 @@ _TOP_FIELDS = frozenset(
 _PASSPHRASE_FIELDS = frozenset({"mode", "kdf", "salt", "n", "r", "p"})
 _ECDH_FIELDS = frozenset({"mode", "kdf", "epk", "wrapping_key"})
 _WRAPPING_FIELDS = frozenset({"uri", "thumbprint"})
+_FIDO2_FIELDS = frozenset({"mode", "kdf", "key_wrap", "extension", "salt", "recipients"})
+_RECIPIENT_FIELDS = frozenset({"credential_id", "rp_id", "uv", "label", "wrapped_key"})
 
 
 @dataclass(frozen=True)
@@ -168,6 +185,43 @@ class WrappingKey:
         self.exchange = exchange
 
 
+@dataclass(frozen=True)
+class HmacSecretRecipient:
+    """One FIDO2 credential a key file is (or is to be) wrapped for; nothing secret.
+
+    ``uv`` says whether the hmac-secret is asked for with user verification (the PIN):
+    an authenticator keeps two secrets per credential, one with and one without UV, so
+    opening must ask the way sealing did.  ``label`` names the credential for people.
+    """
+
+    credential_id: bytes
+    rp_id: str
+    uv: bool
+    label: str
+
+    def __post_init__(self) -> None:
+        _check_recipient_values(self.credential_id, self.rp_id, self.uv, self.label, "recipient")
+
+
+class HmacSecretSource(Protocol):
+    """Where hmac-secret outputs come from (in practice: connected authenticators).
+
+    Kept a protocol so this module stays about the file format and never imports fido2;
+    :class:`janus_hsm.fido2.keystore.Fido2HmacSecret` is the real one.
+    """
+
+    def enrolled(self) -> Sequence[HmacSecretRecipient]:
+        """The credentials new keys are wrapped for (each must be reachable to seal)."""
+        ...
+
+    def hmac_secret(
+        self, recipients: Sequence[HmacSecretRecipient], salt: bytes
+    ) -> tuple[int, bytes]:
+        """(index into ``recipients`` of the credential that answered, its 32-byte
+        hmac-secret over ``salt``); a typed error when none can answer."""
+        ...
+
+
 # --- sealing and opening ------------------------------------------------------------
 
 
@@ -213,17 +267,198 @@ def seal_with_wrapping_key(
     return _seal(name, private_key, protection, lambda aad: _hkdf(z, aad))
 
 
+def seal_with_hmac_secret(
+    *,
+    name: str,
+    private_key: PrivateKey,
+    source: HmacSecretSource,
+    recipients: Sequence[HmacSecretRecipient] | None = None,
+) -> KeyFile:
+    """Wrap a key for every enrolled credential; any one of them opens it.
+
+    Why a content key wrapped per credential: hmac-secret is symmetric (only the
+    authenticator can compute it), so a file cannot be "encrypted to" a credential the
+    way ECDH-ES encrypts to a public key; each credential instead wraps one random
+    content-encryption key (CEK).  Enrolling a second credential is what makes a lost
+    security key survivable.  Every credential's authenticator is asked once here.
+    """
+    chosen = list(source.enrolled() if recipients is None else recipients)
+    _check_recipient_list(chosen)
+    salt = os.urandom(HMAC_SECRET_SALT_SIZE)
+    cek = os.urandom(32)
+    public = private_key.public_key()
+    entries = []
+    for recipient in chosen:
+        output = _recipient_output(source, recipient, salt)
+        kek = _fido2_kek(output, salt, recipient, name, public)
+        entries.append(_recipient_json(recipient, aes_key_wrap(kek, cek)))
+    protection = _fido2_protection(salt, entries)
+    return _seal(name, private_key, protection, lambda _aad: cek, version=VERSION_FIDO2)
+
+
+def hmac_secret_recipients(key_file: KeyFile) -> list[HmacSecretRecipient]:
+    """The credentials a fido2-hmac-secret file is wrapped for ([] for other modes)."""
+    if key_file.mode != MODE_FIDO2_HMAC_SECRET:
+        return []
+    return [
+        HmacSecretRecipient(
+            b64d(r["credential_id"], "credential_id"), r["rp_id"], r["uv"], r["label"]
+        )
+        for r in key_file.document["protection"]["recipients"]
+    ]
+
+
+def rewrap_hmac_secret(
+    key_file: KeyFile,
+    *,
+    source: HmacSecretSource,
+    add: Sequence[HmacSecretRecipient] = (),
+    remove: Sequence[bytes] = (),
+    where: str,
+) -> KeyFile:
+    """The same key, wrapped for its credentials plus ``add`` minus ``remove``.
+
+    Opens with any connected enrolled credential, then wraps the same CEK for each new
+    credential (whose authenticator must be connected) and re-encrypts under a fresh
+    nonce (the header, hence the AAD, changed).  The salt and CEK are kept, so removed
+    credentials are only cut off from *this* file: whoever holds a removed key and an
+    old copy of the file can still open that copy (retire the key itself if that matters).
+    """
+    if key_file.mode != MODE_FIDO2_HMAC_SECRET:
+        raise KeystoreError(f"{where} is not protected by FIDO2 credentials")
+    private, cek = _open_fido2(key_file, source, where)
+    protection = key_file.document["protection"]
+    salt = b64d(protection["salt"], "salt")
+    kept = [
+        r
+        for r in protection["recipients"]
+        if not any(
+            hmac.compare_digest(b64d(r["credential_id"], "credential_id"), x) for x in remove
+        )
+    ]
+    if len(kept) == len(protection["recipients"]) and remove:
+        raise KeystoreError(f"{where} is not wrapped for that credential")
+    public = private.public_key()
+    for recipient in add:
+        output = _recipient_output(source, recipient, salt)
+        kek = _fido2_kek(output, salt, recipient, key_file.name, public)
+        kept.append(_recipient_json(recipient, aes_key_wrap(kek, cek)))
+    _check_recipient_list(
+        [
+            HmacSecretRecipient(b64d(r["credential_id"], "id"), r["rp_id"], r["uv"], r["label"])
+            for r in kept
+        ]
+    )
+    header = {**key_file.header(), "protection": _fido2_protection(salt, kept)}
+    header["nonce"] = b64e(os.urandom(NONCE_SIZE))
+    aad = canonical_json(header)
+    der = private.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    ciphertext = AESGCM(cek).encrypt(b64d(header["nonce"], "nonce"), der, aad)
+    del der
+    return parse_key_file(
+        canonical_json({**header, "ciphertext": b64e(ciphertext)}) + b"\n",
+        expected_name=key_file.name,
+    )
+
+
+def _recipient_output(
+    source: HmacSecretSource, recipient: HmacSecretRecipient, salt: bytes
+) -> bytes:
+    index, output = source.hmac_secret([recipient], salt)
+    if index != 0 or len(output) != 32:
+        raise KeystoreError(f"credential {recipient.label!r} gave no usable hmac-secret")
+    return output
+
+
+def _recipient_json(recipient: HmacSecretRecipient, wrapped: bytes) -> dict[str, Any]:
+    return {
+        "credential_id": b64e(recipient.credential_id),
+        "rp_id": recipient.rp_id,
+        "uv": recipient.uv,
+        "label": recipient.label,
+        "wrapped_key": b64e(wrapped),
+    }
+
+
+def _fido2_protection(salt: bytes, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "mode": MODE_FIDO2_HMAC_SECRET,
+        "kdf": KDF_HKDF,
+        "key_wrap": KEY_WRAP,
+        "extension": HMAC_SECRET_EXTENSION,
+        "salt": b64e(salt),
+        "recipients": entries,
+    }
+
+
+def _fido2_kek(
+    output: bytes, salt: bytes, recipient: HmacSecretRecipient, name: str, public: PublicKey
+) -> bytes:
+    """KEK = HKDF-SHA256(ikm = hmac-secret output, salt = the file's salt, info = label ‖
+    SHA-256(binding)): the binding ties a wrapped CEK to this key and this credential's
+    recorded parameters, so no recipient entry can be moved to another file or edited."""
+    binding = canonical_json(
+        {
+            "name": name,
+            "alg": algorithm_of(public).value,
+            "public_jwk": to_jwk(public),
+            "credential_id": b64e(recipient.credential_id),
+            "rp_id": recipient.rp_id,
+            "uv": recipient.uv,
+        }
+    )
+    info = HKDF_INFO_FIDO2 + hashlib.sha256(binding).digest()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(output)
+
+
+def _open_fido2(
+    key_file: KeyFile, source: HmacSecretSource | None, where: str
+) -> tuple[PrivateKey, bytes]:
+    recipients = hmac_secret_recipients(key_file)
+    if source is None:
+        labels = ", ".join(repr(r.label) for r in recipients)
+        raise KeystoreError(
+            f"{where} opens only with one of its FIDO2 credentials ({labels}); open the "
+            "keystore with hmac_secret set to a connected security key"
+        )
+    protection = key_file.document["protection"]
+    salt = b64d(protection["salt"], "salt")
+    index, output = source.hmac_secret(recipients, salt)
+    if not 0 <= index < len(recipients) or len(output) != 32:
+        raise KeystoreError(f"{where}: the hmac-secret source gave an unusable answer")
+    recipient = recipients[index]
+    kek = _fido2_kek(output, salt, recipient, key_file.name, key_file.public_key)
+    try:
+        cek = aes_key_unwrap(
+            kek, b64d(protection["recipients"][index]["wrapped_key"], "wrapped_key")
+        )
+    except InvalidUnwrap:
+        from janus_hsm.fido2.errors import WrongCredentialError
+
+        raise WrongCredentialError(
+            f"cannot unlock {where}: the authenticator answered for credential "
+            f"{recipient.label!r}, but its hmac-secret does not unwrap the key (a different "
+            "authenticator, or the file was altered)"
+        ) from None
+    return _decrypt(key_file, cek, where, "the file was altered"), cek
+
+
 def open_key_file(
     key_file: KeyFile,
     *,
     passphrase: Callable[[], str],
     wrapping_key: WrappingKey | None,
     where: str,
+    hmac_secret: HmacSecretSource | None = None,
 ) -> PrivateKey:
     """Decrypt and check a key file. ``where`` names it in messages (a URI, never secrets)."""
     doc = key_file.document
     protection = doc["protection"]
     aad = canonical_json(key_file.header())
+    if protection["mode"] == MODE_FIDO2_HMAC_SECRET:
+        return _open_fido2(key_file, hmac_secret, where)[0]
     if protection["mode"] == MODE_PASSPHRASE:
         salt = b64d(protection["salt"], "protection.salt")
         secret = passphrase()
@@ -247,6 +482,13 @@ def open_key_file(
             raise KeystoreError(f"{where}: the ephemeral key is not on the wrapping key's curve")
         kek = _hkdf(wrapping_key.exchange(epk), aad)
         failure = "the file was altered"
+    return _decrypt(key_file, kek, where, failure)
+
+
+def _decrypt(key_file: KeyFile, kek: bytes, where: str, failure: str) -> PrivateKey:
+    """AES-GCM open under ``kek`` and check the key against the recorded public key."""
+    doc = key_file.document
+    aad = canonical_json(key_file.header())
     try:
         der = AESGCM(kek).decrypt(
             b64d(doc["nonce"], "nonce"), b64d(doc["ciphertext"], "ciphertext"), aad
@@ -283,12 +525,14 @@ def _seal(
     private_key: PrivateKey,
     protection: dict[str, Any],
     kek_for: Callable[[bytes], bytes],
+    *,
+    version: int = VERSION,
 ) -> KeyFile:
     public = private_key.public_key()
     when = datetime.now(UTC)
     header: dict[str, Any] = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": version,
         "name": name,
         "alg": algorithm_of(public).value,
         "created": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -326,12 +570,20 @@ def parse_key_file(data: bytes, *, expected_name: str) -> KeyFile:
         raise KeystoreError(f"{where} is not a valid key file (not a JSON object)")
     if doc.get("format") != FORMAT:
         raise KeystoreError(f"{where} is not a Janus software key file")
-    if doc.get("version") != VERSION or type(doc.get("version")) is not int:
+    if doc.get("version") not in (VERSION, VERSION_FIDO2) or type(doc.get("version")) is not int:
         raise KeystoreError(
-            f"{where} has format version {doc.get('version')!r}; this Janus reads version "
-            f"{VERSION} only. Upgrade Janus to read it"
+            f"{where} has format version {doc.get('version')!r}; this Janus reads versions "
+            f"{VERSION} and {VERSION_FIDO2} only. Upgrade Janus to read it"
         )
     _fields(doc, _TOP_FIELDS, where)
+    fido2_mode = isinstance(doc["protection"], dict) and (
+        doc["protection"].get("mode") == MODE_FIDO2_HMAC_SECRET
+    )
+    if fido2_mode != (doc["version"] == VERSION_FIDO2):
+        raise KeystoreError(
+            f"{where}: version {doc['version']} does not match its protection mode "
+            f"(version {VERSION_FIDO2} is exactly the {MODE_FIDO2_HMAC_SECRET} mode)"
+        )
     if canonical_json(doc) + b"\n" != data:
         raise KeystoreError(f"{where} is not in canonical form; it was edited or corrupted")
     if doc["name"] != expected_name:
@@ -398,8 +650,62 @@ def _check_protection(protection: Any, where: str) -> None:
             raise KeystoreError(f"{where}: wrapping_key.uri must be a non-empty string")
         if len(b64d(wrapping["thumbprint"], f"{where}: thumbprint")) != 32:
             raise KeystoreError(f"{where}: wrapping_key.thumbprint must be a SHA-256 thumbprint")
+    elif mode == MODE_FIDO2_HMAC_SECRET:
+        _fields(protection, _FIDO2_FIELDS, f"{where}: protection")
+        if protection["kdf"] != KDF_HKDF or protection["key_wrap"] != KEY_WRAP:
+            raise KeystoreError(f"{where}: unsupported kdf or key_wrap")
+        if protection["extension"] != HMAC_SECRET_EXTENSION:
+            raise KeystoreError(f"{where}: unsupported extension {protection['extension']!r}")
+        if len(b64d(protection["salt"], f"{where}: salt")) != HMAC_SECRET_SALT_SIZE:
+            raise KeystoreError(f"{where}: salt must be {HMAC_SECRET_SALT_SIZE} bytes")
+        entries = protection["recipients"]
+        if not isinstance(entries, list):
+            raise KeystoreError(f"{where}: recipients must be an array")
+        parsed = []
+        for i, entry in enumerate(entries):
+            what = f"{where}: recipient #{i}"
+            if not isinstance(entry, dict):
+                raise KeystoreError(f"{what} must be an object")
+            _fields(entry, _RECIPIENT_FIELDS, what)
+            if len(b64d(entry["wrapped_key"], f"{what}: wrapped_key")) != 40:
+                raise KeystoreError(f"{what}: wrapped_key must be 40 bytes (A256KW of 32)")
+            credential_id = b64d(entry["credential_id"], f"{what}: credential_id")
+            _check_recipient_values(
+                credential_id, entry["rp_id"], entry["uv"], entry["label"], what
+            )
+            parsed.append(
+                HmacSecretRecipient(credential_id, entry["rp_id"], entry["uv"], entry["label"])
+            )
+        _check_recipient_list(parsed, where)
     else:
         raise KeystoreError(f"{where}: unknown protection mode {mode!r}")
+
+
+def _check_recipient_values(credential_id: Any, rp_id: Any, uv: Any, label: Any, what: str) -> None:
+    if not isinstance(credential_id, bytes) or not 1 <= len(credential_id) <= 1023:
+        raise KeystoreError(f"{what}: credential_id must be 1-1023 bytes")
+    if (
+        not isinstance(rp_id, str)
+        or not 1 <= len(rp_id) <= 253
+        or not rp_id.isascii()
+        or not rp_id.isprintable()
+    ):
+        raise KeystoreError(f"{what}: rp_id must be 1-253 printable ASCII characters")
+    if type(uv) is not bool:
+        raise KeystoreError(f"{what}: uv must be true or false")
+    if not isinstance(label, str) or not _LABEL.fullmatch(label):
+        raise KeystoreError(f"{what}: label must be 1-64 letters, digits, '.', '_', '@' or '-'")
+
+
+def _check_recipient_list(recipients: Sequence[HmacSecretRecipient], where: str = "key") -> None:
+    if not 1 <= len(recipients) <= MAX_RECIPIENTS:
+        raise KeystoreError(
+            f"{where}: a FIDO2-protected key needs 1 to {MAX_RECIPIENTS} credentials"
+            " (enrol a second one: a lost key must not lose the keystore)"
+        )
+    ids = [r.credential_id for r in recipients]
+    if len(set(ids)) != len(ids):
+        raise KeystoreError(f"{where}: the same credential is enrolled twice")
 
 
 def _fields(obj: dict[str, Any], expected: frozenset[str], where: str) -> None:

@@ -31,7 +31,7 @@ from janus_hsm.provider import KeyHandle, KeyProvider
 
 from . import keyfile
 from .handle import SoftwareKeyHandle
-from .keyfile import KeyFile, PrivateKey, WrappingKey
+from .keyfile import HmacSecretRecipient, HmacSecretSource, KeyFile, PrivateKey, WrappingKey
 from .uri import OBJECT_NAME, SoftwareUri
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,14 @@ class SoftwareProvider(KeyProvider):
         passphrase_source: Callable[[], str],
         allow_extractable: bool,
         wrapping_key: KeyHandle | None,
+        hmac_secret: HmacSecretSource | None = None,
     ) -> None:
+        if wrapping_key is not None and hmac_secret is not None:
+            raise KeystoreError(
+                "give a wrapping key or FIDO2 credentials (hmac_secret) for new keys, not both"
+            )
         self._directory = directory
+        self._hmac_secret = hmac_secret
         self._passphrase_source = passphrase_source
         self.allow_extractable = allow_extractable
         self._wrapping_handle = wrapping_key
@@ -69,6 +75,7 @@ class SoftwareProvider(KeyProvider):
         passphrase_source: Callable[[], str] | None = None,
         allow_extractable: bool = False,
         wrapping_key: KeyHandle | None = None,
+        hmac_secret: HmacSecretSource | None = None,
     ) -> SoftwareProvider:
         """Open the keystore a ``soft:`` URI names (its ``object``, if any, is ignored).
 
@@ -91,6 +98,7 @@ class SoftwareProvider(KeyProvider):
             passphrase_source=passphrase_source,
             allow_extractable=allow_extractable,
             wrapping_key=wrapping_key,
+            hmac_secret=hmac_secret,
         )
 
     @property
@@ -232,7 +240,40 @@ class SoftwareProvider(KeyProvider):
         keyfile.ensure_directory(self._directory, create=create)
         return keyfile.locked(self._directory)
 
+    def rewrap(
+        self,
+        uri: str | SoftwareUri,
+        *,
+        add: list[HmacSecretRecipient] | tuple[HmacSecretRecipient, ...] = (),
+        remove: list[bytes] | tuple[bytes, ...] = (),
+    ) -> SoftwareKeyHandle:
+        """Enrol (``add``) or drop (``remove``, by credential id) FIDO2 credentials of a
+        fido2-hmac-secret key: opens it with any connected enrolled credential and
+        replaces the file atomically.  How to recover from a lost security key."""
+        name = self._name(uri, "the URI must name a key with object=<name>")
+        self._check_open()
+        if self._hmac_secret is None:
+            raise KeystoreError("rewrapping needs the provider opened with hmac_secret")
+        with self._write_lock(create=False):
+            key_file = keyfile.read_key_file(self._directory, name)
+            if key_file is None:
+                raise self._not_found(name)
+            rewrapped = keyfile.rewrap_hmac_secret(
+                key_file, source=self._hmac_secret, add=add, remove=remove, where=self.key_uri(name)
+            )
+            keyfile.write_new_key_file(self._directory, rewrapped)
+        log.info(
+            "rewrapped key %s for %d credential(s)",
+            self.key_uri(name),
+            len(keyfile.hmac_secret_recipients(rewrapped)),
+        )
+        return self._handle(rewrapped)
+
     def _seal(self, name: str, private: PrivateKey) -> KeyFile:
+        if self._hmac_secret is not None:
+            return keyfile.seal_with_hmac_secret(
+                name=name, private_key=private, source=self._hmac_secret
+            )
         if self._wrapping is not None:
             return keyfile.seal_with_wrapping_key(
                 name=name, private_key=private, wrapping_key=self._wrapping
@@ -248,6 +289,7 @@ class SoftwareProvider(KeyProvider):
             passphrase=self._passphrase_source,
             wrapping_key=self._wrapping,
             where=where,
+            hmac_secret=self._hmac_secret,
         )
 
     def _handle(self, key_file: KeyFile) -> SoftwareKeyHandle:

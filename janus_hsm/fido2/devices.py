@@ -1,0 +1,152 @@
+"""Finding FIDO2 authenticators: USB HID, PC/SC (CTAP over CCID or NFC readers), in process.
+
+Why each transport is guarded: a machine without hidraw access, without pyscard or
+without a running pcscd is normal, and must mean "no devices of that kind" rather than
+a crash; the reason is logged at debug level (``janus -v``) for whoever wonders why a
+key is not seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fido2.ctap import CtapDevice
+
+from janus_hsm.fido2.errors import AmbiguousDeviceError, NoDeviceError
+
+log = logging.getLogger(__name__)
+
+HID = "usb-hid"
+PCSC = "pcsc"
+IN_PROCESS = "in-process"
+
+#: TEST ONLY.  A list of state files (separated by ``os.pathsep``) of software
+#: authenticators (hardware/fido2_authenticator.py) that discovery adds to the real
+#: devices, so CLI tests run without USB or pcscd.  Never set in production: the state
+#: file holds the credential keys in the clear.
+SOFTWARE_AUTHENTICATOR_ENV = "JANUS_FIDO2_SOFTWARE_AUTHENTICATOR"
+#: TEST ONLY: what the software authenticators' "person" does: approve, deny or timeout.
+SOFTWARE_PRESENCE_ENV = "JANUS_FIDO2_SOFTWARE_PRESENCE"
+
+
+@dataclass
+class Fido2Device:
+    """One authenticator and how it was reached; ``device`` is what fido2 talks to."""
+
+    device: CtapDevice
+    transport: str
+    name: str
+
+    @classmethod
+    def in_process(cls, device: CtapDevice, name: str = "in-process authenticator") -> Fido2Device:
+        """Wrap a CtapDevice built in this process (tests use the software authenticator)."""
+        return cls(device, IN_PROCESS, name)
+
+    def close(self) -> None:
+        close = getattr(self.device, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception as exc:
+                log.debug("closing %s failed: %r", self.name, exc)
+
+
+def _hid_devices() -> list[Fido2Device]:
+    try:
+        from fido2.hid import CtapHidDevice
+
+        found = list(CtapHidDevice.list_devices())
+    except Exception as exc:
+        log.debug("no USB HID FIDO devices: %r", exc)
+        return []
+    return [
+        Fido2Device(d, HID, d.descriptor.product_name or f"USB HID {d.descriptor.path!r}")
+        for d in found
+    ]
+
+
+def _pcsc_devices() -> list[Fido2Device]:
+    try:
+        from fido2.pcsc import CtapPcscDevice
+    except ImportError as exc:
+        log.debug("no PC/SC FIDO devices: pyscard is not installed (%s)", exc)
+        return []
+    try:
+        found = list(CtapPcscDevice.list_devices())
+    except Exception as exc:
+        log.debug("no PC/SC FIDO devices: %r", exc)
+        return []
+    return [Fido2Device(d, PCSC, getattr(d, "_name", None) or repr(d)) for d in found]
+
+
+def _software_devices() -> list[Fido2Device]:
+    spec = os.environ.get(SOFTWARE_AUTHENTICATOR_ENV)
+    if not spec:
+        return []
+    log.warning("%s is set: using software authenticators (test only)", SOFTWARE_AUTHENTICATOR_ENV)
+    from hardware.fido2_authenticator import Presence, ScriptedPresence, SoftwareAuthenticator
+
+    answer = Presence(os.environ.get(SOFTWARE_PRESENCE_ENV, "approve"))
+    devices = []
+    for path in spec.split(os.pathsep):
+        device: Any = SoftwareAuthenticator(
+            presence=ScriptedPresence(default=answer), presence_timeout=0.2, state_path=path
+        )
+        devices.append(Fido2Device(device, IN_PROCESS, f"software authenticator {Path(path).name}"))
+    return devices
+
+
+#: The discovery functions, in order; tests may replace them.
+SOURCES: list[Callable[[], list[Fido2Device]]] = [_hid_devices, _pcsc_devices, _software_devices]
+
+
+def list_devices() -> list[Fido2Device]:
+    """Every connected authenticator that speaks CTAP2 (CTAP1-only keys are left out:
+    they have no PIN protocol 2 and no hmac-secret)."""
+    from fido2.hid import CAPABILITY
+
+    devices: list[Fido2Device] = []
+    for source in SOURCES:
+        for dev in source():
+            if CAPABILITY.CBOR in CAPABILITY(dev.device.capabilities):
+                devices.append(dev)
+            else:
+                log.debug("skipping %s: CTAP1/U2F only", dev.name)
+                dev.close()
+    return devices
+
+
+def select_device(devices: Iterable[Fido2Device], name: str | None = None) -> Fido2Device:
+    """The one device to use: the only one connected, or the one whose name contains
+    ``name``.  No guessing between several: a touch on the wrong key is a wasted touch."""
+    candidates = [d for d in devices if name is None or name in d.name]
+    if not candidates:
+        raise NoDeviceError(
+            "no FIDO2 authenticator found"
+            + (f" matching {name!r}" if name else "")
+            + ": plug in your security key (USB) or put it on the reader (NFC/PC-SC); "
+            "`janus fido2 list` shows what is connected"
+        )
+    if len(candidates) > 1:
+        names = ", ".join(repr(d.name) for d in candidates)
+        raise AmbiguousDeviceError(
+            f"{len(candidates)} authenticators are connected ({names}); pick one with --device"
+        )
+    return candidates[0]
+
+
+__all__ = [
+    "HID",
+    "IN_PROCESS",
+    "PCSC",
+    "SOFTWARE_AUTHENTICATOR_ENV",
+    "SOFTWARE_PRESENCE_ENV",
+    "Fido2Device",
+    "list_devices",
+    "select_device",
+]

@@ -1,0 +1,85 @@
+"""Opening software keystores with a FIDO2 security key (the hmac-secret extension).
+
+:class:`Fido2HmacSecret` is the :class:`~janus_hsm.backends.software.keyfile.HmacSecretSource`
+that the software keystore asks for hmac-secret outputs: it finds, among the connected
+authenticators, the one holding an enrolled credential (a touch-free pre-flight), and
+asks it (one touch, and the PIN when the credential was enrolled with UV).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from janus_hsm.backends.software.keyfile import HmacSecretRecipient
+from janus_hsm.fido2.authenticator import Authenticator
+from janus_hsm.fido2.devices import Fido2Device, list_devices
+from janus_hsm.fido2.errors import NoDeviceError, UnknownCredentialError
+from janus_hsm.pin import PinSource
+
+log = logging.getLogger(__name__)
+
+#: The default RP ID of keystore credentials.  A reserved name (RFC 2606 ``.invalid``)
+#: no website can own, so no web page can ever ask a browser for these credentials.
+KEYSTORE_RP_ID = "keystore.janus.invalid"
+
+
+class Fido2HmacSecret:
+    """hmac-secret outputs from connected authenticators, for the credentials in ``enrolled``.
+
+    ``devices`` lists the authenticators to use (default: discovery at each request, so a
+    key plugged in after the keystore was opened is found).  ``on_touch`` is called with
+    a "touch your key" message whenever an authenticator waits for presence.
+    """
+
+    def __init__(
+        self,
+        enrolled: Sequence[HmacSecretRecipient] = (),
+        *,
+        pin: PinSource | None = None,
+        on_touch: Callable[[str], None] | None = None,
+        devices: Callable[[], Sequence[Fido2Device]] | None = None,
+    ) -> None:
+        self._enrolled = list(enrolled)
+        self._pin = pin
+        self._on_touch = on_touch
+        self._devices = devices or list_devices
+
+    def enrolled(self) -> Sequence[HmacSecretRecipient]:
+        return list(self._enrolled)
+
+    def hmac_secret(
+        self, recipients: Sequence[HmacSecretRecipient], salt: bytes
+    ) -> tuple[int, bytes]:
+        devices = list(self._devices())
+        if not devices:
+            raise NoDeviceError(
+                "no FIDO2 authenticator is connected; plug in a security key enrolled for "
+                "this key (" + ", ".join(repr(r.label) for r in recipients) + ")"
+            )
+        # Group by (RP ID, uv): one request per group, as each needs its own assertion.
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for index, recipient in enumerate(recipients):
+            groups.setdefault((recipient.rp_id, recipient.uv), []).append(index)
+        for device in devices:
+            authenticator = Authenticator(device, pin=self._pin, on_touch=self._on_touch)
+            for (rp_id, uv), indexes in groups.items():
+                ids = [recipients[i].credential_id for i in indexes]
+                held = authenticator.holds(rp_id, ids)
+                if held is None:
+                    continue
+                used, output = authenticator.hmac_secret(rp_id, [held], salt, uv=uv)
+                for i in indexes:
+                    if recipients[i].credential_id == used:
+                        log.debug(
+                            "unlocked with credential %r on %s", recipients[i].label, device.name
+                        )
+                        return i, output
+        labels = ", ".join(repr(r.label) for r in recipients)
+        raise UnknownCredentialError(
+            f"none of the {len(devices)} connected authenticator(s) holds a credential this "
+            f"key is enrolled for ({labels}); connect one of those security keys"
+        )
+
+
+__all__ = ["KEYSTORE_RP_ID", "Fido2HmacSecret"]
