@@ -113,10 +113,14 @@ class PivCard:
 
     # --- PIN and touch ------------------------------------------------------------
 
-    def verify_pin(self, session: PivSession, *, force: bool = False) -> None:
-        """Verify the PIN unless already verified in this session (or ``force``)."""
+    def verify_pin(self, session: PivSession, *, force: bool = False) -> bool:
+        """Verify the PIN unless already verified in this session (or ``force``).
+
+        Returns True when a VERIFY was sent now.  A blocked PIN is reported without
+        spending a try (firmware 5.3+ tells the count without a VERIFY).
+        """
         if self._pin_verified and not force:
-            return
+            return False
         try:
             remaining = session.get_pin_metadata().attempts_remaining
         except Exception:  # no metadata before firmware 5.3
@@ -127,8 +131,8 @@ class PivCard:
         try:
             session.verify_pin(pin)
         except ValueError as exc:
+            self._pin_verified = False
             if isinstance(exc, InvalidPinError):
-                self._pin_verified = False
                 raise translate(exc, where=self.description, what="PIN verification") from None
             raise PinIncorrectError(
                 f"the PIN for {self.description} is longer than the 8 bytes PIV allows"
@@ -136,6 +140,7 @@ class PivCard:
         finally:
             del pin
         self._pin_verified = True
+        return True
 
     def use_key(
         self,
@@ -145,32 +150,34 @@ class PivCard:
         touch_policy: TOUCH_POLICY | None,
         operation: Callable[[], T],
     ) -> T:
-        """Run a private-key operation as the slot's PIN and touch policies demand."""
+        """Run a private-key operation as the slot's PIN and touch policies demand.
+
+        PIN "always" is verified right before every use (the card forgets it after one
+        command); "once" is verified on first use in the session and again if the card
+        says it forgot (another application was selected, the card was reset).  A slot
+        with a touch policy is announced through ``on_touch`` first; when the card then
+        refuses although the PIN was just verified, the touch did not come.
+        """
         always = pin_policy in (PIN_POLICY.ALWAYS, PIN_POLICY.MATCH_ALWAYS)
-        if pin_policy is not PIN_POLICY.NEVER:
-            self.verify_pin(session, force=always)
+        needs_pin = pin_policy is not PIN_POLICY.NEVER
         touch = touch_policy in _NEEDS_TOUCH
-        if touch:
-            self.on_touch(f"Touch your YubiKey ({self.description}) to approve {what}")
-        try:
-            return operation()
-        except ApduError as exc:
-            denied = exc.sw == SW.SECURITY_CONDITION_NOT_SATISFIED
-            if touch and (exc.sw == SW.CONDITIONS_NOT_SATISFIED or (denied and always)):
-                raise presence_timeout(self.description, what) from None
-            if not denied or pin_policy is PIN_POLICY.NEVER:
-                raise
-        # Security status not satisfied although the PIN was verified: the card lost the
-        # verification (another application selected, a reset). Verify once more.
-        self.verify_pin(session, force=True)
-        if touch:
-            self.on_touch(f"Touch your YubiKey ({self.description}) to approve {what}")
-        try:
-            return operation()
-        except ApduError as exc:
-            if touch and exc.sw in (
-                SW.SECURITY_CONDITION_NOT_SATISFIED,
-                SW.CONDITIONS_NOT_SATISFIED,
-            ):
-                raise presence_timeout(self.description, what) from None
-            raise
+        for attempt in (1, 2):
+            fresh = self.verify_pin(session, force=always or attempt == 2) if needs_pin else False
+            if touch:
+                self.on_touch(f"Touch your YubiKey ({self.description}) to approve {what}")
+            try:
+                return operation()
+            except ApduError as exc:
+                refused = exc.sw in (
+                    SW.SECURITY_CONDITION_NOT_SATISFIED,
+                    SW.CONDITIONS_NOT_SATISFIED,
+                )
+                if not refused:
+                    raise
+                if touch and (fresh or not needs_pin or exc.sw == SW.CONDITIONS_NOT_SATISFIED):
+                    raise presence_timeout(self.description, what) from None
+                if not needs_pin or attempt == 2:
+                    raise
+                # The card forgot a PIN verified earlier: verify again and retry once.
+                self._pin_verified = False
+        raise AssertionError("unreachable")

@@ -103,7 +103,7 @@ def card_reports_default(session: PivSession) -> bool | None:
         return None
 
 
-def stored_key(session: PivSession, verify_pin: Callable[[], None]) -> bytes | None:
+def stored_key(session: PivSession, verify_pin: Callable[[], object]) -> bytes | None:
     """The PIN-protected management key ykman stored on the card, if there is one."""
     from ykman.piv import get_pivman_data, get_pivman_protected_data
 
@@ -131,7 +131,7 @@ def authenticate(
     session: PivSession,
     *,
     source: ManagementKeySource | None,
-    verify_pin: Callable[[], None],
+    verify_pin: Callable[[], object],
     where: str,
 ) -> bool:
     """Authenticate ``session`` with the management key; True if it is the factory default."""
