@@ -624,6 +624,8 @@ class VirtualPivApplet:
     ) -> None:
         if len(version) != 3 or not all(0 <= v <= 255 for v in version):
             raise ValueError("version must be three bytes")
+        if not 0 <= form_factor <= 0xFF:
+            raise ValueError("form_factor must be one byte")
         self.version: tuple[int, int, int] = (version[0], version[1], version[2])
         self.form_factor = form_factor
         self.touch = touch
@@ -668,11 +670,14 @@ class VirtualPivApplet:
 
     @property
     def attestation_certificate(self) -> x509.Certificate | None:
-        """The F9 certificate as stored in object 5FFF01 (None once deleted)."""
+        """The F9 certificate as stored in object 5FFF01 (None if deleted or unreadable)."""
         stored = self._objects.get(_ATTESTATION_CERT_OBJECT)
         if stored is None:
             return None
-        return x509.load_der_x509_certificate(_tlv_dict(_tlv_dict(stored)[0x53])[0x70])
+        try:
+            return x509.load_der_x509_certificate(_tlv_dict(_tlv_dict(stored)[0x53])[0x70])
+        except (_SwError, KeyError, ValueError):
+            return None
 
     def on_card_removed(self) -> None:
         """The card left the reader: volatile state is gone; a touch wait ends."""
@@ -837,14 +842,15 @@ class VirtualPivApplet:
         if left == 0:
             raise _SwError(_SW_BLOCKED)
         ok = hmac.compare_digest(_pad_pin(stored), padded)
-        left = total if ok else left - 1
+        new_left = total if ok else left - 1
         if ref == _PIN_REF:
-            self._pin_left = left
+            self._pin_left = new_left
         else:
-            self._puk_left = left
-        if not ok:
+            self._puk_left = new_left
+        if new_left != left:
             self._save()
-            raise _SwError(0x63C0 | min(left, 15))
+        if not ok:
+            raise _SwError(0x63C0 | min(new_left, 15))
 
     @staticmethod
     def _new_value(padded: bytes) -> bytes:

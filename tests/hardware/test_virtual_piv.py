@@ -702,6 +702,9 @@ def test_state_file_keeps_keys_pins_and_serial(tmp_path: Path) -> None:
     assert session.get_serial() == serial
     assert session.get_pin_metadata().attempts_remaining == 2
     assert session.get_certificate(SLOT.ATTESTATION) == attestation
+    session.verify_pin("314159")  # restores the counter, on disk too
+    assert _open(VirtualYubiKey(piv=VirtualPivApplet(state_path=path))).get_pin_attempts() == 3
+    session = _open(second)
     session.verify_pin("314159")
     signature = session.sign(SLOT.AUTHENTICATION, KEY_TYPE.ED25519, b"again", None)
     assert isinstance(public_key, ed25519.Ed25519PublicKey)
