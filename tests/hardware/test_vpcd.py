@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from smartcard.CardConnection import CardConnection
-from smartcard.CardRequest import CardRequest
-from smartcard.Exceptions import CardConnectionException
-from smartcard.System import readers
+from smartcard.CardConnection import CardConnection  # type: ignore[import-untyped]
+from smartcard.CardRequest import CardRequest  # type: ignore[import-untyped]
+from smartcard.Exceptions import CardConnectionException  # type: ignore[import-untyped]
+from smartcard.System import readers  # type: ignore[import-untyped]
 
 from hardware.card import YUBIKEY_ATR, Command, VirtualCard
 from hardware.pcscd import READER_NAME, VirtualReaders, list_readers
@@ -104,7 +104,7 @@ def test_ykman_lists_the_reader(pcsc_reader: PlugCard) -> None:
     from ykman.pcsc import list_devices
 
     name = pcsc_reader(VirtualCard([EchoApplet()]))
-    assert name in [device.reader.name for device in list_devices()]
+    assert name in [device.reader.name for device in list_devices()]  # type: ignore[no-untyped-call]
 
 
 def test_apdu_latency_is_not_the_delayed_ack_timer(pcsc_reader: PlugCard) -> None:
