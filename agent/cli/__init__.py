@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent.cli import capabilities, cloud, edge, keys, messages
+from agent.cli import capabilities, cloud, edge, fido2, keys, messages
 from agent.cli.output import CommandError, emit_error
 from agent.didcomm.errors import DIDCommError
 from agent.errors import AgentError
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     messages.register(commands)
     cloud.register(commands)
     edge.register(commands)
+    fido2.register(commands)
     return parser
 
 

@@ -8,6 +8,7 @@ import re
 import time
 from typing import Any
 
+from agent.cli import fido2 as fido2_cli
 from agent.cli.output import (
     CommandError,
     common_options,
@@ -22,7 +23,7 @@ from policies.capability import Bundle
 from policies.durations import parse_duration
 from policies.errors import FormatError, PolicyError, VerificationError
 from policies.invocation import invoke
-from policies.issue import grant
+from policies.issue import grant, prepare_grant
 from policies.jws import strict_json
 from policies.ledger import open_ledger
 from policies.ledger.base import Rate
@@ -67,20 +68,48 @@ def cmd_grant(args: argparse.Namespace) -> int:
     if args.uses <= 0:
         raise CommandError("--uses must be a positive integer")
     ability = Ability(args.resource, args.action, parse_caveat_args(args.caveat or []))
+    fido2_cli.refuse_declared_approval(args.satisfied)
     policy = IssuancePolicy.load(args.policy) if args.policy else None
     proof = _bundle(args.proof) if args.proof else None
+    request = fido2_cli.load_request(args.approval_request)
     issuer = open_key(args.issuer, allow_extractable=args.allow_extractable)
+    arguments: dict[str, Any] = {
+        "audience": args.to,
+        "abilities": [ability],
+        "ttl_seconds": parse_duration(args.ttl),
+        "uses": args.uses,
+        "depth": args.depth,
+        "rate": _rate(args.rate),
+        "proof": proof,
+        "policy": policy,
+    }
+    # Prepared first (signing nothing): the policy says whether approvals are needed,
+    # and approvals are over exactly these claims.  A request fixes the time and jti.
+    draft = prepare_grant(
+        issuer,
+        **arguments,
+        now=int(request.claims["iat"]) if request else None,
+        jti=str(request.claims["jti"]) if request else None,
+    )
+    if request is not None and not request.same_claims(draft.claims):
+        raise CommandError(
+            f"{args.approval_request} was prepared for other grant arguments (or another "
+            "issuer, policy or parent); run the grant with the same arguments it was made with"
+        )
+    approval_arguments: dict[str, Any] = {}
+    if draft.decision.approvals:
+        if args.approval_request_out:
+            return fido2_cli.write_request(args, draft)
+        approval_arguments = fido2_cli.grant_approvals(args, draft, request)
+    elif args.approval_request_out or args.approvals or args.approval_request:
+        raise CommandError(f"rule {draft.decision.rule!r} requires no approvals")
     bundle = grant(
         issuer,
-        audience=args.to,
-        abilities=[ability],
-        ttl_seconds=parse_duration(args.ttl),
-        uses=args.uses,
-        depth=args.depth,
-        rate=_rate(args.rate),
-        proof=proof,
-        policy=policy,
+        **arguments,
         satisfied=args.satisfied or (),
+        now=draft.now,
+        jti=draft.jti,
+        **approval_arguments,
     )
     leaf = bundle.leaf
     if args.ledger:
@@ -244,10 +273,11 @@ def register(commands: Any) -> None:
         "--satisfied",
         action="append",
         metavar="STEP",
-        help="a policy requirement already fulfilled (touch, approval)",
+        help="a policy requirement already fulfilled (touch); approvals cannot be declared",
     )
     p.add_argument("--ledger", metavar="URL", help="record the grant in this ledger's audit log")
     p.add_argument("--out", metavar="FILE")
+    fido2_cli.add_approval_options(p)
     p.set_defaults(handler=cmd_grant)
 
     p = commands.add_parser(

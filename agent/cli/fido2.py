@@ -1,0 +1,500 @@
+"""``janus fido2 list | register | remove | approve``, and collecting approvals for grants.
+
+Security keys are found over USB HID and PC/SC (janus_hsm.fido2.devices).  Approvers go
+into the approver registry that grants are verified against (policies.approvals);
+keystore credentials into the keystore credential registry (janus_hsm.fido2.registry).
+Both live in ``--registry-dir`` (default: the platform data dir ``janus/fido2``).
+PINs come from ``--pin-source``, ``JANUS_PIN`` or a prompt, never from argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.cli.output import (
+    CommandError,
+    common_options,
+    emit,
+    print_json,
+    read_input,
+    write_output,
+)
+from janus_hsm.backends.software.keyfile import HmacSecretRecipient
+from janus_hsm.fido2.authenticator import Authenticator, origin_for
+from janus_hsm.fido2.devices import Fido2Device, list_devices, select_device
+from janus_hsm.fido2.errors import Fido2Error, NoDeviceError, UnknownCredentialError
+from janus_hsm.fido2.keystore import KEYSTORE_RP_ID
+from janus_hsm.fido2.registry import CredentialRegistry, KeystoreCredential, default_directory
+from janus_hsm.pin import PinSource, resolve_pin_source
+from janus_hsm.public_keys import b64url_encode
+from policies.approval_requests import ApprovalRequest, approval_file, load_approval_file
+from policies.approvals import (
+    Approval,
+    ApprovalRequestError,
+    Approver,
+    ApproverSet,
+    request_approval,
+)
+from policies.errors import PolicyViolationError
+from policies.issue import GrantDraft
+from policies.policy import APPROVAL
+
+#: The default RP ID of approval credentials: a reserved name (RFC 2606 ``.invalid``)
+#: no website can own, so no web page can ask for an approval assertion.
+APPROVAL_RP_ID = "approvals.janus.invalid"
+APPROVERS_FILE = "approvers.json"
+CREDENTIALS_FILE = "credentials.json"
+
+
+class DeclaredApprovalError(CommandError):
+    """``--satisfied approval``: a caller cannot declare approvals it does not have."""
+
+    code = "approval_not_declarable"
+
+
+def registry_dir(args: argparse.Namespace) -> Path:
+    return Path(args.registry_dir) if getattr(args, "registry_dir", None) else default_directory()
+
+
+def approvers_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "approvers", None):
+        return Path(args.approvers)
+    return registry_dir(args) / APPROVERS_FILE
+
+
+def _load_approvers(path: Path) -> ApproverSet:
+    return ApproverSet.load(path) if path.exists() else ApproverSet()
+
+
+def _save_approvers(approvers: ApproverSet, path: Path) -> None:
+    """Atomic replace (ApproverSet.save), creating the registry directory 0700 first."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        approvers.save(path)
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _pin(args: argparse.Namespace) -> PinSource:
+    return resolve_pin_source(getattr(args, "pin_source", None), prompt="PIN of the security key: ")
+
+
+def _say(message: str) -> None:
+    print(f"janus: {message}", file=sys.stderr, flush=True)
+
+
+def _authenticator(args: argparse.Namespace, device: Fido2Device | None = None) -> Authenticator:
+    chosen = device or select_device(list_devices(), getattr(args, "device", None))
+    return Authenticator(chosen, pin=_pin(args), on_touch=_say)
+
+
+# ------------------------------------------------------------------ janus fido2 list
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    approvers = _load_approvers(approvers_path(args))
+    keystore = CredentialRegistry.load(registry_dir(args) / CREDENTIALS_FILE)
+    registered: list[dict[str, Any]] = [
+        {
+            "purpose": "approval",
+            "name": a.id,
+            "rp_id": a.rp_id,
+            "credential_id": b64url_encode(a.credential_id),
+        }
+        for a in approvers
+    ] + [
+        {
+            "purpose": "keystore",
+            "name": c.label,
+            "rp_id": c.recipient.rp_id,
+            "credential_id": b64url_encode(c.recipient.credential_id),
+            "uv": c.recipient.uv,
+            "aaguid": c.aaguid,
+            "created": c.created,
+        }
+        for c in keystore.credentials
+    ]
+    devices = []
+    for device in list_devices():
+        try:
+            auth = Authenticator(device)
+            info = auth.describe()
+            # Which registered credentials this key holds: an up=false pre-flight, no touch.
+            info["holds"] = [
+                r["name"]
+                for r in registered
+                if auth.holds(r["rp_id"], [_unb64(r["credential_id"])]) is not None
+            ]
+        except Fido2Error as exc:
+            info = {
+                "name": device.name,
+                "transport": device.transport,
+                "error": exc.code,
+                "message": str(exc),
+            }
+        finally:
+            device.close()
+        devices.append(info)
+    result = {"devices": devices, "credentials": registered}
+    lines = [f"{len(devices)} device(s):"]
+    for d in devices:
+        if "error" in d:
+            lines.append(f"  {d['name']} ({d['transport']}): {d['message']}")
+            continue
+        pin = f"PIN set, {d['pin_retries']} retries" if d["pin_set"] else "no PIN"
+        lines.append(
+            f"  {d['name']} ({d['transport']}) AAGUID {d['aaguid']} "
+            f"{'/'.join(d['versions'])}; {pin}; holds: {', '.join(d['holds']) or '-'}"
+        )
+    lines.append(f"{len(registered)} registered credential(s):")
+    lines += [f"  {r['purpose']:8} {r['name']} (RP {r['rp_id']})" for r in registered]
+    return emit(result, "\n".join(lines), as_json=args.json)
+
+
+def _unb64(text: str) -> bytes:
+    from janus_hsm.public_keys import b64url_decode
+
+    return b64url_decode(text)
+
+
+# ------------------------------------------------------------------ register / remove
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    auth = _authenticator(args)
+    if args.purpose == "approval":
+        path = approvers_path(args)
+        approvers = _load_approvers(path)
+        rp_id = args.rp_id or APPROVAL_RP_ID
+        if approvers.get(args.name) is not None:
+            raise CommandError(f"approver {args.name!r} is already registered in {path}")
+        exclude = [a.credential_id for a in approvers if a.rp_id == rp_id]
+        _say(f"registering approver {args.name!r} on {auth.name}")
+        created = auth.make_credential(rp_id, args.name, exclude=exclude)
+        approver = Approver(args.name, created.credential_id, created.public_key, rp_id)
+        _save_approvers(approvers.with_approver(approver), path)
+        result: dict[str, Any] = {
+            "purpose": "approval",
+            "registry": str(path),
+            **approver.to_json(),
+        }
+    else:
+        path = registry_dir(args) / CREDENTIALS_FILE
+        registry = CredentialRegistry.load(path)
+        rp_id = args.rp_id or KEYSTORE_RP_ID
+        if registry.get(args.name) is not None:
+            raise CommandError(f"keystore credential {args.name!r} is already registered")
+        exclude = [c.recipient.credential_id for c in registry.credentials]
+        _say(f"registering keystore credential {args.name!r} on {auth.name}")
+        created = auth.make_credential(rp_id, args.name, hmac_secret=True, exclude=exclude)
+        credential = KeystoreCredential(
+            HmacSecretRecipient(created.credential_id, rp_id, created.uv, args.name),
+            created.aaguid,
+            datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        registry.with_credential(credential).save(path)
+        result = {"purpose": "keystore", "registry": str(path), **credential.to_json()}
+    return emit(result, f"registered {args.purpose} credential {args.name!r}", as_json=args.json)
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    removed = []
+    if args.purpose in (None, "approval"):
+        path = approvers_path(args)
+        approvers = _load_approvers(path)
+        if approvers.get(args.name) is not None:
+            _save_approvers(approvers.without(args.name), path)
+            removed.append({"purpose": "approval", "registry": str(path)})
+    if args.purpose in (None, "keystore"):
+        path = registry_dir(args) / CREDENTIALS_FILE
+        registry = CredentialRegistry.load(path)
+        if registry.get(args.name) is not None:
+            registry.without(args.name).save(path)
+            removed.append({"purpose": "keystore", "registry": str(path)})
+    if not removed:
+        raise UnknownCredentialError(
+            f"no registered credential named {args.name!r}; `janus fido2 list` shows them"
+        )
+    result = {"name": args.name, "removed": removed}
+    return emit(result, f"removed {args.name!r} from the registry", as_json=args.json)
+
+
+# ------------------------------------------------------------------ approvals
+
+
+def approvals_from_devices(
+    claims: dict[str, Any],
+    approvers: ApproverSet,
+    *,
+    rp_id: str,
+    origin: str,
+    needed: int,
+    already: Sequence[str],
+    pin: PinSource,
+    require_uv: bool,
+) -> list[Approval]:
+    """Approvals from the connected keys of registered approvers, up to ``needed``.
+
+    A refusal at any key (presence denied, timeout, PIN blocked…) is raised as its typed
+    error: the grant is refused, not silently short of an approval.
+    """
+    collected: list[Approval] = []
+    done = set(already)
+    devices = list_devices()
+    for device in devices:
+        if len(collected) >= needed:
+            break
+        candidates = [a for a in approvers if a.rp_id == rp_id and a.id not in done]
+        if not candidates:
+            break
+        auth = Authenticator(device, pin=pin, on_touch=_say)
+        held = auth.holds(rp_id, [a.credential_id for a in candidates])
+        if held is None:
+            continue
+        approver = next(a for a in candidates if a.credential_id == held)
+        try:
+            approval = request_approval(
+                auth.client(origin),
+                approver,
+                claims,
+                rp_id=rp_id,
+                origin=origin,
+                user_verification="required" if require_uv else "discouraged",
+                prompt=_approval_prompt(device.name),
+            )
+        except ApprovalRequestError as exc:
+            cause = exc.__cause__ or exc
+            raise auth.map_error(cause, f"approval by {approver.id!r}") from None
+        collected.append(approval)
+        done.add(approver.id)
+    if not devices and needed:
+        raise NoDeviceError("no FIDO2 authenticator is connected to collect approvals from")
+    return collected
+
+
+def _approval_prompt(device_name: str) -> Any:
+    def prompt(approver: Approver) -> None:
+        _say(f"approver {approver.id!r} ({device_name}): approve this grant")
+
+    return prompt
+
+
+def grant_approvals(
+    args: argparse.Namespace, draft: GrantDraft, request: ApprovalRequest | None
+) -> dict[str, Any]:
+    """The approval arguments of :func:`policies.issue.grant` for a draft that needs them."""
+    required = draft.decision.approvals
+    rp_id = request.rp_id if request else args.approval_rp_id
+    origin = request.origin if request else origin_for(rp_id)
+    approvers = _load_approvers(approvers_path(args))
+    approvals = [
+        load_approval_file(read_input(name), name, challenge=draft.challenge)
+        for name in args.approvals or []
+    ]
+    if args.approver_device:
+        approvals += approvals_from_devices(
+            draft.claims,
+            approvers,
+            rp_id=rp_id,
+            origin=origin,
+            needed=max(required - len({a.approver_id for a in approvals}), 0),
+            already=[a.approver_id for a in approvals],
+            pin=_pin(args),
+            require_uv=args.approval_require_uv,
+        )
+    if not approvals:
+        raise PolicyViolationError(
+            f"rule {draft.decision.rule!r} requires {required} approval(s) before the key "
+            "signs, and none were given: approve with connected keys (--approver-device), or "
+            "prepare a request (--approval-request-out FILE), have each approver run "
+            "`janus fido2 approve --request FILE`, and grant with --approval-request FILE "
+            "--approvals FILE… (docs/fido2.md)",
+            rule=draft.decision.rule,
+        )
+    return {
+        "approvals": approvals,
+        "approvers": approvers,
+        "approval_origin": origin,
+        "approval_rp_id": rp_id,
+        "approval_require_uv": args.approval_require_uv,
+    }
+
+
+def write_request(args: argparse.Namespace, draft: GrantDraft) -> int:
+    """Write the approval request for ``draft`` (nothing is signed)."""
+    rp_id = args.approval_rp_id
+    request = ApprovalRequest.create(
+        draft.claims,
+        rp_id=rp_id,
+        origin=origin_for(rp_id),
+        required=draft.decision.approvals,
+        rule=draft.decision.rule,
+        approvers=_load_approvers(approvers_path(args)),
+    )
+    write_output(args.approval_request_out, request.to_bytes(), mode=0o644)
+    result = {
+        "request": args.approval_request_out,
+        "challenge": b64url_encode(request.challenge),
+        "required": request.required,
+        "rule": request.rule,
+        "signed": False,
+    }
+    text = (
+        f"wrote approval request {args.approval_request_out}: {request.required} approval(s) "
+        f"needed (rule {request.rule!r}); nothing was signed"
+    )
+    return emit(result, text, as_json=args.json)
+
+
+def load_request(path: str | None) -> ApprovalRequest | None:
+    return None if path is None else ApprovalRequest.loads(read_input(path), path)
+
+
+def refuse_declared_approval(satisfied: Sequence[str] | None) -> None:
+    if satisfied and APPROVAL in satisfied:
+        raise DeclaredApprovalError(
+            "--satisfied approval is refused: approvals are collected and verified, not "
+            "declared. Use --approver-device, or --approval-request-out / --approval-request "
+            "with --approvals FILE (see docs/fido2.md)"
+        )
+
+
+def add_approval_options(p: argparse.ArgumentParser, *, offline: bool = True) -> None:
+    """The options of grant commands that collect approvals when the policy requires them."""
+    group = p.add_argument_group("approvals (when the policy requires them)")
+    group.add_argument(
+        "--approver-device",
+        action="store_true",
+        help="collect approvals from the connected security keys of registered approvers",
+    )
+    if offline:
+        group.add_argument(
+            "--approval-request-out",
+            metavar="FILE",
+            help="write an approval request for approvers (`janus fido2 approve`), sign nothing",
+        )
+        group.add_argument(
+            "--approval-request", metavar="FILE", help="the request prepared earlier"
+        )
+        group.add_argument(
+            "--approvals",
+            action="append",
+            metavar="FILE",
+            help="an approval file from `janus fido2 approve` (repeatable)",
+        )
+    group.add_argument(
+        "--approval-require-uv", action="store_true", help="approvals must carry the PIN (UV)"
+    )
+    group.add_argument("--approval-rp-id", default=APPROVAL_RP_ID, metavar="RP_ID")
+    _registry_options(group)
+    group.add_argument("--pin-source", metavar="URI", help="file:/path holding the PIN")
+
+
+def _registry_options(p: Any) -> None:
+    p.add_argument("--registry-dir", metavar="DIR", help="default: <data dir>/janus/fido2")
+    p.add_argument("--approvers", metavar="FILE", help="approver registry (default in DIR)")
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    request = ApprovalRequest.loads(read_input(args.request), args.request)
+    claims = request.claims
+    abilities = claims.get("att")
+    _say(
+        f"approval request for rule {request.rule!r}: {claims.get('iss')} grants "
+        f"{claims.get('aud')} {abilities} until "
+        f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(int(claims.get('exp', 0))))}, "
+        f"limits {claims.get('lim')}; challenge {request.challenge.hex()[:16]}…"
+    )
+    candidates = [(i, c) for i, c in request.approvers if args.approver in (None, i)]
+    if not candidates:
+        raise UnknownCredentialError(f"the request names no approver {args.approver!r}")
+    auth = _authenticator(args)
+    held = auth.holds(request.rp_id, [c for _, c in candidates])
+    if held is None:
+        raise UnknownCredentialError(
+            f"{auth.name} holds none of the approver credentials the request names"
+        )
+    approver_id, credential_id = next((i, c) for i, c in candidates if c == held)
+    # The public key is not needed to *make* an assertion; a placeholder keeps the
+    # Approver type (the issuer verifies with the key it registered).
+    approver = _placeholder_approver(approver_id, credential_id, request.rp_id)
+    try:
+        approval = request_approval(
+            auth.client(request.origin),
+            approver,
+            claims,
+            rp_id=request.rp_id,
+            origin=request.origin,
+            user_verification="required" if args.uv else "discouraged",
+            prompt=lambda a: _say(f"approver {a.id!r}: touch your security key to approve"),
+        )
+    except ApprovalRequestError as exc:
+        raise auth.map_error(exc.__cause__ or exc, f"approval by {approver_id!r}") from None
+    data = approval_file(approval, request.challenge)
+    result = {
+        "approver_id": approver_id,
+        "challenge": b64url_encode(request.challenge),
+        **({"out": args.out} if args.out else {}),
+    }
+    if args.out:
+        write_output(args.out, data)
+        return emit(result, f"approved as {approver_id!r}: wrote {args.out}", as_json=args.json)
+    if args.json:
+        print_json({**result, "approval": data.decode()})
+    else:
+        sys.stdout.write(data.decode())
+    return 0
+
+
+def _placeholder_approver(approver_id: str, credential_id: bytes, rp_id: str) -> Approver:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return Approver(approver_id, credential_id, key, rp_id)
+
+
+def register(commands: Any) -> None:
+    common = common_options()
+    where = argparse.ArgumentParser(add_help=False)
+    _registry_options(where)
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", metavar="NAME", help="the key whose name contains NAME")
+    device.add_argument("--pin-source", metavar="URI", help="file:/path holding the PIN")
+
+    fido2 = commands.add_parser("fido2", help="FIDO2 security keys: approvers, keystore unlock")
+    sub = fido2.add_subparsers(dest="fido2_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("list", parents=[common, where], help="connected keys and registrations")
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser(
+        "register", parents=[common, where, device], help="create and register a credential"
+    )
+    p.add_argument("name", metavar="NAME", help="approver id or keystore credential label")
+    p.add_argument("--purpose", choices=["approval", "keystore"], default="approval")
+    p.add_argument(
+        "--rp-id",
+        metavar="RP_ID",
+        help=f"default {APPROVAL_RP_ID} (approval) or {KEYSTORE_RP_ID} (keystore)",
+    )
+    p.set_defaults(handler=cmd_register)
+
+    p = sub.add_parser("remove", parents=[common, where], help="remove a registration")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--purpose", choices=["approval", "keystore"])
+    p.set_defaults(handler=cmd_remove)
+
+    p = sub.add_parser(
+        "approve", parents=[common, device], help="approve a prepared grant with your key"
+    )
+    p.add_argument("--request", required=True, metavar="FILE")
+    p.add_argument("--approver", metavar="ID", help="approve as this approver")
+    p.add_argument("--uv", action="store_true", help="also verify the PIN (UV)")
+    p.add_argument("--out", metavar="FILE")
+    p.set_defaults(handler=cmd_approve)
