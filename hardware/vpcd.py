@@ -295,3 +295,38 @@ class VpcdCardBridge:
             response = _SW_NO_PRECISE_DIAGNOSIS
         self.apdus += 1
         return response
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hardware.vpcd [--port N] [--state FILE]``: a FIDO2 key for a running pcscd.
+
+    For trying the virtual key with other tools by hand, e.g. against the machine's own
+    pcscd and Debian's default vpcd reader (``/etc/reader.conf.d/vpcd``, port 0x8C7B).
+    Serves until interrupted.
+    """
+    import argparse
+
+    from hardware.fido2_authenticator import SoftwareAuthenticator
+    from hardware.fido2_card import Fido2Applet
+
+    parser = argparse.ArgumentParser(prog="python -m hardware.vpcd", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=lambda s: int(s, 0), default=DEFAULT_PORT)
+    parser.add_argument("--state", help="JSON file keeping the key's credentials and PIN")
+    args = parser.parse_args(argv)
+    card = VirtualCard([Fido2Applet(SoftwareAuthenticator(state_path=args.state))])
+    with VpcdCardBridge(card, args.host, args.port) as bridge:
+        try:
+            bridge.wait_connected()
+            print(f"virtual FIDO2 key in the vpcd reader on port {args.port}; Ctrl-C ends")
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+        except VpcdError as exc:
+            print(exc)
+            return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -58,5 +58,6 @@ def pcsc_reader(pcsc_readers: VirtualReaders) -> Iterator[PlugCard]:
         return pcsc_readers.plug(card, slot)
 
     yield plug
+    gc.collect()  # a connection the test forgot (ykman's are exclusive) must not block the next
     for slot in sorted(used):
         pcsc_readers.plug(VirtualCard([]), slot)
