@@ -11,6 +11,7 @@ from typing import Any
 
 from platformdirs import user_data_dir
 
+from agent.cli import fido2 as fido2_cli
 from agent.cli.capabilities import parse_caveat_args
 from agent.cli.output import (
     CommandError,
@@ -61,6 +62,7 @@ def cmd_did(args: argparse.Namespace) -> int:
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
+    fido2_cli.refuse_declared_approval(args.satisfied)
     edge = _open(args)
     if args.uses <= 0:
         raise CommandError("--uses must be a positive integer")
@@ -72,6 +74,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
         uses=args.uses,
         depth=args.depth,
         satisfied=args.satisfied or (),
+        approve=lambda draft: fido2_cli.grant_approvals(args, draft, None),
     )
     return emit(result, f"granted {result['grant_id']} to {result['key']}", as_json=args.json)
 
@@ -208,8 +211,11 @@ def register(commands: Any) -> None:
     p.add_argument("--ttl", required=True, metavar="DURATION")
     p.add_argument("--uses", required=True, type=int, metavar="N")
     p.add_argument("--depth", type=int, default=0, metavar="N")
-    p.add_argument("--satisfied", action="append", metavar="STEP")
-    p.set_defaults(handler=cmd_grant)
+    p.add_argument(
+        "--satisfied", action="append", metavar="STEP", help="e.g. touch; never approval"
+    )
+    fido2_cli.add_approval_options(p, offline=False)
+    p.set_defaults(handler=cmd_grant, approvals=None)
 
     p = sub.add_parser("revoke", parents=[common, state], help="revoke a grant at once")
     p.add_argument("--grant", required=True, metavar="GRANT_ID")

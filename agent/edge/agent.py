@@ -12,7 +12,7 @@ import json
 import os
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from janus_hsm.errors import KeyNotFoundError
 from janus_hsm.provider import KeyHandle
 from policies.abilities import Ability
 from policies.capability import Bundle
-from policies.issue import grant
+from policies.issue import GrantDraft, grant, prepare_grant
 from policies.policy import IssuancePolicy
 from policies.revocation import sign_revocation
 
@@ -223,24 +223,39 @@ class EdgeAgent:
         uses: int,
         depth: int = 0,
         satisfied: Sequence[str] = (),
+        approve: Callable[[GrantDraft], dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """Ask the cloud agent for a fresh key, sign a capability for it, install it."""
+        """Ask the cloud agent for a fresh key, sign a capability for it, install it.
+
+        ``approve`` collects the approvals the policy requires: it gets the prepared
+        draft and returns :func:`policies.issue.grant`'s approval arguments; a refusal
+        (an exception) means nothing is signed and no bundle is installed.
+        """
         now = int(time.time())
         agent_did = self.cloud_did(cloud)
         key_request = sign_request(self.root, typ=KEYREQ_TYP, audience=agent_did, now=now)
         created = self._call("POST", f"{cloud}/v1/grants", json={"request": key_request})
+        arguments: dict[str, Any] = {
+            "audience": created["did"],
+            "abilities": abilities,
+            "ttl_seconds": ttl_seconds,
+            "uses": uses,
+            "depth": depth,
+            "policy": self.policy,
+            "now": now,
+        }
+        approval_arguments: dict[str, Any] = {}
+        draft = prepare_grant(self.root, **arguments)
+        if draft.decision.approvals and approve is not None:
+            approval_arguments = approve(draft)
         bundle = grant(
             self.root,
-            audience=created["did"],
-            abilities=abilities,
-            ttl_seconds=ttl_seconds,
-            uses=uses,
-            depth=depth,
-            policy=self.policy,
+            **arguments,
             satisfied=satisfied,
-            now=now,
+            jti=draft.jti,
             # Lets a mediator recognise messages addressed to the X25519 key's did:key.
             evidence={"keyAgreement": [self.agreement.did]},
+            **approval_arguments,
         )
         installed = self._call(
             "PUT",

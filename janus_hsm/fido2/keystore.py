@@ -61,20 +61,26 @@ class Fido2HmacSecret:
         groups: dict[tuple[str, bool], list[int]] = {}
         for index, recipient in enumerate(recipients):
             groups.setdefault((recipient.rp_id, recipient.uv), []).append(index)
-        for device in devices:
-            authenticator = Authenticator(device, pin=self._pin, on_touch=self._on_touch)
-            for (rp_id, uv), indexes in groups.items():
-                ids = [recipients[i].credential_id for i in indexes]
-                held = authenticator.holds(rp_id, ids)
-                if held is None:
-                    continue
-                used, output = authenticator.hmac_secret(rp_id, [held], salt, uv=uv)
-                for i in indexes:
-                    if recipients[i].credential_id == used:
-                        log.debug(
-                            "unlocked with credential %r on %s", recipients[i].label, device.name
-                        )
-                        return i, output
+        try:
+            for device in devices:
+                authenticator = Authenticator(device, pin=self._pin, on_touch=self._on_touch)
+                for (rp_id, uv), indexes in groups.items():
+                    ids = [recipients[i].credential_id for i in indexes]
+                    held = authenticator.holds(rp_id, ids)
+                    if held is None:
+                        continue
+                    used, output = authenticator.hmac_secret(rp_id, [held], salt, uv=uv)
+                    for i in indexes:
+                        if recipients[i].credential_id == used:
+                            log.debug(
+                                "unlocked with credential %r on %s",
+                                recipients[i].label,
+                                device.name,
+                            )
+                            return i, output
+        finally:
+            for device in devices:
+                device.close()  # a PC/SC connection is not left open
         labels = ", ".join(repr(r.label) for r in recipients)
         raise UnknownCredentialError(
             f"none of the {len(devices)} connected authenticator(s) holds a credential this "
