@@ -28,7 +28,7 @@ from janus_hsm.public_keys import b64url_encode
 def describe(handle: KeyHandle) -> dict[str, Any]:
     """The ``keys show`` object: a stable contract for scripts (see docs/cli.md)."""
     props = handle.properties
-    return {
+    info: dict[str, Any] = {
         "uri": handle.uri,
         "alg": props.algorithm.value,
         "did": handle.did,
@@ -43,6 +43,9 @@ def describe(handle: KeyHandle) -> dict[str, Any]:
             "local": props.local,
         },
     }
+    if props.pin_policy is not None or props.touch_policy is not None:
+        info["policies"] = {"pin": props.pin_policy, "touch": props.touch_policy}
+    return info
 
 
 def _print_human(info: dict[str, Any]) -> None:
@@ -53,19 +56,60 @@ def _print_human(info: dict[str, Any]) -> None:
     print(f"  did:        {info['did']}")
     print(f"  kid:        {info['jwk']['kid']}")
     print(f"  properties: {flags}")
+    if "policies" in info:
+        print(f"  policies:   PIN {info['policies']['pin']}, touch {info['policies']['touch']}")
     if not info["custody_grade"]:
         print("  WARNING:    this private key is or was extractable; it is refused for use")
 
 
+def _touch_prompt(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _provider(args: argparse.Namespace) -> Any:
-    return open_provider(args.uri, allow_extractable=args.allow_extractable)
+    return open_provider(args.uri, allow_extractable=args.allow_extractable, on_touch=_touch_prompt)
+
+
+def _warn_default_management_key(provider: Any) -> list[str]:
+    """A PIV card still on its factory management key: say so on stderr (and in JSON)."""
+    if getattr(provider, "default_management_key", None) is not True:
+        return []
+    warning = (
+        "this card uses the FACTORY DEFAULT PIV management key: anyone holding it can "
+        "replace its keys. Change it: ykman piv access change-management-key --generate --protect"
+    )
+    print(f"WARNING: {warning}", file=sys.stderr)
+    return [warning]
+
+
+def _generate_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--pin-policy / --touch-policy, which only PIV slots have."""
+    if args.pin_policy is None and args.touch_policy is None:
+        return {}
+    if not args.uri.lower().startswith("piv:"):
+        raise CommandError("--pin-policy and --touch-policy apply to piv: keys only")
+    from janus_hsm.backends.piv.slots import parse_pin_policy, parse_touch_policy
+
+    options: dict[str, Any] = {}
+    try:
+        if args.pin_policy is not None:
+            options["pin_policy"] = parse_pin_policy(args.pin_policy)
+        if args.touch_policy is not None:
+            options["touch_policy"] = parse_touch_policy(args.touch_policy)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    return options
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     algorithm = _algorithm(args.alg)
+    options = _generate_options(args)
     with _provider(args) as provider:
-        handle = provider.generate(args.uri, algorithm)
+        handle = provider.generate(args.uri, algorithm, **options)
         info = describe(handle)
+        warnings = _warn_default_management_key(provider)
+    if warnings:
+        info["warnings"] = warnings
     if args.json:
         print_json(info)
     else:
@@ -131,6 +175,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             if answer.strip() != "yes":
                 raise CommandError("not confirmed; nothing was deleted")
         provider.delete(args.uri)
+        _warn_default_management_key(provider)
     if args.json:
         print_json({"deleted": uri})
     else:
@@ -192,6 +237,8 @@ def cmd_attest(args: argparse.Namespace) -> int:
     with _provider(args) as provider:
         handle = provider.lookup(args.uri)
         attestation = handle.attest()
+        public_key = handle.public_key()
+    verification = _verify_attestation(args, attestation, public_key)
     result = {
         "uri": handle.uri,
         "format": attestation.format,
@@ -206,7 +253,36 @@ def cmd_attest(args: argparse.Namespace) -> int:
         f"{handle.uri}: {attestation.format}, generated on device: "
         f"{'yes' if attestation.generated_on_device else 'no'}"
     )
-    return emit(result, text, as_json=args.json)
+    if verification is not None:
+        result["verification"] = verification
+        if verification["verified"]:
+            text += f"\n  verified: chains to {verification['root']}"
+        else:
+            text += f"\n  NOT VERIFIED: {verification['message']}"
+    emit(result, text, as_json=args.json)
+    return 0 if verification is None or verification["verified"] else 1
+
+
+def _verify_attestation(
+    args: argparse.Namespace, attestation: Any, public_key: Any
+) -> dict[str, Any] | None:
+    """Check a YubiKey PIV chain against Yubico's roots, JANUS_PIV_ATTESTATION_ROOTS and
+    every --trust-root; None for formats Janus cannot verify here."""
+    from janus_hsm import attestation as piv_attestation
+    from janus_hsm.errors import AttestationError
+
+    if attestation.format != piv_attestation.FORMAT:
+        return None
+    roots = piv_attestation.default_roots()
+    for path in args.trust_root or []:
+        roots.extend(piv_attestation.load_certificate_file(path))
+    try:
+        verified = piv_attestation.verify_piv_attestation(
+            attestation.certificates, roots=roots, expected_public_key=public_key
+        )
+    except AttestationError as exc:
+        return {"verified": False, "error": exc.code, "message": str(exc)}
+    return verified.as_dict()
 
 
 def _algorithm(name: str) -> Algorithm:
@@ -230,9 +306,19 @@ def register(commands: Any) -> None:
         p.set_defaults(handler=handler)
         return p
 
-    key_uri = "key URI, e.g. pkcs11:token=janus;object=edge-root"
+    key_uri = "key URI, e.g. pkcs11:token=janus;object=edge-root or piv:serial=12345678;slot=9c"
     p = add("generate", cmd_generate, "generate a key pair inside the device", key_uri)
     p.add_argument("--alg", required=True, metavar="ALG", help="ES256 | ES384 | EdDSA | X25519")
+    p.add_argument(
+        "--pin-policy",
+        metavar="POLICY",
+        help="piv: only: default | never | once | always (when the card asks for the PIN)",
+    )
+    p.add_argument(
+        "--touch-policy",
+        metavar="POLICY",
+        help="piv: only: default | never | always | cached (when the card wants a touch)",
+    )
     add("show", cmd_show, "show a key's public key, did:key and properties", key_uri)
     add(
         "list",
@@ -258,4 +344,11 @@ def register(commands: Any) -> None:
     p.add_argument("--subject", required=True, help="RFC 4514 name, e.g. 'CN=edge-root'")
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.add_argument("--out", metavar="FILE", help="write the PEM here")
-    add("attest", cmd_attest, "show evidence that the key was generated in hardware", key_uri)
+    p = add("attest", cmd_attest, "show evidence that the key was generated in hardware", key_uri)
+    p.add_argument(
+        "--trust-root",
+        action="append",
+        metavar="FILE",
+        help="PEM file of an extra attestation root to trust (repeatable); Yubico's PIV "
+        "roots are always trusted. Exit status 1 when the chain does not verify",
+    )
