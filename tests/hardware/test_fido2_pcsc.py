@@ -220,6 +220,18 @@ def test_extended_apdus(device: CtapPcscDevice) -> None:
     assert Ctap2(device).get_info().options["clientPin"] is True
 
 
+def test_long_requests_are_chained(
+    device: CtapPcscDevice, authenticator: SoftwareAuthenticator
+) -> None:
+    """A request over 250 bytes travels as chained APDUs (CLA 90) and is reassembled."""
+    exclude = [{"type": "public-key", "id": bytes([i]) * 32} for i in range(8)]
+    request = cbor.encode({5: exclude})
+    assert len(request) > 250
+    result = _make_credential_request(Ctap2(device), exclude_list=exclude)
+    assert result is not None
+    assert len(authenticator.credentials()) == 1
+
+
 # ---------------------------------------------------------------- the applet alone
 
 
