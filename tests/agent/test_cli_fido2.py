@@ -263,3 +263,12 @@ def test_an_approval_file_for_another_grant_is_refused(cli: Cli) -> None:
         "bad_format",
         *cli.grant("--approval-request", str(second), "--approvals", str(approval)),
     )
+
+
+def test_edge_grant_refuses_a_declared_approval(cli: Cli) -> None:
+    args = ("edge", "grant", "--state-dir", str(cli.tmp / "edge"), "--cloud", "http://127.0.0.1:9")
+    grant_args = ("--can", "sign/payment", "--with", "janus:payments/eur", "--ttl", "10m")
+    cli.fails(
+        "approval_not_declarable", *args, *grant_args, "--uses", "1", "--satisfied", "approval"
+    )
+    assert not (cli.tmp / "edge").exists()
