@@ -27,6 +27,10 @@ settings.load_profile("janus")
 _STATE = Path(tempfile.mkdtemp(prefix="janus-tests-"))
 
 
+# The PC/SC fixtures (pcsc_readers, pcsc_reader) for every test package.
+pytest_plugins = ("tests.pcsc",)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--device",

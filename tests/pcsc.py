@@ -1,11 +1,14 @@
 """Fixtures that put virtual cards into real PC/SC readers (a private pcscd + vpcd).
 
+A pytest plugin loaded by the root conftest, so that every test package (hardware,
+janus_hsm, agent) can plug a virtual YubiKey into a reader.
+
 One pcscd runs per test session and its readers are shared: a test plugs its card with
 the ``pcsc_reader`` factory and gets the reader name to open with pyscard, ykman or
 fido2; after the test a blank card takes its place.  See ``hardware/pcscd.py``.
 
 libpcsclite reads ``PCSCLITE_CSOCK_NAME`` once per process, at the first PC/SC call, so
-it is pointed at the session's private daemon here, when pytest imports this file,
+it is pointed at the session's private daemon here, when pytest loads this plugin,
 before any test runs.
 """
 
