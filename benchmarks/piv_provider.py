@@ -33,6 +33,7 @@ from janus_hsm.algorithms import Algorithm  # noqa: E402
 from janus_hsm.backends.piv import PivKeyHandle, PivProvider  # noqa: E402
 
 PIN = "123456"
+DATA = b"x" * 64
 
 
 def main() -> int:
@@ -46,26 +47,25 @@ def main() -> int:
     key = VirtualYubiKey(piv=VirtualPivApplet(serial=12345678))
     provider = PivProvider.from_connection(key.connect(), pin_source=lambda: PIN)
     results = {}
-    for alg, slot, key_type in (
-        (Algorithm.ES256, SLOT.AUTHENTICATION, KEY_TYPE.ECCP256),
-        (Algorithm.EdDSA, SLOT.RETIRED1, KEY_TYPE.ED25519),
+    for alg, slot in (
+        (Algorithm.ES256, SLOT.AUTHENTICATION),
+        (Algorithm.EdDSA, SLOT.RETIRED1),
     ):
         handle = provider.generate(f"piv:slot={slot:02x}", alg, pin_policy=PIN_POLICY.ONCE)
         raw = PivSession(key.connect())  # its own session on the same card
         raw.verify_pin(PIN)
-        data = b"x" * 64
         if alg is Algorithm.ES256:
 
             def raw_sign(s: PivSession = raw, sl: SLOT = slot) -> bytes:
-                return s.sign(sl, KEY_TYPE.ECCP256, data, hashes.SHA256())
+                return s.sign(sl, KEY_TYPE.ECCP256, DATA, hashes.SHA256())
 
         else:
 
             def raw_sign(s: PivSession = raw, sl: SLOT = slot) -> bytes:
-                return s.sign(sl, KEY_TYPE.ED25519, data, None)
+                return s.sign(sl, KEY_TYPE.ED25519, DATA, None)
 
         def janus_sign(h: PivKeyHandle = handle) -> bytes:
-            return h.sign(data)
+            return h.sign(DATA)
 
         # The two sessions take turns on one card; each re-selects PIV and re-verifies
         # the PIN when the other was last: time each with its own session warm.
@@ -78,7 +78,7 @@ def main() -> int:
                     raw.verify_pin(PIN)
                 else:
                     provider.card._pin_verified = False  # the other session selected PIV
-                    handle.sign(data)
+                    handle.sign(DATA)
                 rates.append(harness.ops_per_second(operation, args.seconds))
         j, r = harness.median(janus_rates), harness.median(raw_rates)
         results[alg.value] = {"janus_ops_s": j, "raw_ops_s": r, "ratio": j / r}
