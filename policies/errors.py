@@ -139,3 +139,10 @@ class AuditError(PolicyError):
     def __init__(self, message: str, *, entry: int | None = None) -> None:
         super().__init__(message)
         self.entry = entry
+
+
+class AttestationRequiredError(VerificationError):
+    """The verifier requires the root key to be attested as born in hardware, and the
+    root capability's evidence does not prove it (missing, untrusted, or another key)."""
+
+    code = "root_not_attested"

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from policies.abilities import Ability
 from policies.capability import Bundle, Capability
@@ -34,6 +34,9 @@ from policies.errors import (
 from policies.invocation import Invocation
 from policies.jws import public_key_for, verify_signature
 from policies.ledger.base import LinkLimit
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 DEFAULT_SKEW = 60
 
@@ -78,9 +81,20 @@ class Verifier:
     """Checks bundles and invocations. Thread-safe; keep one per process for its cache."""
 
     def __init__(
-        self, *, revocations: RevocationSource | None = None, cache_size: int = 4096
+        self,
+        *,
+        revocations: RevocationSource | None = None,
+        cache_size: int = 4096,
+        require_attestation: bool = False,
+        attestation_roots: Sequence[x509.Certificate] | None = None,
     ) -> None:
+        """``require_attestation``: accept only chains whose root capability carries a
+        hardware attestation of its issuer key that verifies to ``attestation_roots``
+        (default: Yubico's PIV roots); see :mod:`policies.attestation`."""
         self.revocations = revocations
+        self.require_attestation = require_attestation
+        self.attestation_roots = attestation_roots
+        self._attested: set[tuple[str, str]] = set()
         self._cache: OrderedDict[tuple[str, ...], VerifiedChain] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -98,6 +112,8 @@ class Verifier:
             raise RootMismatchError(
                 f"chain is rooted at {verified.bundle.root.issuer}, not {root}", link=0
             )
+        if self.require_attestation:
+            self._check_attestation(verified.bundle.root)
         for index, cap in enumerate(verified.bundle.chain):
             if now + skew < cap.not_before:
                 raise NotYetValidError(f"not valid before {cap.not_before}", link=index)
@@ -109,6 +125,17 @@ class Verifier:
                 index = verified.ids.index(revoked)
                 raise RevokedError(f"capability {revoked} is revoked", link=index)
         return verified
+
+    def _check_attestation(self, root: Capability) -> None:
+        """The root key was born in hardware (checked once per root capability id)."""
+        with self._lock:
+            if (root.issuer, root.id) in self._attested:
+                return
+        from policies.attestation import check_root_attestation
+
+        check_root_attestation(root, self.attestation_roots)
+        with self._lock:
+            self._attested.add((root.issuer, root.id))
 
     def _structure(self, bundle: Bundle | str | bytes) -> VerifiedChain:
         """The time-independent checks, cached by the bundle's bytes or its link ids.
