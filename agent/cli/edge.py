@@ -31,10 +31,15 @@ def _state(args: argparse.Namespace) -> Path:
     return Path(args.state_dir) if args.state_dir else Path(user_data_dir("janus")) / "edge"
 
 
+def _touch_prompt(message: str) -> None:
+    """A YubiKey waiting for a touch gives no sign on screen: say so before it waits."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def _open(args: argparse.Namespace) -> Any:
     from agent.edge.agent import EdgeAgent
 
-    return EdgeAgent.open(_state(args))
+    return EdgeAgent.open(_state(args), on_touch=_touch_prompt)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -42,15 +47,24 @@ def cmd_init(args: argparse.Namespace) -> int:
     from janus_hsm.algorithms import Algorithm
 
     edge, created = EdgeAgent.init(
-        _state(args), args.token, root_algorithm=Algorithm.parse(args.root_alg), name=args.name
+        _state(args),
+        args.token,
+        root_algorithm=Algorithm.parse(args.root_alg),
+        name=args.name,
+        reuse_existing=args.reuse_existing,
+        on_touch=_touch_prompt,
     )
-    info = {
+    info: dict[str, Any] = {
         "did": edge.did,
         "created": created,
         "root": edge.root.uri,
         "agreement": edge.agreement.uri,
         "state_dir": str(_state(args)),
     }
+    for warning in edge.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if edge.warnings:
+        info["warnings"] = edge.warnings
     verb = "created" if created else "found"
     return emit(info, f"{verb} edge identity {edge.did}", as_json=args.json)
 
@@ -183,16 +197,26 @@ def register(commands: Any) -> None:
         "--token",
         required=True,
         metavar="TOKEN_URI",
-        help="e.g. pkcs11:token=janus?pin-source=file:/path",
+        help="e.g. pkcs11:token=janus?pin-source=file:/path, or piv:serial=12345678 "
+        "(root in slot 9c or the URI's slot=, agreement key in 9d)",
     )
     p.add_argument(
         "--root-alg",
         default="ES256",
-        choices=["ES256", "EdDSA"],
-        help="the root (signing) key's algorithm (default ES256)",
+        choices=["ES256", "ES384", "EdDSA"],
+        help="the root (signing) key's algorithm (default ES256; EdDSA on a YubiKey needs "
+        "firmware 5.7+)",
     )
     p.add_argument(
-        "--name", default="edge", help="label prefix of the keys on the token (default: edge)"
+        "--name",
+        default="edge",
+        help="label prefix of the keys on a PKCS#11 token (default: edge); PIV slots have "
+        "no labels",
+    )
+    p.add_argument(
+        "--reuse-existing",
+        action="store_true",
+        help="piv: adopt keys already in the root / agreement slots instead of refusing",
     )
     p.set_defaults(handler=cmd_init)
 

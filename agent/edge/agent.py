@@ -24,8 +24,8 @@ from agent.edge.identity import did_document
 from agent.errors import AgentError, BadRequestError, ConflictError, DeliveryError, NotFoundError
 from janus_hsm import open_key, open_provider
 from janus_hsm.algorithms import Algorithm
-from janus_hsm.errors import KeyNotFoundError
-from janus_hsm.provider import KeyHandle
+from janus_hsm.errors import KeyNotFoundError, MechanismUnsupportedError
+from janus_hsm.provider import KeyHandle, KeyProvider
 from policies.abilities import Ability
 from policies.capability import Bundle
 from policies.issue import GrantDraft, grant, prepare_grant
@@ -121,12 +121,180 @@ def _with_object(token_uri: str, label: str) -> str:
     return str(parsed.with_path(object=label))
 
 
+ROOT_ALGORITHMS = (Algorithm.ES256, Algorithm.ES384, Algorithm.EdDSA)
+
+
+def _init_labelled(
+    provider: KeyProvider, token_uri: str, root_algorithm: Algorithm, name: str
+) -> tuple[KeyHandle, KeyHandle, bool]:
+    """PKCS#11 (and software) stores: find the labelled keys, generate the missing ones."""
+    created = False
+    handles = {}
+    root_label, agreement_label = f"{name}-root", f"{name}-agreement"
+    for label, alg in ((root_label, root_algorithm), (agreement_label, Algorithm.X25519)):
+        uri = _with_object(token_uri, label)
+        try:
+            handles[label] = provider.find(uri)
+        except KeyNotFoundError:
+            handles[label] = provider.generate(uri, alg)
+            created = True
+        if handles[label].algorithm is not alg:
+            raise ConflictError(
+                f"{label} on the token is {handles[label].algorithm.value}, not "
+                f"{alg.value}; pick another --name or the existing algorithm"
+            )
+    return handles[root_label], handles[agreement_label], created
+
+
+#: PIV slots of the edge identity (docs/yubikey.md): the root signs from 9c (PIN before
+#: every signature), the agreement key decrypts from 9d (key management).
+PIV_ROOT_SLOT = "9c"
+PIV_AGREEMENT_SLOT = "9d"
+#: Ed25519 / X25519 in PIV: YubiKey firmware 5.7 and later.
+_PIV_25519_FIRMWARE = (5, 7, 0)
+
+
+def _init_piv(
+    provider: KeyProvider,
+    state_dir: Path,
+    token_uri: str,
+    root_algorithm: Algorithm,
+    reuse_existing: bool,
+) -> tuple[KeyHandle, KeyHandle, bool]:
+    """The edge identity in a PIV card's slots: root in 9c (or the URI's slot), agreement in 9d.
+
+    A PKCS#11 key is found again by the label Janus gave it, so reusing it is safe.  A
+    PIV slot carries no label: a key already in 9c may be the owner's login or e-mail
+    key, and silently making it an edge root would hand it a new job.  So an occupied
+    slot is refused unless ``reuse_existing`` says to adopt its key, or this state
+    directory's own configuration already names the slot (re-running init stays
+    idempotent).  Both slots are checked before anything is generated, so a refusal
+    leaves the card as it was.
+    """
+    from janus_hsm.backends.piv import PivProvider
+    from janus_hsm.backends.piv.uri import PivUri, parse_slot
+
+    assert isinstance(provider, PivProvider)
+    parsed = PivUri.parse(token_uri)
+    root_slot = parsed.slot if parsed.slot is not None else parse_slot(PIV_ROOT_SLOT)
+    agreement_slot = parse_slot(PIV_AGREEMENT_SLOT)
+    if root_slot == agreement_slot:
+        raise BadRequestError(
+            f"slot {PIV_AGREEMENT_SLOT} holds the edge agent's key-agreement key; put the "
+            f"root in another slot (slot={PIV_ROOT_SLOT}, the default)"
+        )
+    version = provider.version
+    new_firmware = version >= _PIV_25519_FIRMWARE
+    if root_algorithm is Algorithm.EdDSA and not new_firmware:
+        raise MechanismUnsupportedError(
+            f"{provider.describe()} has firmware {'.'.join(map(str, version))}: Ed25519 "
+            "keys need YubiKey firmware 5.7 or later. Use --root-alg ES256 (or ES384)"
+        )
+    # X25519 where the card has it (what the PKCS#11 path uses); P-256 ECDH before 5.7.
+    agreement_algorithm = Algorithm.X25519 if new_firmware else Algorithm.ES256
+    wanted = {
+        root_slot: ("root", (root_algorithm,)),
+        agreement_slot: ("agreement", (Algorithm.X25519, Algorithm.ES256)),
+    }
+    known = _configured_slots(state_dir, provider.card_uri)
+    base = PivUri.parse(provider.card_uri)
+    existing: dict[Any, KeyHandle] = {}
+    for slot, (role, algorithms) in wanted.items():
+        uri = str(base.with_slot(slot))
+        try:
+            handle = provider.lookup(uri)
+        except KeyNotFoundError:
+            continue
+        if not (reuse_existing or slot in known):
+            raise ConflictError(
+                f"slot {slot:02x} on {provider.describe()} already holds a "
+                f"{handle.algorithm.value} key ({handle.did}), meant here for the edge "
+                f"{role} key. Janus does not take over a key it did not set up for this "
+                "edge agent: pass --reuse-existing to make that key the edge "
+                f"{role}, name another root slot in the URI (e.g. {base};slot=82), or "
+                "delete the old key first"
+            )
+        if handle.algorithm not in algorithms:
+            hint = (
+                f"use --root-alg {handle.algorithm.value} or another root slot"
+                if role == "root"
+                else "delete it first, or use another card"
+            )
+            raise ConflictError(
+                f"slot {slot:02x} on {provider.describe()} holds a {handle.algorithm.value} "
+                f"key, not {' or '.join(a.value for a in algorithms)}, so it cannot be the "
+                f"edge {role} key; {hint}"
+            )
+        handle.check_custody()
+        existing[slot] = handle
+    created = False
+    handles = {}
+    for slot, algorithm in ((root_slot, root_algorithm), (agreement_slot, agreement_algorithm)):
+        if slot in existing:
+            handles[slot] = existing[slot]
+        else:
+            handles[slot] = provider.generate(str(base.with_slot(slot)), algorithm)
+            created = True
+    return handles[root_slot], handles[agreement_slot], created
+
+
+def _configured_slots(state_dir: Path, card_uri: str) -> set[Any]:
+    """The slots of this card that the state directory's edge.toml already names."""
+    from janus_hsm.backends.piv.uri import PivUri
+
+    try:
+        config = EdgeConfig.load(state_dir)
+    except (NotFoundError, BadRequestError):
+        return set()
+    card = PivUri.parse(card_uri)
+    slots = set()
+    for uri in (config.root_uri, config.agreement_uri):
+        try:
+            parsed = PivUri.parse(uri)
+        except ValueError:
+            continue  # a PKCS#11 identity in this directory before
+        if parsed.serial == card.serial and (
+            card.serial is not None or parsed.reader == card.reader
+        ):
+            slots.add(parsed.slot)
+    return slots
+
+
+def _piv_config_uri(token_uri: str, handle: KeyHandle) -> str:
+    """The key's URI for edge.toml: card by serial (stable across USB ports) and slot,
+    keeping the user's pin-source / management-key-source."""
+    from janus_hsm.backends.piv.uri import PivUri
+
+    given = PivUri.parse(token_uri)
+    key = PivUri.parse(handle.uri)
+    return str(
+        PivUri(
+            serial=key.serial,
+            reader=key.reader,
+            slot=key.slot,
+            pin_source=given.pin_source,
+            management_key_source=given.management_key_source,
+        )
+    )
+
+
+def _init_warnings(provider: KeyProvider) -> list[str]:
+    if getattr(provider, "default_management_key", None) is not True:
+        return []
+    return [
+        "this card uses the FACTORY DEFAULT PIV management key: anyone holding it can "
+        "replace its keys. Change it: ykman piv access change-management-key --generate --protect"
+    ]
+
+
 class EdgeAgent:
     def __init__(self, config: EdgeConfig, root: KeyHandle, agreement: KeyHandle) -> None:
         self.config = config
         self.root = root
         self.agreement = agreement
         self.policy = IssuancePolicy.load(config.policy_file)
+        #: What `init` found worth telling the user (a factory-default management key).
+        self.warnings: list[str] = []
 
     @classmethod
     def init(
@@ -136,50 +304,52 @@ class EdgeAgent:
         *,
         root_algorithm: Algorithm = Algorithm.ES256,
         name: str = "edge",
+        reuse_existing: bool = False,
+        on_touch: Callable[[str], None] | None = None,
     ) -> tuple[EdgeAgent, bool]:
         """Create (or reuse) the root identity on the token; idempotent.
 
-        The root signs (ES256 or EdDSA); key agreement uses a separate X25519 key on the
-        same device (a P-256 root can also agree keys itself).  Keys are labelled
-        ``<name>-root`` and ``<name>-agreement``; an existing root is reused whatever its
-        algorithm, and a mismatch with ``root_algorithm`` is an error, not a silent swap.
+        The root signs (ES256, ES384 or EdDSA); key agreement uses a separate key on the
+        same device (X25519; P-256 on a PIV card too old for X25519).  On a PKCS#11
+        token the keys are labelled ``<name>-root`` and ``<name>-agreement``; an existing
+        root is reused whatever its algorithm, and a mismatch with ``root_algorithm`` is
+        an error, not a silent swap.  On a PIV card (``piv:`` URI) slots have no labels,
+        so see :func:`_init_piv`: an occupied slot is refused unless ``reuse_existing``.
         """
-        if root_algorithm not in (Algorithm.ES256, Algorithm.EdDSA):
-            raise BadRequestError("the root key must be ES256 (P-256) or EdDSA (Ed25519)")
+        if root_algorithm not in ROOT_ALGORITHMS:
+            raise BadRequestError("the root key must be ES256 (P-256), ES384 (P-384) or EdDSA")
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (state_dir / "grants").mkdir(exist_ok=True, mode=0o700)
-        provider = open_provider(token_uri)
-        created = False
-        handles = {}
-        root_label, agreement_label = f"{name}-root", f"{name}-agreement"
-        for label, alg in ((root_label, root_algorithm), (agreement_label, Algorithm.X25519)):
-            uri = _with_object(token_uri, label)
-            try:
-                handles[label] = provider.find(uri)
-            except KeyNotFoundError:
-                handles[label] = provider.generate(uri, alg)
-                created = True
-            if handles[label].algorithm is not alg:
-                raise ConflictError(
-                    f"{label} on the token is {handles[label].algorithm.value}, not "
-                    f"{alg.value}; pick another --name or the existing algorithm"
-                )
+        provider = open_provider(token_uri, on_touch=on_touch)
+        if token_uri.lower().startswith("piv:"):
+            root, agreement, created = _init_piv(
+                provider, state_dir, token_uri, root_algorithm, reuse_existing
+            )
+            root_uri, agreement_uri = (
+                _piv_config_uri(token_uri, root),
+                _piv_config_uri(token_uri, agreement),
+            )
+        else:
+            root, agreement, created = _init_labelled(provider, token_uri, root_algorithm, name)
+            root_uri = _with_object(token_uri, f"{name}-root")
+            agreement_uri = _with_object(token_uri, f"{name}-agreement")
         policy_file = state_dir / "policy.toml"
         if not policy_file.exists():
             _write_atomic(policy_file, DEFAULT_POLICY, mode=0o644)
-        config = EdgeConfig(
-            state_dir,
-            _with_object(token_uri, root_label),
-            _with_object(token_uri, agreement_label),
-            policy_file,
-        )
+        config = EdgeConfig(state_dir, root_uri, agreement_uri, policy_file)
         config.save()
-        return cls(config, handles[root_label], handles[agreement_label]), created
+        agent = cls(config, root, agreement)
+        agent.warnings = _init_warnings(provider)
+        return agent, created
 
     @classmethod
-    def open(cls, state_dir: Path) -> EdgeAgent:
+    def open(cls, state_dir: Path, *, on_touch: Callable[[str], None] | None = None) -> EdgeAgent:
         config = EdgeConfig.load(state_dir)
-        return cls(config, open_key(config.root_uri), open_key(config.agreement_uri))
+        return cls(
+            config,
+            open_key(config.root_uri, on_touch=on_touch),
+            open_key(config.agreement_uri, on_touch=on_touch),
+        )
 
     @property
     def did(self) -> str:

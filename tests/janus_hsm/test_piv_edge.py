@@ -1,15 +1,146 @@
-"""The edge agent's root on a (virtual) YubiKey: identity, signing, DIDComm unpack by ECDH."""
+"""The edge agent's root on a (virtual) YubiKey: identity, signing, DIDComm unpack by ECDH.
+
+``EdgeAgent.init`` on ``piv:`` URIs runs in process with only PC/SC discovery replaced
+(``find_card`` returns the virtual card); tests/agent/test_cli_piv_pcsc.py drives the
+same through pcscd from the shell.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from agent.didcomm.message import Message
 from agent.didcomm.pack import pack_anoncrypt, pack_signed
 from agent.didcomm.unpack import unpack
+from agent.edge.agent import EdgeAgent
 from agent.edge.identity import did_document
-from hardware.virtual_piv import VirtualPivApplet, VirtualYubiKey
+from agent.errors import BadRequestError, ConflictError
+from hardware.virtual_piv import VERSION_5_4, VirtualPivApplet, VirtualYubiKey
 from janus_hsm.algorithms import Algorithm
-from janus_hsm.backends.piv import PivProvider
+from janus_hsm.backends.piv import PivProvider, discovery
+from janus_hsm.backends.piv import provider as piv_provider
+from janus_hsm.errors import MechanismUnsupportedError
 from janus_hsm.public_keys import from_did_key
+
+SERIAL = 31415926
+PlugKey = Callable[..., VirtualYubiKey]
+
+
+@pytest.fixture
+def plug(monkeypatch: pytest.MonkeyPatch) -> Iterator[PlugKey]:
+    """``plug(version=...)``: a virtual YubiKey that PIV discovery finds by its serial."""
+    readers: list[str] = []
+
+    def make(version: tuple[int, int, int] = (5, 7, 2)) -> VirtualYubiKey:
+        key = VirtualYubiKey(piv=VirtualPivApplet(serial=SERIAL, version=version))
+        info = discovery.CardInfo(f"Virtual YubiKey {id(key)}", SERIAL, ".".join(map(str, version)))
+        readers.append(info.reader)
+
+        def find_card(*, serial: int | None, reader: str | None) -> Any:
+            assert serial in (None, SERIAL)
+            return info, key.connect
+
+        monkeypatch.setattr(discovery, "find_card", find_card)
+        return key
+
+    monkeypatch.setenv("JANUS_PIN", "123456")
+    yield make
+    for reader in readers:
+        piv_provider._cards.pop(reader, None)
+
+
+def _slots(key: VirtualYubiKey) -> dict[str, Algorithm]:
+    with PivProvider.from_connection(key.connect(), pin_source=lambda: "123456") as provider:
+        return {h.uri.rsplit("slot=", 1)[1]: h.algorithm for h in provider.list_keys()}
+
+
+def test_init_puts_the_root_in_9c_and_the_agreement_key_in_9d(
+    plug: PlugKey, tmp_path: Path
+) -> None:
+    key = plug()
+    edge, created = EdgeAgent.init(tmp_path / "edge", f"piv:serial={SERIAL}")
+    assert created is True
+    assert _slots(key) == {"9c": Algorithm.ES256, "9d": Algorithm.X25519}
+    assert edge.root.uri == f"piv:serial={SERIAL};slot=9c"
+    assert edge.agreement.uri == f"piv:serial={SERIAL};slot=9d"
+    assert edge.root.properties.pin_policy == "always"  # 9c's default: PIN per signature
+    assert edge.did_document()["keyAgreement"] == [
+        f"{edge.agreement.did}#{edge.agreement.did.removeprefix('did:key:')}"
+    ]
+    reopened = EdgeAgent.open(tmp_path / "edge")
+    assert reopened.did == edge.did and reopened.agreement.did == edge.agreement.did
+    assert "slot=9c" in reopened.config.root_uri and "slot=9d" in reopened.config.agreement_uri
+
+    # Running init again on the same state directory finds its own keys: idempotent.
+    again, created = EdgeAgent.init(tmp_path / "edge", f"piv:serial={SERIAL}")
+    assert created is False and again.did == edge.did
+    assert _slots(key) == {"9c": Algorithm.ES256, "9d": Algorithm.X25519}
+
+
+def test_occupied_slots_are_refused_unless_reuse_is_asked_for(
+    plug: PlugKey, tmp_path: Path
+) -> None:
+    key = plug()
+    mine, _ = EdgeAgent.init(tmp_path / "first", f"piv:serial={SERIAL}")
+    with pytest.raises(ConflictError, match=r"slot 9c .* already holds .*--reuse-existing"):
+        EdgeAgent.init(tmp_path / "second", f"piv:serial={SERIAL}")
+    assert not (tmp_path / "second" / "edge.toml").exists()
+    adopted, created = EdgeAgent.init(
+        tmp_path / "second", f"piv:serial={SERIAL}", reuse_existing=True
+    )
+    assert created is False and adopted.did == mine.did
+    # Reuse never swaps algorithms: an ES256 key is not an Ed25519 root.
+    with pytest.raises(ConflictError, match="--root-alg ES256"):
+        EdgeAgent.init(
+            tmp_path / "third",
+            f"piv:serial={SERIAL}",
+            root_algorithm=Algorithm.EdDSA,
+            reuse_existing=True,
+        )
+    assert _slots(key) == {"9c": Algorithm.ES256, "9d": Algorithm.X25519}
+
+
+def test_a_free_agreement_slot_is_checked_before_anything_is_generated(
+    plug: PlugKey, tmp_path: Path
+) -> None:
+    key = plug()
+    with PivProvider.from_connection(key.connect(), pin_source=lambda: "123456") as provider:
+        provider.generate("piv:slot=9d", Algorithm.ES256)
+    with pytest.raises(ConflictError, match="slot 9d"):
+        EdgeAgent.init(tmp_path / "edge", f"piv:serial={SERIAL}")
+    assert _slots(key) == {"9d": Algorithm.ES256}  # 9c left empty
+    # Adopting a P-256 agreement key is fine: it does ECDH.
+    edge, created = EdgeAgent.init(tmp_path / "edge", f"piv:serial={SERIAL}", reuse_existing=True)
+    assert created is True and edge.agreement.algorithm is Algorithm.ES256
+
+
+def test_the_uri_slot_and_root_algorithm_are_respected(plug: PlugKey, tmp_path: Path) -> None:
+    key = plug()
+    edge, _ = EdgeAgent.init(
+        tmp_path / "edge", f"piv:serial={SERIAL};slot=9a", root_algorithm=Algorithm.EdDSA
+    )
+    assert _slots(key) == {"9a": Algorithm.EdDSA, "9d": Algorithm.X25519}
+    assert edge.did.startswith("did:key:z6Mk")
+    with pytest.raises(BadRequestError, match="slot 9d"):
+        EdgeAgent.init(tmp_path / "other", f"piv:serial={SERIAL};slot=9d")
+
+
+def test_old_firmware_refuses_ed25519_and_agrees_with_p256(plug: PlugKey, tmp_path: Path) -> None:
+    key = plug(VERSION_5_4)
+    with pytest.raises(MechanismUnsupportedError, match=r"firmware 5\.4\.\d+: Ed25519 .* 5\.7"):
+        EdgeAgent.init(tmp_path / "edge", f"piv:serial={SERIAL}", root_algorithm=Algorithm.EdDSA)
+    assert _slots(key) == {}
+    edge, _ = EdgeAgent.init(
+        tmp_path / "edge", f"piv:serial={SERIAL}", root_algorithm=Algorithm.ES384
+    )
+    assert _slots(key) == {"9c": Algorithm.ES384, "9d": Algorithm.ES256}
+    message = Message(id="1", type="https://example.org/ping", body={"n": 2})
+    opened = unpack(pack_anoncrypt(message, [edge.agreement.did]), edge.agreement_keys())
+    assert opened.message.body == {"n": 2}
 
 
 def test_root_on_the_card_signs_and_decrypts() -> None:
