@@ -7,10 +7,11 @@ YubiKey's) or ``soft:`` (software keystore).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from janus_hsm.algorithms import Algorithm
-from janus_hsm.errors import JanusHSMError, UriError
+from janus_hsm.errors import JanusHSMError, KeystoreError, UriError
 from janus_hsm.pin import PinSource
 from janus_hsm.provider import (
     Attestation,
@@ -19,6 +20,9 @@ from janus_hsm.provider import (
     KeyProvider,
     SignatureFormat,
 )
+
+if TYPE_CHECKING:
+    from janus_hsm.backends.software.keyfile import HmacSecretRecipient
 
 __all__ = [
     "Algorithm",
@@ -73,7 +77,10 @@ def open_provider(
     from janus_hsm.backends.software import SoftwareProvider
 
     return SoftwareProvider.open(
-        uri, passphrase_source=pin_source, allow_extractable=allow_extractable
+        uri,
+        passphrase_source=pin_source,
+        allow_extractable=allow_extractable,
+        hmac_secret=_Fido2KeystoreOpener(on_touch),
     )
 
 
@@ -89,3 +96,30 @@ def open_key(
         uri, pin_source=pin_source, allow_extractable=allow_extractable, on_touch=on_touch
     )
     return provider.find(uri)
+
+
+class _Fido2KeystoreOpener:
+    """Lets keys sealed for FIDO2 credentials open with a connected security key.
+
+    Every software keystore opened here gets one; it enrols nothing (new keys use the
+    passphrase) and imports python-fido2 only when a FIDO2-protected key is unlocked,
+    so other commands pay nothing for it.
+    """
+
+    def __init__(self, on_touch: Callable[[str], None] | None) -> None:
+        self._on_touch = on_touch
+
+    def enrolled(self) -> Sequence[HmacSecretRecipient]:
+        return ()
+
+    def hmac_secret(
+        self, recipients: Sequence[HmacSecretRecipient], salt: bytes
+    ) -> tuple[int, bytes]:
+        try:
+            from janus_hsm.fido2.keystore import keystore_opener
+        except ImportError:
+            raise KeystoreError(
+                "this key opens only with a FIDO2 security key, and python-fido2 is not "
+                "installed: pip install 'janus-hsm[fido2]'"
+            ) from None
+        return keystore_opener(self._on_touch).hmac_secret(recipients, salt)

@@ -101,10 +101,47 @@ def _generate_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _keystore_credentials(args: argparse.Namespace, labels: list[str]) -> list[Any]:
+    """The registered keystore credentials named by label (see ``janus fido2 register``)."""
+    if not args.uri.lower().startswith("soft:"):
+        raise CommandError("FIDO2 protection applies to soft: keystore keys only")
+    from pathlib import Path
+
+    from janus_hsm.fido2.registry import CredentialRegistry, default_directory
+
+    directory = Path(args.registry_dir) if args.registry_dir else default_directory()
+    registry = CredentialRegistry.load(directory / "credentials.json")
+    chosen = []
+    for label in labels:
+        credential = registry.get(label)
+        if credential is None:
+            known = ", ".join(c.label for c in registry.credentials) or "none"
+            raise CommandError(
+                f"no keystore credential {label!r} is registered (registered: {known}); "
+                "register one with: janus fido2 register NAME --purpose keystore"
+            )
+        chosen.append(credential.recipient)
+    return chosen
+
+
+def _fido2_sealing_provider(args: argparse.Namespace) -> Any:
+    """A keystore whose new keys are sealed for the --fido2-credential security keys."""
+    from janus_hsm.backends.software import SoftwareProvider
+    from janus_hsm.fido2.keystore import Fido2HmacSecret, keystore_pin_source
+
+    recipients = _keystore_credentials(args, args.fido2_credential)
+    return SoftwareProvider.open(
+        args.uri,
+        allow_extractable=args.allow_extractable,
+        hmac_secret=Fido2HmacSecret(recipients, pin=keystore_pin_source(), on_touch=_touch_prompt),
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     algorithm = _algorithm(args.alg)
     options = _generate_options(args)
-    with _provider(args) as provider:
+    opener = _fido2_sealing_provider if args.fido2_credential else _provider
+    with opener(args) as provider:
         handle = provider.generate(args.uri, algorithm, **options)
         info = describe(handle)
         warnings = _warn_default_management_key(provider)
@@ -180,6 +217,31 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print_json({"deleted": uri})
     else:
         print(f"deleted {uri}")
+    return 0
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    """Enrol or drop security keys of a FIDO2-protected key: the lost-key recovery."""
+    if not args.add and not args.remove:
+        raise CommandError("give --add LABEL and/or --remove LABEL")
+    add = _keystore_credentials(args, args.add or [])
+    with _provider(args) as provider:
+        # Labels to drop are looked up in the key file: a lost key may be unregistered.
+        sealed_for = {r.label: r.credential_id for r in provider.fido2_credentials(args.uri)}
+        unknown = [label for label in args.remove or [] if label not in sealed_for]
+        if unknown:
+            raise CommandError(
+                f"{args.uri} is not sealed for {', '.join(map(repr, unknown))} (it is for: "
+                f"{', '.join(map(repr, sealed_for)) or 'no FIDO2 credential'})"
+            )
+        remove = [sealed_for[label] for label in args.remove or []]
+        handle = provider.rewrap(args.uri, add=add, remove=remove)
+        info = describe(handle)
+    if args.json:
+        print_json(info)
+    else:
+        print(f"rewrapped {info['uri']}")
+        _print_human(info)
     return 0
 
 
@@ -319,7 +381,24 @@ def register(commands: Any) -> None:
         metavar="POLICY",
         help="piv: only: default | never | always | cached (when the card wants a touch)",
     )
+    p.add_argument(
+        "--fido2-credential",
+        action="append",
+        metavar="LABEL",
+        help="soft: only: seal the key for this registered FIDO2 keystore credential "
+        "(repeatable; any one opens it; every one must be connected now)",
+    )
+    p.add_argument("--registry-dir", metavar="DIR", help="default: <data dir>/janus/fido2")
     add("show", cmd_show, "show a key's public key, did:key and properties", key_uri)
+    p = add(
+        "rewrap",
+        cmd_rewrap,
+        "enrol (--add) or drop (--remove) security keys of a FIDO2-protected soft: key",
+        "soft: key URI",
+    )
+    p.add_argument("--add", action="append", metavar="LABEL", help="registered credential")
+    p.add_argument("--remove", action="append", metavar="LABEL", help="registered credential")
+    p.add_argument("--registry-dir", metavar="DIR", help="default: <data dir>/janus/fido2")
     add(
         "list",
         cmd_list,

@@ -9,13 +9,16 @@ asks it (one touch, and the PIN when the credential was enrolled with UV).
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Sequence
 
 from janus_hsm.backends.software.keyfile import HmacSecretRecipient
+from janus_hsm.errors import PinUnavailableError
 from janus_hsm.fido2.authenticator import Authenticator
 from janus_hsm.fido2.devices import Fido2Device, list_devices
 from janus_hsm.fido2.errors import NoDeviceError, UnknownCredentialError
-from janus_hsm.pin import PinSource
+from janus_hsm.pin import PinSource, resolve_pin_source
 
 log = logging.getLogger(__name__)
 
@@ -88,4 +91,45 @@ class Fido2HmacSecret:
         )
 
 
-__all__ = ["KEYSTORE_RP_ID", "Fido2HmacSecret"]
+#: The security key's PIN for keystore credentials enrolled with user verification.
+#: Its own variable: JANUS_PIN is the keystore passphrase or a token PIN, and trying
+#: one of those as a FIDO2 PIN would burn the authenticator's PIN retries.
+FIDO2_PIN_ENV = "JANUS_FIDO2_PIN"
+
+
+def keystore_pin_source() -> PinSource | None:
+    """JANUS_FIDO2_PIN, else a prompt on a terminal, else none (UV credentials then fail
+    with ``pin_required``; credentials enrolled without UV need only a touch)."""
+    if os.environ.get(FIDO2_PIN_ENV):
+        return lambda: os.environ[FIDO2_PIN_ENV]
+    if sys.stdin.isatty():
+        return resolve_pin_source(None, prompt="PIN of the security key: ", interactive=True)
+    return None
+
+
+def keystore_opener(on_touch: Callable[[str], None] | None = None) -> Fido2HmacSecret:
+    """What :func:`janus_hsm.open_provider` gives every software keystore: it opens
+    FIDO2-protected keys with any connected enrolled security key, and seals nothing."""
+    return Fido2HmacSecret((), pin=_LazyPin(), on_touch=on_touch)
+
+
+class _LazyPin:
+    """Decides where the PIN comes from only when an authenticator asks for one."""
+
+    def __call__(self) -> str:
+        source = keystore_pin_source()
+        if source is None:
+            raise PinUnavailableError(
+                "this security key credential needs its PIN: set JANUS_FIDO2_PIN or run "
+                "on a terminal to be prompted (PINs are never taken from argv)"
+            )
+        return source()
+
+
+__all__ = [
+    "FIDO2_PIN_ENV",
+    "KEYSTORE_RP_ID",
+    "Fido2HmacSecret",
+    "keystore_opener",
+    "keystore_pin_source",
+]

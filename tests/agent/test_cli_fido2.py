@@ -272,3 +272,50 @@ def test_edge_grant_refuses_a_declared_approval(cli: Cli) -> None:
         "approval_not_declarable", *args, *grant_args, "--uses", "1", "--satisfied", "approval"
     )
     assert not (cli.tmp / "edge").exists()
+
+
+def test_keys_sealed_for_security_keys_open_only_with_one_of_them(cli: Cli, tmp_path: Path) -> None:
+    # Two keystore credentials on two security keys; the key is sealed for both.
+    for name in ("primary", "backup"):
+        cli.connect(name)
+        cli.ok(*cli.fido2("register", name, "--purpose", "keystore"))
+    uri = f"{cli.store};object=vault-key"
+    reg = ("--registry-dir", str(cli.registry))
+    cli.connect("primary", "backup")
+    sealed_for = ("--fido2-credential", "primary", "--fido2-credential", "backup")
+    made = cli.ok(
+        "keys", "generate", uri, "--alg", "ES256", "--allow-extractable", *reg, *sealed_for
+    )
+    assert made["backend"] == "software"
+    message = tmp_path / "m.txt"
+    message.write_bytes(b"pay alice")
+    sign = ("keys", "sign", uri, "--in", str(message), "--allow-extractable")
+
+    cli.connect()  # no security key: nothing opens, and no passphrase is asked for
+    cli.fails("no_device", *sign)
+    cli.connect("stranger")  # a key that holds neither credential
+    cli.fails("unknown_credential", *sign)
+    cli.connect("backup")  # either enrolled key opens it
+    assert cli.ok(*sign)["signature"]
+
+    # The primary key is lost: drop it (by the label recorded in the key file, after it
+    # left the registry), keep the backup, enrol a replacement.
+    cli.ok(*cli.fido2("remove", "primary", "--purpose", "keystore"))
+    cli.connect("replacement")
+    cli.ok(*cli.fido2("register", "replacement", "--purpose", "keystore"))
+    cli.connect("backup", "replacement")
+    cli.ok("keys", "rewrap", uri, "--add", "replacement", "--remove", "primary", *reg)
+    cli.connect("primary")
+    cli.fails("unknown_credential", *sign)
+    cli.connect("replacement")
+    assert cli.ok(*sign)["signature"]
+    status, out, _ = cli.run("keys", "rewrap", uri, "--remove", "primary", *reg)
+    assert status != 0 and "not sealed for 'primary'" in out["error"]["message"]
+
+
+def test_fido2_protection_is_refused_for_hardware_uris(cli: Cli) -> None:
+    status, out, _ = cli.run(
+        "keys", "generate", "pkcs11:token=x;object=y", "--alg", "ES256",
+        "--fido2-credential", "vault", "--registry-dir", str(cli.registry),
+    )  # fmt: skip
+    assert status != 0 and "soft: keystore keys only" in out["error"]["message"]

@@ -163,6 +163,19 @@ class SoftwareProvider(KeyProvider):
             raise self._not_found(name)
         return self._handle(key_file)
 
+    def fido2_credentials(self, uri: str | SoftwareUri) -> list[HmacSecretRecipient]:
+        """The FIDO2 credentials a key is sealed for ([] for passphrase or wrapped keys).
+
+        Read from the key file itself, so a lost security key can still be dropped by
+        label after it left every registry.
+        """
+        name = self._name(uri, "the URI must name a key with object=<name>")
+        self._check_open()
+        key_file = keyfile.read_key_file(self._directory, name)
+        if key_file is None:
+            raise self._not_found(name)
+        return keyfile.hmac_secret_recipients(key_file)
+
     def list_keys(self) -> list[SoftwareKeyHandle]:
         """Every readable key, without asking for a secret; unreadable files are skipped
         with a warning (``find`` on one of them says what is wrong)."""
@@ -270,7 +283,9 @@ class SoftwareProvider(KeyProvider):
         return self._handle(rewrapped)
 
     def _seal(self, name: str, private: PrivateKey) -> KeyFile:
-        if self._hmac_secret is not None:
+        # A source with no enrolled credentials only opens FIDO2-protected files (how
+        # open_provider sets every keystore up); new keys then use the passphrase.
+        if self._hmac_secret is not None and self._hmac_secret.enrolled():
             return keyfile.seal_with_hmac_secret(
                 name=name, private_key=private, source=self._hmac_secret
             )
