@@ -278,6 +278,15 @@ def _piv_config_uri(token_uri: str, handle: KeyHandle) -> str:
     )
 
 
+def _same_piv_card(first: str, second: str) -> bool:
+    from janus_hsm.backends.piv.uri import PivUri
+
+    if not (first.lower().startswith("piv:") and second.lower().startswith("piv:")):
+        return False
+    a, b = PivUri.parse(first), PivUri.parse(second)
+    return (a.serial, a.reader) == (b.serial, b.reader)
+
+
 def _init_warnings(provider: KeyProvider) -> list[str]:
     if getattr(provider, "default_management_key", None) is not True:
         return []
@@ -345,6 +354,11 @@ class EdgeAgent:
     @classmethod
     def open(cls, state_dir: Path, *, on_touch: Callable[[str], None] | None = None) -> EdgeAgent:
         config = EdgeConfig.load(state_dir)
+        if _same_piv_card(config.root_uri, config.agreement_uri):
+            # One provider for both slots: discovery opens readers exclusively, so a
+            # second discovery in this process would not see the card the first holds.
+            provider = open_provider(config.root_uri, on_touch=on_touch)
+            return cls(config, provider.find(config.root_uri), provider.find(config.agreement_uri))
         return cls(
             config,
             open_key(config.root_uri, on_touch=on_touch),
