@@ -137,8 +137,9 @@ def test_keys_edge_and_didcomm_through_pcscd(pcsc_reader: PlugCard, tmp_path: Pa
     conflict, err = janus("edge", "init", "--state-dir", state, "--token", uri(), expect=1)
     assert conflict["error"]["code"] == "conflict" and "--reuse-existing" in err
     assert not (tmp_path / "edge" / "edge.toml").exists()
-    edge, _ = janus("edge", "init", "--state-dir", state, "--token", uri(), "--reuse-existing")
+    edge, err = janus("edge", "init", "--state-dir", state, "--token", uri(), "--reuse-existing")
     assert edge["created"] is True  # the agreement key in 9d is new
+    assert "FACTORY DEFAULT" in edge["warnings"][0] and "FACTORY DEFAULT" in err
     assert edge["did"] == made["did"]
     assert edge["root"] == root_uri and edge["agreement"] == f"piv:serial={SERIAL};slot=9d"
     document, _ = janus("edge", "did", "--state-dir", state)
