@@ -61,6 +61,11 @@ class PivCard:
         self._session: PivSession | None = None
         self._pin_verified = False
 
+    @property
+    def connected(self) -> bool:
+        """Whether this process holds the card open now (others then cannot see it)."""
+        return self._connection is not None
+
     # --- session ------------------------------------------------------------------
 
     def session(self) -> PivSession:

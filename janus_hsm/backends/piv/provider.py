@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -21,12 +22,19 @@ from yubikit.core.smartcard import SmartCardConnection
 from yubikit.piv import PIN_POLICY, SLOT, TOUCH_POLICY, PivSession
 
 from janus_hsm.algorithms import Algorithm
-from janus_hsm.errors import KeyExistsError, KeyNotFoundError, MechanismUnsupportedError, UriError
+from janus_hsm.errors import (
+    KeyExistsError,
+    KeyNotFoundError,
+    MechanismUnsupportedError,
+    TokenNotFoundError,
+    UriError,
+)
 from janus_hsm.pin import PinSource, resolve_pin_source
 from janus_hsm.provider import KeyProvider
 
 from . import management
 from .card import PivCard, TouchCallback
+from .discovery import CardInfo
 from .handle import PivKeyHandle
 from .slots import (
     KEY_TYPES,
@@ -40,10 +48,36 @@ from .uri import KEY_SLOTS, PivUri
 log = logging.getLogger(__name__)
 
 # Cards found by discovery, by reader name: one PivCard (one lock, one PIN state) each.
-_cards: dict[str, PivCard] = {}
+# The cards this process has opened, by reader, with what discovery said about them.
+_cards: dict[str, tuple[CardInfo, PivCard]] = {}
 _cards_lock = threading.Lock()
 #: A slot certificate's end: RFC 5280's "no well-defined expiration date".
 _NO_EXPIRY = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
+
+
+def _locate(uri: PivUri) -> tuple[CardInfo, Callable[[], SmartCardConnection] | None]:
+    """The card a URI selects: by discovery, or among those this process holds open.
+
+    A card is opened exclusively, so discovery cannot see one this process already
+    holds (e.g. a second key of the same card in one command); then there is nothing to
+    connect to anew (None).
+    """
+    from .discovery import find_card
+
+    try:
+        return find_card(serial=uri.serial, reader=uri.reader)
+    except TokenNotFoundError:
+        with _cards_lock:
+            held = [
+                info
+                for info, card in _cards.values()
+                if card.connected
+                and (uri.serial is None or info.serial == uri.serial)
+                and (uri.reader is None or info.reader == uri.reader)
+            ]
+        if len(held) != 1:
+            raise
+        return held[0], None
 
 
 class PivProvider(KeyProvider):
@@ -79,25 +113,26 @@ class PivProvider(KeyProvider):
         management_key_source: management.ManagementKeySource | None = None,
     ) -> PivProvider:
         """Find the card a URI names through PC/SC (by serial= and/or reader=)."""
-        from .discovery import find_card
-
         parsed = _as_uri(uri)
-        info, connect = find_card(serial=parsed.serial, reader=parsed.reader)
+        info, connect = _locate(parsed)
         if pin_source is None:
             pin_source = resolve_pin_source(
                 parsed.pin_source, prompt=f"PIV PIN for {info.describe()}: "
             )
         with _cards_lock:
-            card = _cards.get(info.reader)
-            if card is None:
+            known = _cards.get(info.reader)
+            if known is None:
+                if connect is None:  # held a moment ago, closed since: look again
+                    raise TokenNotFoundError(f"{info.describe()} was closed; try again")
                 card = PivCard(
                     description=info.describe(),
                     pin_source=pin_source,
                     connect=connect,
                     on_touch=on_touch,
                 )
-                _cards[info.reader] = card
+                _cards[info.reader] = (info, card)
             else:
+                card = known[1]
                 with card.lock:
                     card.pin_source = pin_source
                     if on_touch is not None:
