@@ -16,6 +16,7 @@ from agent.cli.output import (
     emit_written,
     read_input,
     report_invalid,
+    touch_prompt,
 )
 from janus_hsm import open_key
 from policies.abilities import Ability
@@ -72,7 +73,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     policy = IssuancePolicy.load(args.policy) if args.policy else None
     proof = _bundle(args.proof) if args.proof else None
     request = fido2_cli.load_request(args.approval_request)
-    issuer = open_key(args.issuer, allow_extractable=args.allow_extractable)
+    issuer = open_key(args.issuer, allow_extractable=args.allow_extractable, on_touch=touch_prompt)
     arguments: dict[str, Any] = {
         "audience": args.to,
         "abilities": [ability],
@@ -139,7 +140,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
 
 def cmd_invoke(args: argparse.Namespace) -> int:
     bundle = _bundle(args.bundle)
-    holder = open_key(args.key, allow_extractable=args.allow_extractable)
+    holder = open_key(args.key, allow_extractable=args.allow_extractable, on_touch=touch_prompt)
     compact = invoke(
         holder,
         capability_id=bundle.leaf.id,
@@ -203,7 +204,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     index = len(bundle.chain) - 1 if args.link is None else args.link
     if not 0 <= index < len(bundle.chain):
         raise CommandError(f"--link must be between 0 and {len(bundle.chain) - 1}")
-    issuer = open_key(args.issuer, allow_extractable=args.allow_extractable)
+    issuer = open_key(args.issuer, allow_extractable=args.allow_extractable, on_touch=touch_prompt)
     target = bundle.chain[index]
     compact = sign_revocation(
         issuer, revoked_id=target.id, now=int(time.time()), reason=args.reason

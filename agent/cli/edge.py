@@ -20,6 +20,7 @@ from agent.cli.output import (
     print_json,
     read_input,
     report_invalid,
+    touch_prompt,
     write_output,
 )
 from policies.abilities import Ability
@@ -31,15 +32,10 @@ def _state(args: argparse.Namespace) -> Path:
     return Path(args.state_dir) if args.state_dir else Path(user_data_dir("janus")) / "edge"
 
 
-def _touch_prompt(message: str) -> None:
-    """A YubiKey waiting for a touch gives no sign on screen: say so before it waits."""
-    print(message, file=sys.stderr, flush=True)
-
-
 def _open(args: argparse.Namespace) -> Any:
     from agent.edge.agent import EdgeAgent
 
-    return EdgeAgent.open(_state(args), on_touch=_touch_prompt)
+    return EdgeAgent.open(_state(args), on_touch=touch_prompt)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -52,7 +48,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         root_algorithm=Algorithm.parse(args.root_alg),
         name=args.name,
         reuse_existing=args.reuse_existing,
-        on_touch=_touch_prompt,
+        on_touch=touch_prompt,
     )
     info: dict[str, Any] = {
         "did": edge.did,

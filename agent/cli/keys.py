@@ -17,6 +17,7 @@ from agent.cli.output import (
     emit_written,
     print_json,
     read_input,
+    touch_prompt,
     write_output,
 )
 from janus_hsm import open_provider
@@ -62,12 +63,8 @@ def _print_human(info: dict[str, Any]) -> None:
         print("  WARNING:    this private key is or was extractable; it is refused for use")
 
 
-def _touch_prompt(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _provider(args: argparse.Namespace) -> Any:
-    return open_provider(args.uri, allow_extractable=args.allow_extractable, on_touch=_touch_prompt)
+    return open_provider(args.uri, allow_extractable=args.allow_extractable, on_touch=touch_prompt)
 
 
 def _warn_default_management_key(provider: Any) -> list[str]:
@@ -133,7 +130,7 @@ def _fido2_sealing_provider(args: argparse.Namespace) -> Any:
     return SoftwareProvider.open(
         args.uri,
         allow_extractable=args.allow_extractable,
-        hmac_secret=Fido2HmacSecret(recipients, pin=keystore_pin_source(), on_touch=_touch_prompt),
+        hmac_secret=Fido2HmacSecret(recipients, pin=keystore_pin_source(), on_touch=touch_prompt),
     )
 
 

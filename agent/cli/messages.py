@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.cli.output import CommandError, common_options, emit, emit_written
+from agent.cli.output import CommandError, common_options, emit, emit_written, touch_prompt
 from agent.didcomm import (
     CONTENT_ALGORITHMS,
     MAX_ENVELOPE,
@@ -100,7 +100,9 @@ def _recipients(values: list[str]) -> list[Recipient]:
 
 
 def _open(stack: contextlib.ExitStack, uri: str, allow_extractable: bool) -> KeyHandle:
-    provider = stack.enter_context(open_provider(uri, allow_extractable=allow_extractable))
+    provider = stack.enter_context(
+        open_provider(uri, allow_extractable=allow_extractable, on_touch=touch_prompt)
+    )
     return provider.find(uri)
 
 

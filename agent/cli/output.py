@@ -17,6 +17,11 @@ class CommandError(Exception):
     code = "bad_request"
 
 
+def touch_prompt(message: str) -> None:
+    """Where a device's "touch your key" request goes: stderr, at once (stdout is data)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def common_options(
     *, json_output: bool = True, allow_extractable: str | None = None
 ) -> argparse.ArgumentParser:
