@@ -8,6 +8,7 @@ import re
 import time
 from typing import Any
 
+from agent.cli import attestation as attestation_cli
 from agent.cli import fido2 as fido2_cli
 from agent.cli.output import (
     CommandError,
@@ -72,6 +73,8 @@ def cmd_grant(args: argparse.Namespace) -> int:
     fido2_cli.refuse_declared_approval(args.satisfied)
     policy = IssuancePolicy.load(args.policy) if args.policy else None
     proof = _bundle(args.proof) if args.proof else None
+    if args.attach_attestation and proof is not None:
+        raise CommandError("--attach-attestation is for root grants (no --proof)")
     request = fido2_cli.load_request(args.approval_request)
     issuer = open_key(args.issuer, allow_extractable=args.allow_extractable, on_touch=touch_prompt)
     arguments: dict[str, Any] = {
@@ -110,6 +113,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
         satisfied=args.satisfied or (),
         now=draft.now,
         jti=draft.jti,
+        evidence=attestation_cli.attestation_evidence(args, issuer) or None,
         **approval_arguments,
     )
     leaf = bundle.leaf
@@ -159,7 +163,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     now = args.at if args.at is not None else time.time()
     ledger = open_ledger(args.ledger) if args.ledger else None
     try:
-        verifier = Verifier(revocations=ledger)
+        verifier = Verifier(revocations=ledger, **attestation_cli.verifier_options(args))
         if args.invocation:
             invocation = read_input(args.invocation).decode("ascii", "replace").strip()
             authorization = verifier.verify(
@@ -279,6 +283,7 @@ def register(commands: Any) -> None:
     p.add_argument("--ledger", metavar="URL", help="record the grant in this ledger's audit log")
     p.add_argument("--out", metavar="FILE")
     fido2_cli.add_approval_options(p)
+    attestation_cli.add_attach_option(p)
     p.set_defaults(handler=cmd_grant)
 
     p = commands.add_parser(
@@ -312,6 +317,7 @@ def register(commands: Any) -> None:
     )
     p.add_argument("--root", metavar="DID", help="require the chain to start at this key")
     p.add_argument("--ledger", metavar="URL", help="also check revocations in this ledger")
+    attestation_cli.add_require_options(p)
     p.add_argument("--at", type=float, metavar="EPOCH", help="verify as of this time")
     p.add_argument("--skew", type=int, default=60, metavar="SECONDS")
     p.set_defaults(handler=cmd_verify)

@@ -11,6 +11,7 @@ from typing import Any
 
 from platformdirs import user_data_dir
 
+from agent.cli import attestation as attestation_cli
 from agent.cli import fido2 as fido2_cli
 from agent.cli.capabilities import parse_caveat_args
 from agent.cli.output import (
@@ -85,6 +86,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
         depth=args.depth,
         satisfied=args.satisfied or (),
         approve=lambda draft: fido2_cli.grant_approvals(args, draft, None),
+        attest=args.attach_attestation,
     )
     return emit(result, f"granted {result['grant_id']} to {result['key']}", as_json=args.json)
 
@@ -151,10 +153,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from agent.evidence import verify_evidence
     from policies.errors import FormatError, VerificationError
+    from policies.verify import Verifier
 
     evidence = strict_json(read_input(args.evidence), "evidence")
     try:
-        verified = verify_evidence(evidence, root=args.root)
+        verifier = Verifier(**attestation_cli.verifier_options(args))
+        verified = verify_evidence(evidence, root=args.root, verifier=verifier)
     except (VerificationError, FormatError) as exc:
         return report_invalid(exc, as_json=args.json)
     result = {
@@ -235,6 +239,7 @@ def register(commands: Any) -> None:
         "--satisfied", action="append", metavar="STEP", help="e.g. touch; never approval"
     )
     fido2_cli.add_approval_options(p, offline=False)
+    attestation_cli.add_attach_option(p)
     p.set_defaults(handler=cmd_grant, approvals=None)
 
     p = sub.add_parser("revoke", parents=[common, state], help="revoke a grant at once")
@@ -279,4 +284,5 @@ def register(commands: Any) -> None:
     )
     p.add_argument("evidence", metavar="EVIDENCE")
     p.add_argument("--root", metavar="DID", help="require this root principal")
+    attestation_cli.add_require_options(p)
     p.set_defaults(handler=cmd_verify)

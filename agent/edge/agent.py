@@ -27,6 +27,7 @@ from janus_hsm.algorithms import Algorithm
 from janus_hsm.errors import KeyNotFoundError, MechanismUnsupportedError
 from janus_hsm.provider import KeyHandle, KeyProvider
 from policies.abilities import Ability
+from policies.attestation import attestation_evidence
 from policies.capability import Bundle
 from policies.issue import GrantDraft, grant, prepare_grant
 from policies.policy import IssuancePolicy
@@ -408,13 +409,22 @@ class EdgeAgent:
         depth: int = 0,
         satisfied: Sequence[str] = (),
         approve: Callable[[GrantDraft], dict[str, Any]] | None = None,
+        attest: bool = False,
     ) -> dict[str, Any]:
         """Ask the cloud agent for a fresh key, sign a capability for it, install it.
+
+        ``attest`` carries the root key's hardware attestation in the capability (see
+        policies/attestation.py); it is read before the cloud agent is asked for a key,
+        so a root without attestation (e.g. SoftHSM) costs nothing there.
 
         ``approve`` collects the approvals the policy requires: it gets the prepared
         draft and returns :func:`policies.issue.grant`'s approval arguments; a refusal
         (an exception) means nothing is signed and no bundle is installed.
         """
+        # Lets a mediator recognise messages addressed to the X25519 key's did:key.
+        evidence: dict[str, Any] = {"keyAgreement": [self.agreement.did]}
+        if attest:
+            evidence.update(attestation_evidence(self.root.attest()))
         now = int(time.time())
         agent_did = self.cloud_did(cloud)
         key_request = sign_request(self.root, typ=KEYREQ_TYP, audience=agent_did, now=now)
@@ -437,8 +447,7 @@ class EdgeAgent:
             **arguments,
             satisfied=satisfied,
             jti=draft.jti,
-            # Lets a mediator recognise messages addressed to the X25519 key's did:key.
-            evidence={"keyAgreement": [self.agreement.did]},
+            evidence=evidence,
             **approval_arguments,
         )
         installed = self._call(

@@ -114,3 +114,42 @@ def test_attest_json_verifies_only_with_the_trusted_root(
     assert result["verification"]["serial"] == SERIAL
     assert "CN=Janus Virtual PIV Test Root" in result["verification"]["root"]
     assert len(result["certificates"]) == 2
+
+
+def test_attested_root_grant_and_verifiers_that_require_it(
+    yubikey: VirtualYubiKey, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = f"piv:serial={SERIAL};slot=9c"
+    code, _, err = run(capsys, "keys", "generate", root, "--alg", "ES256", "--json")
+    assert code == 0, err
+    test_root = tmp_path / "virtual-root.pem"
+    test_root.write_bytes(
+        yubikey.piv.attestation_root_certificate.public_bytes(serialization.Encoding.PEM)
+    )
+    holder = "did:key:z6MkocFtYeZEXmXbjgtyEx7kgMaDoKgpdpdvd6131Azgdrjy"
+    common = ("--to", holder, "--can", "sign/payment", "--with", "janus:payments/eur")
+    limits = ("--ttl", "10m", "--uses", "5", "--json")
+    attested, plain = tmp_path / "attested.json", tmp_path / "plain.json"
+    code, _, err = run(capsys, "grant", "--issuer", root, *common, *limits,
+                             "--attach-attestation", "--out", str(attested))  # fmt: skip
+    assert code == 0, err
+    code, _, err = run(capsys, "grant", "--issuer", root, *common, *limits, "--out", str(plain))
+    assert code == 0, err
+
+    def verify(bundle: Path, *extra: str) -> tuple[int, Any]:
+        code, out, _ = run(capsys, "verify", str(bundle), *extra, "--json")
+        return code, out
+
+    trusted = ("--require-attestation", "--trust-root", str(test_root))
+    code, out = verify(attested, *trusted)
+    assert code == 0 and out["valid"] is True, out
+    # Yubico's roots alone do not vouch for the virtual card; no attestation at all, or
+    # --trust-root without --require-attestation, are refused too.
+    code, out = verify(attested, "--require-attestation")
+    assert code != 0 and out["error"]["code"] == "root_not_attested", out
+    code, out = verify(plain, *trusted)
+    assert code != 0 and out["error"]["code"] == "root_not_attested", out
+    code, out = verify(plain)
+    assert code == 0 and out["valid"] is True
+    code, _, err = run(capsys, "verify", str(plain), "--trust-root", str(test_root))
+    assert code != 0 and "--require-attestation" in err

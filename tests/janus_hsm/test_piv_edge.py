@@ -163,3 +163,40 @@ def test_root_on_the_card_signs_and_decrypts() -> None:
             envelope = pack_anoncrypt(message, [recipient.did])
             opened = unpack(envelope, [recipient])
             assert opened.message.body == {"n": 1}
+
+
+def test_grant_from_a_yubikey_root_to_a_real_cloud_agent_with_attestation(
+    plug: PlugKey, tmp_path: Path
+) -> None:
+    # The whole edge flow with the root on the card, against a real cloud-agent process:
+    # the grant carries the card's attestation, and a verifier that requires it accepts
+    # the cloud agent's evidence only under the card's (test) attestation root.
+    import httpx
+
+    from agent.cloud.process import CloudProcess
+    from agent.evidence import verify_evidence
+    from policies.abilities import Ability
+    from policies.errors import AttestationRequiredError
+    from policies.verify import Verifier
+
+    key = plug()
+    edge, _ = EdgeAgent.init(tmp_path / "edge", f"piv:serial={SERIAL}")
+    cloud = CloudProcess(tmp_path / "cloud", owner=edge.did)
+    try:
+        payments = Ability("janus:payments/eur", "sign/payment", ({"field": "amount", "le": 100},))
+        granted = edge.grant(cloud.url, [payments], ttl_seconds=600, uses=2, attest=True)
+        response = httpx.post(
+            f"{cloud.url}/v1/grants/{granted['grant_id']}/actions/sign/payment",
+            json={"resource": "janus:payments/eur", "request": {"amount": 42}},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        evidence = response.json()["evidence"]
+    finally:
+        cloud.stop()
+    root_cert = key.piv.attestation_root_certificate
+    trusted = Verifier(require_attestation=True, attestation_roots=[root_cert])
+    verified = verify_evidence(evidence, root=edge.did, verifier=trusted)
+    assert verified.principal == edge.did and verified.payload == {"amount": 42}
+    with pytest.raises(AttestationRequiredError):  # Yubico's roots do not vouch for it
+        verify_evidence(evidence, root=edge.did, verifier=Verifier(require_attestation=True))

@@ -17,6 +17,7 @@ from agent.cloud.process import CloudProcess
 from agent.didcomm import Message, pack_anoncrypt, wrap_forward
 from agent.edge.agent import EdgeAgent
 from hardware.softhsm import SoftHSMToken
+from janus_hsm.errors import JanusHSMError
 from policies.abilities import Ability
 
 PAYMENTS = Ability(
@@ -289,3 +290,11 @@ def test_api_token_guards_grant_actions(edge: EdgeAgent, tmp_path: Path) -> None
         )
     finally:
         guarded.stop()
+
+
+def test_attestation_is_asked_of_the_root_before_the_cloud_agent(edge: EdgeAgent) -> None:
+    # SoftHSM has no attestation: the grant fails before any key is requested (the URL
+    # below would refuse a connection, which would be a different error).
+    with pytest.raises(JanusHSMError) as caught:
+        edge.grant("http://127.0.0.1:9", [PAYMENTS], ttl_seconds=60, uses=1, attest=True)
+    assert caught.value.code == "attestation_unavailable"
