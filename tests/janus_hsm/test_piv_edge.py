@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.didcomm import wrap_forward
 from agent.didcomm.message import Message
 from agent.didcomm.pack import pack_anoncrypt, pack_signed
 from agent.didcomm.unpack import unpack
@@ -192,6 +193,21 @@ def test_grant_from_a_yubikey_root_to_a_real_cloud_agent_with_attestation(
         )
         assert response.status_code == 200, response.text
         evidence = response.json()["evidence"]
+
+        # A message held for the owner is picked up and decrypted by ECDH on the card.
+        mailbox = Ability("janus:mailbox", "msg/receive")
+        edge.grant(cloud.url, [mailbox], ttl_seconds=600, uses=10)
+        routing_key = httpx.get(f"{cloud.url}/v1/did", timeout=30).json()["routing_key"]
+        owner_key = edge.agreement.did
+        note = Message(id="n-1", type="https://janus.dev/messages/1.0/note",
+                       body={"text": "for the card"}, to=(owner_key,))  # fmt: skip
+        envelope = wrap_forward(
+            pack_anoncrypt(note, [owner_key]), to=owner_key, routing_keys=[routing_key]
+        )
+        posted = httpx.post(f"{cloud.url}/v1/didcomm", content=envelope.encode(), timeout=30)
+        assert posted.status_code == 202, posted.text
+        picked = edge.pickup(cloud.url)
+        assert [m["message"]["body"]["text"] for m in picked] == ["for the card"]
     finally:
         cloud.stop()
     root_cert = key.piv.attestation_root_certificate
