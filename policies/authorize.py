@@ -13,7 +13,8 @@ from typing import Any
 
 from policies.capability import Bundle
 from policies.invocation import Invocation
-from policies.ledger.base import Ledger, SpendReceipt
+from policies.ledger.aio import AsyncSpender
+from policies.ledger.base import Ledger, SpendReceipt, SpendRequest
 from policies.verify import DEFAULT_SKEW, Authorization, Verifier
 
 
@@ -46,8 +47,37 @@ def authorize(
     authorization = verifier.verify(
         bundle, invocation, request, now=now, skew=skew, root=root, audience=audience
     )
+    return Grant(authorization, ledger.spend_one(spend_request(authorization, now=now, skew=skew)))
+
+
+async def authorize_async(
+    verifier: Verifier,
+    spender: AsyncSpender,
+    bundle: Bundle | str | bytes,
+    invocation: Invocation | str,
+    request: Mapping[str, Any],
+    *,
+    now: float,
+    skew: int = DEFAULT_SKEW,
+    root: str | None = None,
+    audience: str | None = None,
+) -> Grant:
+    """``authorize`` on an event loop: verify here, then await the durable spend.
+
+    Verification is CPU only (the chain's signatures are cached), so it runs on the
+    loop; the spend joins the spender's next group commit.
+    """
+    authorization = verifier.verify(
+        bundle, invocation, request, now=now, skew=skew, root=root, audience=audience
+    )
+    receipt = await spender.spend(spend_request(authorization, now=now, skew=skew))
+    return Grant(authorization, receipt)
+
+
+def spend_request(authorization: Authorization, *, now: float, skew: int) -> SpendRequest:
+    """What the ledger records for a verified use: one per link, the nonce, the audit."""
     inv = authorization.invocation
-    receipt = ledger.spend(
+    return SpendRequest(
         authorization.chain.link_limits(),
         nonce=inv.nonce,
         nonce_expires_at=inv.expires + skew,
@@ -59,4 +89,3 @@ def authorize(
             "request": inv.digest,
         },
     )
-    return Grant(authorization, receipt)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import b64url_encode
 from policies.errors import FormatError, VerificationError
-from policies.jws import ParsedJws, canonical_json, parse_compact, sha256_b64, sign_compact
+from policies.jws import ParsedJws, canonical_json, parse_compact, sha256_b64, sign_jws
 
 INVOCATION_TYP = "janus-inv+jws"
 MAX_LIFETIME = 300
@@ -43,6 +43,11 @@ class Invocation:
     issued_at: int
     expires: int
     audience: str | None = None  # the verifier it is meant for, when the invoker named one
+    # True only for an invocation this process has just signed itself (invoke_local):
+    # its fields are the claims that were signed, so Verifier.verify may skip checking
+    # the signature it just made.  Invocation.parse, the only way from outside input
+    # (text) to an Invocation, always leaves it False.
+    signed_locally: bool = field(default=False, repr=False, compare=False)
 
     @property
     def compact(self) -> str:
@@ -52,24 +57,7 @@ class Invocation:
     def parse(cls, compact: str) -> Invocation:
         jws = parse_compact(compact.strip(), typ=INVOCATION_TYP, what="invocation")
         claims = jws.payload
-        if not _CLAIMS <= set(claims) <= _CLAIMS | _OPTIONAL:
-            raise FormatError(
-                f"invocation claims must be {', '.join(sorted(_CLAIMS))} (and optionally aud)"
-            )
-        audience = claims.get("aud")
-        if audience is not None and (not isinstance(audience, str) or not 0 < len(audience) <= 512):
-            raise FormatError("invocation 'aud' must be a non-empty string")
-        for name in ("iss", "cap", "can", "with", "dig", "nonce"):
-            if not isinstance(claims[name], str) or not 0 < len(claims[name]) <= 512:
-                raise FormatError(f"invocation '{name}' must be a non-empty string")
-        for name in ("iat", "exp"):
-            value = claims[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise FormatError(f"invocation '{name}' must be integer epoch seconds")
-        if not 0 < claims["exp"] - claims["iat"] <= MAX_LIFETIME:
-            raise FormatError(f"invocation lifetime must be 1 to {MAX_LIFETIME} seconds")
-        if len(claims["nonce"]) < 16:
-            raise FormatError("invocation nonce must carry at least 96 bits (16 characters)")
+        _check_claims(claims)
         return cls(
             jws=jws,
             holder=claims["iss"],
@@ -80,12 +68,34 @@ class Invocation:
             nonce=claims["nonce"],
             issued_at=claims["iat"],
             expires=claims["exp"],
-            audience=audience,
+            audience=claims.get("aud"),
         )
 
     def check_request(self, request: Mapping[str, Any]) -> None:
         if not hmac.compare_digest(self.digest, request_digest(request)):
             raise VerificationError("the request does not match the invocation's digest")
+
+
+def _check_claims(claims: Mapping[str, Any]) -> None:
+    """The shape every invocation must have, whether parsed or just signed here."""
+    if not _CLAIMS <= set(claims) <= _CLAIMS | _OPTIONAL:
+        raise FormatError(
+            f"invocation claims must be {', '.join(sorted(_CLAIMS))} (and optionally aud)"
+        )
+    audience = claims.get("aud")
+    if audience is not None and (not isinstance(audience, str) or not 0 < len(audience) <= 512):
+        raise FormatError("invocation 'aud' must be a non-empty string")
+    for name in ("iss", "cap", "can", "with", "dig", "nonce"):
+        if not isinstance(claims[name], str) or not 0 < len(claims[name]) <= 512:
+            raise FormatError(f"invocation '{name}' must be a non-empty string")
+    for name in ("iat", "exp"):
+        value = claims[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise FormatError(f"invocation '{name}' must be integer epoch seconds")
+    if not 0 < claims["exp"] - claims["iat"] <= MAX_LIFETIME:
+        raise FormatError(f"invocation lifetime must be 1 to {MAX_LIFETIME} seconds")
+    if len(claims["nonce"]) < 16:
+        raise FormatError("invocation nonce must carry at least 96 bits (16 characters)")
 
 
 def invoke(
@@ -105,9 +115,61 @@ def invoke(
     it refuses invocations meant for someone else, so one cannot be replayed across
     verifiers that share no ledger.
     """
+    payload = _claims(holder, capability_id, action, resource, request, now, lifetime, audience)
+    return sign_jws(holder, {"typ": INVOCATION_TYP}, payload).compact
+
+
+def invoke_local(
+    holder: KeyHandle,
+    *,
+    capability_id: str,
+    action: str,
+    resource: str,
+    request: Mapping[str, Any],
+    now: int,
+    lifetime: int = 60,
+    audience: str | None = None,
+) -> Invocation:
+    """``invoke``, returning the Invocation itself, for a verifier in this process.
+
+    Built from the claims as signed rather than parsed back from the text, and marked
+    ``signed_locally``: a verifier that is handed it directly (the cloud agent acting
+    on its own grant) need not re-check the signature it has just made.  The claims
+    get the same checks as in ``Invocation.parse``, and everything else (holder,
+    capability, audience, time, request digest, caveats) is still checked by the
+    verifier.  The compact form, for evidence and other verifiers, is ``.compact``.
+    """
+    payload = _claims(holder, capability_id, action, resource, request, now, lifetime, audience)
+    _check_claims(payload)  # as Invocation.parse would: the same refusals either way
+    jws = sign_jws(holder, {"typ": INVOCATION_TYP}, payload)
+    return Invocation(
+        jws=jws,
+        holder=payload["iss"],
+        capability_id=capability_id,
+        action=action,
+        resource=resource,
+        digest=payload["dig"],
+        nonce=payload["nonce"],
+        issued_at=now,
+        expires=payload["exp"],
+        audience=audience,
+        signed_locally=True,
+    )
+
+
+def _claims(
+    holder: KeyHandle,
+    capability_id: str,
+    action: str,
+    resource: str,
+    request: Mapping[str, Any],
+    now: int,
+    lifetime: int,
+    audience: str | None,
+) -> dict[str, Any]:
     if not 0 < lifetime <= MAX_LIFETIME:
         raise FormatError(f"invocation lifetime must be 1 to {MAX_LIFETIME} seconds")
-    payload = {
+    payload: dict[str, Any] = {
         "iss": holder.did,
         "cap": capability_id,
         "can": action,
@@ -119,4 +181,4 @@ def invoke(
     }
     if audience is not None:
         payload["aud"] = audience
-    return sign_compact(holder, {"typ": INVOCATION_TYP}, payload)
+    return payload

@@ -60,6 +60,15 @@ class ParsedJws:
 
 def sign_compact(handle: KeyHandle, header: dict[str, Any], payload: dict[str, Any]) -> str:
     """Sign ``payload`` with the key in ``handle``; ``alg`` and ``kid`` are set here."""
+    return sign_jws(handle, header, payload).compact
+
+
+def sign_jws(handle: KeyHandle, header: dict[str, Any], payload: dict[str, Any]) -> ParsedJws:
+    """``sign_compact``, also returning the pieces, so the signer need not parse it back.
+
+    ``header`` and ``payload`` of the result are the objects given (with ``alg`` and
+    ``kid`` added to a copy of the header): the caller must not change them.
+    """
     alg = handle.algorithm
     if alg.value not in ALLOWED_ALGS:
         raise AlgorithmRefusedError(f"{alg.value} keys cannot sign JWS")
@@ -67,12 +76,12 @@ def sign_compact(handle: KeyHandle, header: dict[str, Any], payload: dict[str, A
     full_header = {**header, "alg": alg.value, "kid": f"{did}#{did.removeprefix('did:key:')}"}
     signing_input = (
         b64url_encode(canonical_json(full_header)) + "." + b64url_encode(canonical_json(payload))
-    )
-    signature = handle.sign(signing_input.encode("ascii"))
-    compact = signing_input + "." + b64url_encode(signature)
+    ).encode("ascii")
+    signature = handle.sign(signing_input)
+    compact = signing_input.decode("ascii") + "." + b64url_encode(signature)
     if len(compact) > MAX_COMPACT:
         raise FormatError(f"the signed object is larger than {MAX_COMPACT} bytes")
-    return compact
+    return ParsedJws(compact, full_header, payload, signing_input, signature)
 
 
 def parse_compact(compact: str, *, typ: str, what: str) -> ParsedJws:

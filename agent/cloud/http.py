@@ -1,7 +1,9 @@
 """The cloud agent's HTTP API (Starlette on uvicorn).
 
-Handlers are plain functions: Starlette runs them in its thread pool, which is what
-the blocking ledger (fsync per use) and key operations need.  Every error is JSON with
+Handlers are coroutines; what blocks (the ledger's fsync, key files, the store) runs in
+threads.  Actions on the agent's own grants (``CloudAgent.act_async``) do their CPU
+work on the loop and hand only the ledger write to one writer thread, which commits
+concurrent uses together.  Every error is JSON with
 a stable ``code``; bodies are size-limited before parsing.  See docs/cloud-agent.md.
 """
 
@@ -40,6 +42,7 @@ from policies.errors import (
     VerificationError,
 )
 from policies.jws import strict_json
+from policies.ledger.aio import AsyncSpender
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,8 @@ async def _json(request: Request) -> dict[str, Any]:
 
 def build_app(agent: CloudAgent) -> Starlette:
     metrics = Metrics()
+    # Actions' ledger writes, gathered on the event loop into group commits.
+    spender = AsyncSpender(agent.ledger)
 
     def endpoint(name: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
         async def run(request: Request) -> Response:
@@ -198,8 +203,8 @@ def build_app(agent: CloudAgent) -> Starlette:
         if not isinstance(resource, str) or not isinstance(payload, dict):
             raise BadRequestError("body must be {'resource': str, 'request': object}")
         action = request.path_params["action"]
-        result = await threaded(
-            agent.act, request.path_params["grant_id"], action, resource, payload
+        result = await agent.act_async(
+            spender, request.path_params["grant_id"], action, resource, payload
         )
         metrics.uses.labels(result.action).inc()
         return {"action": result.action, "grant_id": result.grant_id, **result.result}
@@ -263,6 +268,7 @@ def build_app(agent: CloudAgent) -> Starlette:
             yield
         finally:
             task.cancel()
+            spender.close()
 
     routes = [
         Route("/healthz", endpoint("healthz", healthz), methods=["GET"]),

@@ -11,6 +11,7 @@ verifies offline back to the owner's hardware root.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -25,19 +26,20 @@ from typing import Any
 from agent.cloud.store import ACTIVE, PENDING, CloudStore, GrantRecord
 from agent.errors import BadRequestError, ConflictError, GrantInactiveError, NotFoundError
 from janus_hsm.algorithms import Algorithm
-from janus_hsm.backends.software import SoftwareProvider
+from janus_hsm.backends.software import SoftwareKeyHandle, SoftwareProvider
 from janus_hsm.errors import KeyExistsError, KeyNotFoundError
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import b64url_encode
 from policies.abilities import Ability
-from policies.authorize import authorize
+from policies.authorize import Grant, authorize, authorize_async
 from policies.capability import Bundle
 from policies.durations import parse_duration
 from policies.errors import FormatError, PolicyError, RevokedError, VerificationError
-from policies.invocation import invoke
+from policies.invocation import Invocation, invoke_local
 from policies.issue import grant
 from policies.jws import canonical_json, parse_compact, public_key_for, verify_signature
 from policies.ledger import open_ledger
+from policies.ledger.aio import AsyncSpender
 from policies.ledger.base import SpendReceipt
 from policies.policy import IssuancePolicy
 from policies.revocation import Revocation
@@ -95,6 +97,7 @@ class _Users:
 
 @dataclass
 class _Flight:
+    users: _Users  # the grant's requests in flight, this one included
     settled: bool = False  # the request's own receipt showed uses left on every link
 
 
@@ -195,8 +198,7 @@ class CloudAgent:
         makes the verifier or the ledger refuse the use, and a refused use re-reads
         the store (_refused). The periodic sweep forgets keys destroyed elsewhere.
         """
-        with self._lock:
-            cached = self._unlocked.get(grant_id)
+        cached = self._cached(grant_id)
         if cached is not None:
             return cached
         try:
@@ -207,15 +209,21 @@ class CloudAgent:
         if record.status != ACTIVE or record.bundle is None:
             raise ConflictError(f"grant {grant_id} has no capability installed yet")
         try:
-            found: KeyHandle = self.keys.find(record.key_uri)
+            found: SoftwareKeyHandle = self.keys.find(record.key_uri)
+            # Unlocking costs a scrypt derivation (~0.2 s by design): do it once per
+            # grant, here, and not in the first signature (which may run on the loop).
+            found.unlock()
         except KeyNotFoundError:  # another instance destroyed it a moment ago
             raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
-        # Unlocking costs a scrypt derivation (~0.2 s by design); do it once per grant,
-        # not per request.
         bundle = Bundle.parse(record.bundle)
         unlocked = _Unlocked(record, bundle, found, json.loads(bundle.to_json()))
         with self._lock:
             return self._unlocked.setdefault(grant_id, unlocked)
+
+    def _cached(self, grant_id: str) -> _Unlocked | None:
+        """The unlocked grant if this process has it (no I/O: fit for the event loop)."""
+        with self._lock:
+            return self._unlocked.get(grant_id)
 
     def _forget(self, grant_id: str) -> None:
         with self._lock:
@@ -244,7 +252,71 @@ class CloudAgent:
         now = time.time() if now is None else now
         with self._in_flight(grant_id) as flight:
             grant_ = self._active(grant_id)
-            invocation = invoke(
+            invocation = self._own_invocation(grant_, action, resource, request, now=now)
+            return self._perform(grant_, grant_.bundle, invocation, request, flight, now=now)
+
+    async def act_async(
+        self,
+        spender: AsyncSpender,
+        grant_id: str,
+        action: str,
+        resource: str,
+        request: Mapping[str, Any],
+    ) -> ActionResult:
+        """``act`` for an event loop (the HTTP server), with the same guarantees.
+
+        Signing, verification and evidence are CPU only (~0.1 ms each; the chain is
+        verified once per grant), so for ``sign/`` actions they run on the loop, and
+        only the ledger write leaves it: ``spender`` batches concurrent uses into one
+        durable commit on its writer thread.  Whatever may block (unlocking a grant,
+        store reads after a refusal, retiring a spent grant, the other actions) runs in
+        a thread: under load, thread hand-offs and GIL contention cost more than the
+        use itself.
+        """
+        if not action.startswith("sign/"):
+            return await asyncio.to_thread(self.act, grant_id, action, resource, request)
+        now = time.time()
+        flight = self._enter(grant_id)
+        try:
+            grant_ = self._cached(grant_id)
+            if grant_ is None:
+                grant_ = await asyncio.to_thread(self._active, grant_id)
+            invocation = self._own_invocation(grant_, action, resource, request, now=now)
+            try:
+                used = await authorize_async(
+                    self.verifier,
+                    spender,
+                    grant_.bundle,
+                    invocation,
+                    request,
+                    now=now,
+                    root=self.config.owner,
+                    audience=self.did,
+                )
+            except PolicyError:
+                await asyncio.to_thread(self._refused, grant_id)
+                raise
+            return self._performed(grant_, grant_.bundle, used, flight, now=now)
+        finally:
+            if self._leave(grant_id, flight):
+                await asyncio.to_thread(self._retire_if_spent, grant_id, now=time.time())
+
+    def _own_invocation(
+        self,
+        grant_: _Unlocked,
+        action: str,
+        resource: str,
+        request: Mapping[str, Any],
+        *,
+        now: float,
+    ) -> Invocation:
+        """An invocation signed here with the grant's key, addressed to this agent.
+
+        Made by invoke_local, so the verifier skips re-checking the signature just
+        made; invocations from outside (invoke_external) are text and fully checked.
+        """
+        try:
+            return invoke_local(
                 grant_.handle,
                 capability_id=grant_.bundle.leaf.id,
                 action=action,
@@ -253,7 +325,11 @@ class CloudAgent:
                 now=int(now),
                 audience=self.did,
             )
-            return self._perform(grant_, grant_.bundle, invocation, request, flight, now=now)
+        except KeyNotFoundError:
+            # Retired a moment ago (by the last request of a spent grant, or the sweep)
+            # after this request found it in the cache: nothing was spent, so say so.
+            self._forget(grant_.record.grant_id)
+            raise GrantInactiveError(f"grant {grant_.record.grant_id}'s key is gone") from None
 
     def invoke_external(
         self,
@@ -278,13 +354,12 @@ class CloudAgent:
         self,
         grant_: _Unlocked,
         bundle: Bundle,
-        invocation: str,
+        invocation: Invocation | str,
         request: Mapping[str, Any],
         flight: _Flight,
         *,
         now: float,
     ) -> ActionResult:
-        record, handle = grant_.record, grant_.handle
         # Invocations must name this agent: one made for another verifier (which keeps
         # its own nonces) cannot be replayed here.
         try:
@@ -299,9 +374,16 @@ class CloudAgent:
                 audience=self.did,
             )
         except PolicyError:
-            self._refused(record.grant_id)
+            self._refused(grant_.record.grant_id)
             raise
+        return self._performed(grant_, bundle, used, flight, now=now)
+
+    def _performed(
+        self, grant_: _Unlocked, bundle: Bundle, used: Grant, flight: _Flight, *, now: float
+    ) -> ActionResult:
+        """The action of a use that is verified and durably counted."""
         flight.settled = not self._exhausted(grant_, used.receipt, now=now)
+        handle = grant_.handle
         inv = used.authorization.invocation
         action = inv.action
         if action.startswith("sign/"):
@@ -318,7 +400,7 @@ class CloudAgent:
         else:
             raise BadRequestError(f"this agent performs no action {action!r}")
         result["uses"] = used.receipt.uses
-        return ActionResult(action, record.grant_id, result)
+        return ActionResult(action, grant_.record.grant_id, result)
 
     @staticmethod
     def _exhausted(grant_: _Unlocked, receipt: SpendReceipt, *, now: float) -> bool:
@@ -473,21 +555,30 @@ class CloudAgent:
         backstop). A request whose receipt showed uses left everywhere cannot have
         spent the grant, so only the others make the last one out look.
         """
-        flight = _Flight()
-        with self._lock:
-            users = self._users.setdefault(grant_id, _Users())
-            users.count += 1
+        flight = self._enter(grant_id)
         try:
             yield flight
         finally:
-            with self._lock:
-                users.check = users.check or not flight.settled
-                users.count -= 1
-                last = users.count == 0
-                if last:
-                    del self._users[grant_id]
-            if last and users.check:
+            if self._leave(grant_id, flight):
                 self._retire_if_spent(grant_id, now=time.time())
+
+    def _enter(self, grant_id: str) -> _Flight:
+        """A request starts using the grant (see _in_flight)."""
+        with self._lock:
+            users = self._users.setdefault(grant_id, _Users())
+            users.count += 1
+        return _Flight(users)
+
+    def _leave(self, grant_id: str, flight: _Flight) -> bool:
+        """A request is done with the grant: whether the caller must _retire_if_spent."""
+        users = flight.users
+        with self._lock:
+            users.check = users.check or not flight.settled
+            users.count -= 1
+            last = users.count == 0
+            if last:
+                del self._users[grant_id]
+        return last and users.check
 
     def _retire_if_spent(self, grant_id: str, *, now: float) -> None:
         with self._lock:

@@ -46,6 +46,17 @@ class SpendReceipt:
 
 
 @dataclass(frozen=True)
+class SpendRequest:
+    """The arguments of one ``Ledger.spend``, so that several can be handed over at once."""
+
+    limits: Sequence[LinkLimit]
+    nonce: str
+    nonce_expires_at: float
+    now: float
+    audit: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     seq: int
     at: float
@@ -100,6 +111,37 @@ class Ledger(abc.ABC):
         link, and a "use" audit entry (cap_id = the leaf's, data = ``audit``), and
         returns only after the transaction is committed to stable storage.
         """
+
+    # True when spend_many commits a whole batch with one durable write: then a caller
+    # that gathers concurrent spends (policies.ledger.aio) should hand them over
+    # together rather than spend each from its own thread.
+    batches_spends = False
+
+    def spend_many(self, requests: Sequence[SpendRequest]) -> list[SpendReceipt | Exception]:
+        """Several independent spends; each is all or nothing on its own.
+
+        Returns, in order, each spend's receipt or the exception it raised (a refusal
+        of one does not affect the others).  Every receipt is durable on return.  This
+        default spends one after another; a ledger that can share one commit between
+        them overrides it and sets ``batches_spends``.
+        """
+        results: list[SpendReceipt | Exception] = []
+        for r in requests:
+            try:
+                results.append(self.spend_one(r))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def spend_one(self, request: SpendRequest) -> SpendReceipt:
+        """``spend`` with its arguments in one object."""
+        return self.spend(
+            request.limits,
+            nonce=request.nonce,
+            nonce_expires_at=request.nonce_expires_at,
+            now=request.now,
+            audit=request.audit,
+        )
 
     @abc.abstractmethod
     def uses(self, cap_id: str) -> int:

@@ -34,7 +34,14 @@ from policies.ledger._common import (
     entry_hash,
     normalise_data,
 )
-from policies.ledger.base import GENESIS, AuditEntry, Ledger, LinkLimit, SpendReceipt
+from policies.ledger.base import (
+    GENESIS,
+    AuditEntry,
+    Ledger,
+    LinkLimit,
+    SpendReceipt,
+    SpendRequest,
+)
 
 SCHEMA_VERSION = 1
 
@@ -142,6 +149,8 @@ class SqliteLedger(Ledger):
     one in each process.
     """
 
+    batches_spends = True  # spend_many shares one COMMIT (one fsync) between spends
+
     def __init__(
         self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, max_batch: int = 64
     ) -> None:
@@ -223,15 +232,28 @@ class SqliteLedger(Ledger):
         back.  Returns once the batch's COMMIT is durable.
         """
         work = _Work(fn)
+        self._submit([work])
+        if work.error is not None:
+            raise work.error
+        return cast(T, work.value)
+
+    def _submit(self, works: list[_Work]) -> None:
+        """Queue ``works`` and return once every one of them is done (committed or not).
+
+        The calling thread either waits for the thread running a batch, or runs the
+        next batch itself; the queue is first in, first out, so the last of ``works``
+        being done means all of them are.
+        """
+        last = works[-1]
         with self._cond:
             self._check_usable()
-            self._queue.append(work)
-            while not work.done:
+            self._queue.extend(works)
+            while not last.done:
                 if self._leading:
                     self._cond.wait()
                     continue
-                if self._closed:  # closed while this write was queued
-                    self._queue.remove(work)
+                if self._closed:  # closed while these writes were queued
+                    self._queue[:] = [w for w in self._queue if w not in works]
                     raise LedgerError(f"{self!r} is closed")
                 self._leading = True
                 batch = self._queue[: self._max_batch]
@@ -243,9 +265,6 @@ class SqliteLedger(Ledger):
                     self._cond.acquire()
                     self._leading = False
                     self._cond.notify_all()
-        if work.error is not None:
-            raise work.error
-        return cast(T, work.value)
 
     def _run_batch(self, batch: list[_Work]) -> None:
         """BEGIN IMMEDIATE; a savepoint per write; COMMIT.  Marks every item done.
@@ -341,8 +360,34 @@ class SqliteLedger(Ledger):
         now: float,
         audit: Mapping[str, Any] | None = None,
     ) -> SpendReceipt:
+        return self._write(
+            self._spend_fn(SpendRequest(limits, nonce, nonce_expires_at, now, audit))
+        )
+
+    def spend_many(self, requests: Sequence[SpendRequest]) -> list[SpendReceipt | Exception]:
+        """Queue every spend at once: they share commits (one, up to ``max_batch``)."""
+        results: list[SpendReceipt | Exception | None] = [None] * len(requests)
+        works: list[tuple[int, _Work]] = []
+        for i, request in enumerate(requests):
+            try:
+                works.append((i, _Work(self._spend_fn(request))))
+            except Exception as exc:  # malformed arguments: refused before any I/O
+                results[i] = exc
+        if works:
+            self._submit([work for _, work in works])
+        for i, work in works:
+            error = work.error
+            if error is not None and not isinstance(error, Exception):
+                raise error  # the running thread was interrupted (KeyboardInterrupt…)
+            results[i] = error if error is not None else work.value
+        return [r for r in results if r is not None]
+
+    def _spend_fn(self, request: SpendRequest) -> Callable[[sqlite3.Connection], SpendReceipt]:
+        """Check the arguments now; return the transaction body that spends."""
+        limits, nonce, now = request.limits, request.nonce, request.now
+        nonce_expires_at = request.nonce_expires_at
         check_spend_args(limits, nonce, now)
-        data = normalise_data(audit)
+        data = normalise_data(request.audit)
         ids = [link.cap_id for link in limits]
         id_list = json.dumps(ids)  # bound as one parameter: no SQL is built from data
 
@@ -379,7 +424,7 @@ class SqliteLedger(Ledger):
             seq = self._append(c, now, "use", ids[-1], data, head=head)
             return SpendReceipt(uses={u.cap_id: u.uses for u in updates}, audit_seq=seq)
 
-        return self._write(run)
+        return run
 
     def uses(self, cap_id: str) -> int:
         with self._reading() as c:

@@ -1,0 +1,100 @@
+"""``invoke_local``: an invocation signed in this process and verified without re-parsing.
+
+The shortcut must change nothing but the cost: the same checks of the claims, the same
+text as ``invoke`` would give, and no way for outside input (text) to carry the flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from janus_hsm.algorithms import Algorithm
+from janus_hsm.provider import KeyHandle
+from janus_hsm.public_keys import b64url_encode
+from policies.abilities import Ability
+from policies.errors import (
+    CaveatFailedError,
+    FormatError,
+    SignatureInvalidError,
+    VerificationError,
+)
+from policies.invocation import Invocation, invoke_local
+from policies.issue import grant
+from policies.verify import Verifier
+from tests.policies.keys import software_keys
+
+NOW = 1_800_000_000
+PAY = Ability("janus:payments/eur", "sign/payment", ({"field": "amount", "le": 10000},))
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyHandle]:
+    return software_keys(
+        Path(tmp_path_factory.mktemp("keys")), {"owner": Algorithm.ES256, "cloud": Algorithm.EdDSA}
+    )
+
+
+def test_local_invocation_verifies_like_its_text(keys: dict[str, KeyHandle]) -> None:
+    owner, cloud = keys["owner"], keys["cloud"]
+    bundle = grant(owner, audience=cloud.did, abilities=[PAY], ttl_seconds=600, uses=5, now=NOW)
+    request = {"amount": 5}
+    local = invoke_local(
+        cloud,
+        capability_id=bundle.leaf.id,
+        action="sign/payment",
+        resource="janus:payments/eur",
+        request=request,
+        now=NOW,
+    )
+    parsed = Invocation.parse(local.compact)
+    assert local.signed_locally and not parsed.signed_locally
+    assert local == parsed  # the same claims as the text carries
+    verifier = Verifier()
+    for inv in (local, parsed, local.compact):
+        assert verifier.verify(bundle, inv, request, now=NOW).invocation == parsed
+    too_much = invoke_local(
+        cloud,
+        capability_id=bundle.leaf.id,
+        action="sign/payment",
+        resource="janus:payments/eur",
+        request={"amount": 50_000},
+        now=NOW,
+    )
+    with pytest.raises(CaveatFailedError):  # the caveats are still checked
+        verifier.verify(bundle, too_much, {"amount": 50_000}, now=NOW)
+    with pytest.raises(VerificationError, match="digest"):  # and the request
+        verifier.verify(bundle, local, {"amount": 6}, now=NOW)
+
+
+def test_text_never_skips_the_signature(keys: dict[str, KeyHandle]) -> None:
+    owner, cloud = keys["owner"], keys["cloud"]
+    bundle = grant(owner, audience=cloud.did, abilities=[PAY], ttl_seconds=600, uses=5, now=NOW)
+    local = invoke_local(
+        cloud,
+        capability_id=bundle.leaf.id,
+        action="sign/payment",
+        resource="janus:payments/eur",
+        request={"amount": 5},
+        now=NOW,
+    )
+    head, body, _ = local.compact.split(".")
+    forged = f"{head}.{body}.{b64url_encode(bytes(64))}"
+    with pytest.raises(SignatureInvalidError):
+        Verifier().verify(bundle, forged, {"amount": 5}, now=NOW)
+    # Even a parsed invocation copied with the flag is only as good as in-process code.
+    assert not dataclasses.replace(Invocation.parse(forged)).signed_locally
+
+
+def test_local_invocation_checks_claims_as_parse_does(keys: dict[str, KeyHandle]) -> None:
+    with pytest.raises(FormatError, match="'with'"):
+        invoke_local(
+            keys["cloud"],
+            capability_id="x" * 43,
+            action="sign/payment",
+            resource="r" * 513,
+            request={},
+            now=NOW,
+        )
