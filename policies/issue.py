@@ -255,6 +255,11 @@ def _check_requirements(
     done = set(satisfied)
     if issuer.properties.backend in _PIN_GATED_BACKENDS:
         done.add("pin")
+    if issuer.properties.touch_policy == "always":
+        # The device itself refuses to sign this grant without a touch (a PIV slot with
+        # touch policy "always"), so the requirement is enforced, not merely declared.
+        # "cached" is not enough: its touch may have been given for an earlier signature.
+        done.add("touch")
     missing = sorted(decision.requirements - done - {"attested-holder"})
     if missing:
         raise PolicyViolationError(

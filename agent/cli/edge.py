@@ -50,6 +50,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         name=args.name,
         reuse_existing=args.reuse_existing,
         on_touch=touch_prompt,
+        root_touch_policy=args.root_touch_policy,
     )
     info: dict[str, Any] = {
         "did": edge.did,
@@ -217,6 +218,12 @@ def register(commands: Any) -> None:
         "--reuse-existing",
         action="store_true",
         help="piv: adopt keys already in the root / agreement slots instead of refusing",
+    )
+    p.add_argument(
+        "--root-touch-policy",
+        metavar="POLICY",
+        help="piv: the new root slot's touch policy: never | always | cached (default: the "
+        "slot's, never). 'always' makes the card enforce a policy's touch requirement",
     )
     p.set_defaults(handler=cmd_init)
 

@@ -161,6 +161,7 @@ def _init_piv(
     token_uri: str,
     root_algorithm: Algorithm,
     reuse_existing: bool,
+    root_touch_policy: str | None = None,
 ) -> tuple[KeyHandle, KeyHandle, bool]:
     """The edge identity in a PIV card's slots: root in 9c (or the URI's slot), agreement in 9d.
 
@@ -173,9 +174,14 @@ def _init_piv(
     leaves the card as it was.
     """
     from janus_hsm.backends.piv import PivProvider
+    from janus_hsm.backends.piv.slots import parse_touch_policy
     from janus_hsm.backends.piv.uri import PivUri, parse_slot
 
     assert isinstance(provider, PivProvider)
+    try:
+        root_touch = None if root_touch_policy is None else parse_touch_policy(root_touch_policy)
+    except ValueError as exc:
+        raise BadRequestError(str(exc)) from None
     parsed = PivUri.parse(token_uri)
     root_slot = parsed.slot if parsed.slot is not None else parse_slot(PIV_ROOT_SLOT)
     agreement_slot = parse_slot(PIV_AGREEMENT_SLOT)
@@ -234,7 +240,11 @@ def _init_piv(
         if slot in existing:
             handles[slot] = existing[slot]
         else:
-            handles[slot] = provider.generate(str(base.with_slot(slot)), algorithm)
+            uri = str(base.with_slot(slot))
+            if slot == root_slot and root_touch is not None:
+                handles[slot] = provider.generate(uri, algorithm, touch_policy=root_touch)
+            else:
+                handles[slot] = provider.generate(uri, algorithm)
             created = True
     return handles[root_slot], handles[agreement_slot], created
 
@@ -316,6 +326,7 @@ class EdgeAgent:
         name: str = "edge",
         reuse_existing: bool = False,
         on_touch: Callable[[str], None] | None = None,
+        root_touch_policy: str | None = None,
     ) -> tuple[EdgeAgent, bool]:
         """Create (or reuse) the root identity on the token; idempotent.
 
@@ -325,6 +336,8 @@ class EdgeAgent:
         root is reused whatever its algorithm, and a mismatch with ``root_algorithm`` is
         an error, not a silent swap.  On a PIV card (``piv:`` URI) slots have no labels,
         so see :func:`_init_piv`: an occupied slot is refused unless ``reuse_existing``.
+        ``root_touch_policy`` (PIV only: never, always, cached) is the new root slot's
+        touch policy; "always" makes the card itself enforce a policy's ``touch``.
         """
         if root_algorithm not in ROOT_ALGORITHMS:
             raise BadRequestError("the root key must be ES256 (P-256), ES384 (P-384) or EdDSA")
@@ -333,13 +346,15 @@ class EdgeAgent:
         provider = open_provider(token_uri, on_touch=on_touch)
         if token_uri.lower().startswith("piv:"):
             root, agreement, created = _init_piv(
-                provider, state_dir, token_uri, root_algorithm, reuse_existing
+                provider, state_dir, token_uri, root_algorithm, reuse_existing, root_touch_policy
             )
             root_uri, agreement_uri = (
                 _piv_config_uri(token_uri, root),
                 _piv_config_uri(token_uri, agreement),
             )
         else:
+            if root_touch_policy is not None:
+                raise BadRequestError("a touch policy applies to a root key on a PIV card only")
             root, agreement, created = _init_labelled(provider, token_uri, root_algorithm, name)
             root_uri = _with_object(token_uri, f"{name}-root")
             agreement_uri = _with_object(token_uri, f"{name}-agreement")

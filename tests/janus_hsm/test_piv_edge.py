@@ -216,3 +216,36 @@ def test_grant_from_a_yubikey_root_to_a_real_cloud_agent_with_attestation(
     assert verified.principal == edge.did and verified.payload == {"amount": 42}
     with pytest.raises(AttestationRequiredError):  # Yubico's roots do not vouch for it
         verify_evidence(evidence, root=edge.did, verifier=Verifier(require_attestation=True))
+
+
+def test_a_touch_always_root_enforces_the_policys_touch_requirement(
+    plug: PlugKey, tmp_path: Path
+) -> None:
+    from hardware.virtual_piv import ScriptedTouch
+    from policies.abilities import Ability
+    from policies.issue import grant
+    from policies.policy import IssuancePolicy
+
+    key = plug()
+    touches = ScriptedTouch()
+    key.piv.touch = touches
+    edge, _ = EdgeAgent.init(tmp_path / "edge", f"piv:serial={SERIAL}", root_touch_policy="always")
+    assert edge.root.properties.touch_policy == "always"
+    assert edge.agreement.properties.touch_policy != "always"  # ECDH stays touch-free
+    policy = IssuancePolicy.loads(
+        'version = 1\n[[rule]]\nname = "t"\naudiences = ["*"]\n'
+        'abilities = [{ can = "sign/*", with = "janus:x/*" }]\nmax_ttl = "1h"\nmax_uses = 5\n'
+        'require = ["touch"]\n'
+    )
+    before = len(touches.requests)
+    bundle = grant(
+        edge.root,
+        audience=edge.agreement.did,
+        abilities=[Ability("janus:x/y", "sign/z")],
+        ttl_seconds=60,
+        uses=1,
+        policy=policy,
+    )
+    assert bundle.leaf.issuer == edge.did and len(touches.requests) == before + 1
+    with pytest.raises(BadRequestError, match="touch policy"):
+        EdgeAgent.init(tmp_path / "other", f"piv:serial={SERIAL}", root_touch_policy="sometimes")

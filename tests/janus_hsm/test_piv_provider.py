@@ -376,3 +376,44 @@ def test_certificate_is_stored_for_cards_without_metadata(
     public = signed.public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)
     public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+
+
+TOUCH_POLICY_TOML = """
+version = 1
+
+[[rule]]
+name = "touch-to-grant"
+audiences = ["*"]
+abilities = [{ can = "sign/*", with = "janus:payments/*" }]
+max_ttl = "1h"
+max_uses = 10
+require = ["touch"]
+"""
+
+
+def test_a_touch_always_slot_satisfies_the_policys_touch_requirement(
+    yubikey: VirtualYubiKey, provider: PivProvider
+) -> None:
+    # The card refuses to sign without a touch, so `touch` needs no caller declaration;
+    # a slot that would sign untouched still does.
+    from policies.abilities import Ability
+    from policies.errors import PolicyViolationError
+    from policies.issue import grant
+    from policies.policy import IssuancePolicy
+
+    policy = IssuancePolicy.loads(TOUCH_POLICY_TOML)
+    pay = [Ability("janus:payments/eur", "sign/payment")]
+    holder = "did:key:z6MkocFtYeZEXmXbjgtyEx7kgMaDoKgpdpdvd6131Azgdrjy"
+    touched = ScriptedTouch()
+    yubikey.piv.touch = touched
+    always = provider.generate("piv:slot=9c", Algorithm.ES256, touch_policy=TOUCH_POLICY.ALWAYS)
+    before = len(touched.requests)  # generating signed the slot's certificate: a touch
+    bundle = grant(always, audience=holder, abilities=pay, ttl_seconds=60, uses=1, policy=policy)
+    assert bundle.leaf.issuer == always.did
+    assert [r.operation for r in touched.requests[before:]] == ["sign"]  # one touch to grant
+
+    for policy_name in (TOUCH_POLICY.NEVER, TOUCH_POLICY.CACHED):
+        untouched = provider.generate("piv:slot=9a", Algorithm.ES256, touch_policy=policy_name)
+        with pytest.raises(PolicyViolationError, match="touch"):
+            grant(untouched, audience=holder, abilities=pay, ttl_seconds=60, uses=1, policy=policy)
+        provider.delete("piv:slot=9a")
