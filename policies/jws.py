@@ -72,16 +72,35 @@ def sign_jws(handle: KeyHandle, header: dict[str, Any], payload: dict[str, Any])
     alg = handle.algorithm
     if alg.value not in ALLOWED_ALGS:
         raise AlgorithmRefusedError(f"{alg.value} keys cannot sign JWS")
-    did = handle.did
-    full_header = {**header, "alg": alg.value, "kid": f"{did}#{did.removeprefix('did:key:')}"}
-    signing_input = (
-        b64url_encode(canonical_json(full_header)) + "." + b64url_encode(canonical_json(payload))
-    ).encode("ascii")
+    full_header, encoded_header = _header(handle.did, alg.value, header)
+    signing_input = (encoded_header + "." + b64url_encode(canonical_json(payload))).encode("ascii")
     signature = handle.sign(signing_input)
     compact = signing_input.decode("ascii") + "." + b64url_encode(signature)
     if len(compact) > MAX_COMPACT:
         raise FormatError(f"the signed object is larger than {MAX_COMPACT} bytes")
     return ParsedJws(compact, full_header, payload, signing_input, signature)
+
+
+# A key signs many objects of a few kinds (typ) with the same header: keep its encoding.
+_HEADERS: dict[tuple[str, ...], tuple[dict[str, Any], str]] = {}
+_MAX_HEADERS = 1024
+
+
+def _header(did: str, alg: str, header: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The full protected header (``alg`` and ``kid`` added) and its base64url encoding."""
+    key: tuple[str, ...] | None = None
+    if all(type(v) is str for v in header.values()):  # else: not cached
+        key = (did, alg, *(item for kv in sorted(header.items()) for item in kv))
+        cached = _HEADERS.get(key)
+        if cached is not None:
+            return cached
+    full = {**header, "alg": alg, "kid": f"{did}#{did.removeprefix('did:key:')}"}
+    encoded = (full, b64url_encode(canonical_json(full)))
+    if key is not None:
+        if len(_HEADERS) >= _MAX_HEADERS:
+            _HEADERS.clear()
+        _HEADERS[key] = encoded
+    return encoded
 
 
 def parse_compact(compact: str, *, typ: str, what: str) -> ParsedJws:

@@ -128,6 +128,10 @@ def build_app(agent: CloudAgent) -> Starlette:
     spender = AsyncSpender(agent.ledger)
 
     def endpoint(name: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        # Labelled metrics looked up once, not per request (labels() takes a lock).
+        latency = metrics.latency.labels(name)
+        counted: dict[int, Any] = {}
+
         async def run(request: Request) -> Response:
             started = time.perf_counter()
             try:
@@ -143,8 +147,12 @@ def build_app(agent: CloudAgent) -> Starlette:
                 response = JSONResponse(
                     {"error": {"code": "internal", "message": "internal error"}}, status_code=500
                 )
-            metrics.requests.labels(name, str(response.status_code)).inc()
-            metrics.latency.labels(name).observe(time.perf_counter() - started)
+            status = response.status_code
+            counter = counted.get(status)
+            if counter is None:
+                counter = counted[status] = metrics.requests.labels(name, str(status))
+            counter.inc()
+            latency.observe(time.perf_counter() - started)
             return response
 
         return run

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
+import nacl.bindings
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -75,6 +76,11 @@ class SoftwareKeyHandle(KeyHandle):
         self.allow_extractable = allow_extractable
         self._lock = threading.Lock()
         self._private: PrivateKey | None = None
+        # An Ed25519 key also as libsodium's secret key (seed + public key), made on
+        # first signature: libsodium signs ~1.6x faster than OpenSSL through
+        # cryptography (docs/performance.md), and Ed25519 signatures are deterministic,
+        # so the bytes are the same.  Held and dropped exactly like _private.
+        self._sodium: bytes | None = None
         self._gone: str | None = None
 
     @property
@@ -131,6 +137,7 @@ class SoftwareKeyHandle(KeyHandle):
         """Drop the decrypted key (Python cannot wipe it; dropping is what is possible)."""
         with self._lock:
             self._private = None
+            self._sodium = None
             self._gone = reason
 
     def _refuse(self) -> NoReturn:
@@ -154,10 +161,17 @@ class SoftwareKeyHandle(KeyHandle):
         return der_to_raw(der, self.algorithm.coordinate_size)
 
     def _sign_eddsa(self, data: bytes) -> bytes:
-        key = self._key()
+        key = self._key()  # refuses a deleted key, or one whose keystore was closed
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise MechanismUnsupportedError(f"{self._uri} is not an Ed25519 key")
-        return key.sign(data)
+        sodium = self._sodium
+        if sodium is None:
+            _, sodium = nacl.bindings.crypto_sign_seed_keypair(key.private_bytes_raw())
+            with self._lock:
+                if self._gone is None:  # not forgotten meanwhile
+                    self._sodium = sodium
+        signed: bytes = nacl.bindings.crypto_sign(data, sodium)
+        return signed[: nacl.bindings.crypto_sign_BYTES]
 
     def _exchange(self, peer_public_key: PublicKey) -> bytes:
         key = self._key()
