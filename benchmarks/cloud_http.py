@@ -739,13 +739,17 @@ def _pyspy_args(pyspy: str, pid: int, seconds: int, raw: Path, extra: list[str])
 BUCKETS = (
     ("_active", "agent/cloud/service.py", "grant lookup (_active: store read, Bundle.parse)"),
     ("invoke", "policies/invocation.py", "invocation signed with the grant key"),
+    ("invoke_local", "policies/invocation.py", "invocation signed with the grant key"),
     ("verify", "policies/verify.py", "verification (Verifier.verify, chain cached)"),
     ("spend", "policies/ledger/", "ledger spend (SQLite group commit)"),
+    # The writer thread of the event loop's group commit (policies/ledger/aio.py).
+    ("spend_many", "policies/ledger/", "ledger spend (SQLite group commit)"),
     ("_sign", "agent/cloud/service.py", "payload signature + evidence"),
     ("sweep", "agent/cloud/service.py", "sweep after the action"),
 )
 GENERIC = (
     ("act", "agent/cloud/service.py", "rest of CloudAgent.act"),
+    ("act_async", "agent/cloud/service.py", "rest of CloudAgent.act"),
     ("run", "agent/cloud/http.py", "HTTP handler: body, JSON, metrics, response"),
 )
 OTHER = "event loop, uvicorn, starlette, thread hand-off"
