@@ -46,8 +46,10 @@ class Invocation:
     # True only for an invocation this process has just signed itself (invoke_local):
     # its fields are the claims that were signed, so Verifier.verify may skip checking
     # the signature it just made.  Invocation.parse, the only way from outside input
-    # (text) to an Invocation, always leaves it False.
-    signed_locally: bool = field(default=False, repr=False, compare=False)
+    # (text) to an Invocation, always leaves it False; it is not a constructor
+    # argument (init=False) and dataclasses.replace resets it, so only invoke_local
+    # can set it.
+    signed_locally: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def compact(self) -> str:
@@ -142,7 +144,7 @@ def invoke_local(
     payload = _claims(holder, capability_id, action, resource, request, now, lifetime, audience)
     _check_claims(payload)  # as Invocation.parse would: the same refusals either way
     jws = sign_jws(holder, {"typ": INVOCATION_TYP}, payload)
-    return Invocation(
+    invocation = Invocation(
         jws=jws,
         holder=payload["iss"],
         capability_id=capability_id,
@@ -153,8 +155,9 @@ def invoke_local(
         issued_at=now,
         expires=payload["exp"],
         audience=audience,
-        signed_locally=True,
     )
+    object.__setattr__(invocation, "signed_locally", True)  # frozen; see the field
+    return invocation
 
 
 def _claims(

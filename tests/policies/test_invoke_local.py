@@ -98,3 +98,21 @@ def test_local_invocation_checks_claims_as_parse_does(keys: dict[str, KeyHandle]
             request={},
             now=NOW,
         )
+
+
+def test_signed_locally_cannot_be_passed_to_the_constructor() -> None:
+    # Only invoke_local may mark an invocation: no caller can build one that skips the
+    # signature check by passing the flag.
+    with pytest.raises(TypeError):
+        Invocation(  # type: ignore[call-arg]
+            jws=None,  # type: ignore[arg-type]
+            holder="h",
+            capability_id="c",
+            action="a",
+            resource="r",
+            digest="d",
+            nonce="n" * 16,
+            issued_at=1,
+            expires=2,
+            signed_locally=True,
+        )
