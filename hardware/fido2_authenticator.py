@@ -38,7 +38,6 @@ the PIN hash in the clear: it is a test device, not a keystore.
 from __future__ import annotations
 
 import base64
-import contextlib
 import enum
 import hashlib
 import hmac
@@ -46,7 +45,6 @@ import json
 import os
 import secrets
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,6 +60,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fido2 import cbor
 from fido2.ctap import STATUS, CtapDevice, CtapError
 from fido2.hid import CAPABILITY, CTAPHID
+
+from janus_hsm.atomic_file import replace_file
 
 __all__ = [
     "AAGUID",
@@ -384,28 +384,8 @@ def _unb64(data: Any) -> bytes:
 
 
 def _write_private_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never half.
-
-    mkstemp creates the file 0600 in the target directory (so os.replace stays on one
-    filesystem); the file and then the directory are fsynced so a crash cannot leave
-    an empty credential store behind.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` (0600): a crash leaves the old state or the new, never half."""
+    replace_file(path, data)
 
 
 # --------------------------------------------------------------------------------------

@@ -54,16 +54,13 @@ test device, not a keystore.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import enum
 import functools
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -90,6 +87,7 @@ from hardware.card import (
     VirtualCard,
 )
 from hardware.fido2_authenticator import Presence
+from janus_hsm.atomic_file import replace_file
 
 __all__ = [
     "DEFAULT_MANAGEMENT_KEY",
@@ -562,27 +560,8 @@ def _issue_attestation_certificate(
 
 
 def _write_private_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never half.
-
-    mkstemp creates the file 0600 in the target directory, so os.replace stays on one
-    filesystem; file and directory are fsynced so a crash cannot leave an empty card.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` (0600): a crash leaves the old state or the new, never half."""
+    replace_file(path, data)
 
 
 # --------------------------------------------------------------------------------------

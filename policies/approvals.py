@@ -20,13 +20,10 @@ Verifying needs only ``cryptography``; asking an authenticator for an approval
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -38,6 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from janus_hsm.algorithms import Algorithm
+from janus_hsm.atomic_file import replace_file
 from janus_hsm.public_keys import (
     PublicKey,
     PublicKeyFormatError,
@@ -266,18 +264,7 @@ class ApproverSet:
 
     def save(self, path: str | PathLike[str]) -> None:
         """Replace ``path`` atomically with this registry, mode 0600."""
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(self.to_json().encode() + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        replace_file(path, self.to_json().encode() + b"\n")
 
 
 # --------------------------------------------------------------------------- approvals

@@ -9,7 +9,6 @@ revoked later).  Keys are only ever named by URI; PINs come from the URIs'
 from __future__ import annotations
 
 import json
-import os
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from agent.edge.identity import did_document
 from agent.errors import AgentError, BadRequestError, ConflictError, DeliveryError, NotFoundError
 from janus_hsm import open_key, open_provider
 from janus_hsm.algorithms import Algorithm
+from janus_hsm.atomic_file import replace_file
 from janus_hsm.errors import KeyNotFoundError, MechanismUnsupportedError
 from janus_hsm.provider import KeyHandle, KeyProvider
 from policies.abilities import Ability
@@ -106,13 +106,7 @@ class EdgeConfig:
 
 
 def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, text.encode(), mode=mode)
 
 
 def _with_object(token_uri: str, label: str) -> str:

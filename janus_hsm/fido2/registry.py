@@ -9,15 +9,13 @@ secret: credential ids, RP IDs, labels.  It is parsed strictly and replaced atom
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from janus_hsm import strictjson
+from janus_hsm.atomic_file import replace_file
 from janus_hsm.backends.software.keyfile import HmacSecretRecipient, b64d, b64e
 from janus_hsm.errors import KeystoreError
 from janus_hsm.fido2.errors import Fido2RegistryError
@@ -143,26 +141,10 @@ class CredentialRegistry:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file (0600) in the same directory, fsync,
-    rename, fsync the directory; a crash leaves the old file or the new, never half."""
+    """Replace ``path`` (mode 0600) so that a crash leaves the old file or the new."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(path, data)
     except OSError as exc:
         raise Fido2RegistryError(f"cannot write {path}: {exc.strerror}") from None
 
