@@ -269,6 +269,51 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
+def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _check_path_constraints(path: Sequence[x509.Certificate], anchor: x509.Certificate) -> None:
+    """RFC 5280's CA rules on ``path`` (slot certificate, f9, intermediates) and its root.
+
+    Signatures alone are not enough: someone holding a genuine YubiKey can have a slot
+    key sign a made-up "slot certificate" for a software key and present the genuine slot
+    certificate as if it were the device's f9 certificate ([forged, slot, f9, ...]).
+    What stops that is what stops it in any PKI: an issuer must be a CA allowed to sign
+    certificates, and no CA may have more CAs below it than its path length allows
+    (Yubico's roots and intermediates all set one; the f9 certificates use 0).
+    """
+    leaf_constraints = _basic_constraints(path[0])
+    if leaf_constraints is not None and leaf_constraints.ca:
+        raise AttestationError(
+            f"{path[0].subject.rfc4514_string()} is a CA certificate, not a slot attestation"
+        )
+    for below, issuer in enumerate([*path[1:], anchor]):
+        name = issuer.subject.rfc4514_string()
+        constraints = _basic_constraints(issuer)
+        if constraints is not None and not constraints.ca:
+            raise AttestationError(
+                f"{name} is not a CA certificate, so it cannot have issued the certificate "
+                "below it: the chain was assembled from certificates of another kind"
+            )
+        try:
+            usage = issuer.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage is not None and not usage.key_cert_sign:
+            raise AttestationError(f"{name} may not sign certificates (key usage)")
+        # ``below`` = how many CA certificates sit between this issuer and the slot one.
+        limit = None if constraints is None else constraints.path_length
+        if limit is not None and below > limit:
+            raise AttestationError(
+                f"{name} allows {limit} CA certificate(s) below it, "
+                f"but the chain puts {below} there: it is not a genuine attestation"
+            )
+
+
 def _check_time(cert: x509.Certificate, now: datetime.datetime) -> None:
     if now < cert.not_valid_before_utc or now > cert.not_valid_after_utc:
         raise AttestationExpiredError(
@@ -289,9 +334,9 @@ def verify_piv_attestation(
 
     ``roots`` are the trust anchors (default: Yubico's plus ``JANUS_PIV_ATTESTATION_ROOTS``);
     ``intermediates`` only help build the path (default: Yubico's published ones).  Every
-    signature, every validity period (at ``now``) and the CA flag of every issuer above
-    the device certificate are checked, and, when given, that the attested key is
-    ``expected_public_key``.
+    signature, every validity period (at ``now``), the CA flag, key usage and path length
+    of every issuer (the device certificate included) are checked, and, when given,
+    that the attested key is ``expected_public_key``.
     """
     if len(chain) < 2:
         raise AttestationError(
@@ -334,6 +379,7 @@ def verify_piv_attestation(
         raise AttestationUntrustedError(
             f"trusted root {anchor.subject.rfc4514_string()} is not a CA"
         )
+    _check_path_constraints(path, anchor)
     for cert in [*path, anchor]:
         _check_time(cert, now)
     public_key = leaf.public_key()

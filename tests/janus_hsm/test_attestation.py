@@ -241,3 +241,68 @@ def test_configured_roots_come_from_the_environment(
     monkeypatch.setenv(attestation.ROOTS_ENV, str(path))
     result = verify_piv_attestation([c.slot, c.device], now=NOW)  # default roots + env
     assert result.root == c.root
+
+
+def _issuer(
+    subject: str, public: object, root_key: ec.EllipticCurvePrivateKey, constraints: object
+) -> x509.Certificate:
+    """A certificate issued by "Test PIV Root" with the given BasicConstraints."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name("Test PIV Root"))
+        .public_key(public)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
+        .not_valid_after(datetime.datetime(2071, 1, 1, tzinfo=datetime.UTC))
+        .add_extension(constraints, critical=True)  # type: ignore[arg-type]
+        .sign(root_key, hashes.SHA256())
+    )
+
+
+def test_a_slot_certificate_cannot_stand_in_for_the_device_certificate() -> None:
+    # The attack: with a genuine card, have a slot key sign a made-up "slot certificate"
+    # for a software key, and present the genuine slot certificate as if it were f9.
+    # Every signature holds; the device certificate's path length (0) must not.
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    root = _cert("Test PIV Root", root_key.public_key(), "Test PIV Root", root_key, ca=True)
+    device_key, slot_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    device = _issuer(
+        "Yubico PIV Attestation",
+        device_key.public_key(),
+        root_key,
+        x509.BasicConstraints(ca=True, path_length=0),
+    )
+    slot = _cert("YubiKey PIV Attestation 9a", slot_key.public_key(), "Yubico PIV Attestation",
+                 device_key, ca=False, extensions=_yubico_extensions())  # fmt: skip
+    software_key = ec.generate_private_key(ec.SECP256R1())
+    forged = _cert("YubiKey PIV Attestation 9c", software_key.public_key(),
+                   "YubiKey PIV Attestation 9a", slot_key, ca=False,
+                   extensions=_yubico_extensions())  # fmt: skip
+    verify_piv_attestation([slot, device], roots=[root], now=NOW)  # the genuine chain
+    with pytest.raises(AttestationError, match="allows 0 CA certificate"):
+        verify_piv_attestation(
+            [forged, slot, device],
+            roots=[root],
+            expected_public_key=software_key.public_key(),
+            now=NOW,
+        )
+
+
+def test_issuers_must_be_cas_and_the_slot_certificate_must_not_be() -> None:
+    good = _chain()
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    root = _cert("Test PIV Root", root_key.public_key(), "Test PIV Root", root_key, ca=True)
+    not_a_ca = _issuer(
+        "Yubico PIV Attestation",
+        good.device_key.public_key(),
+        root_key,
+        x509.BasicConstraints(ca=False, path_length=None),
+    )
+    with pytest.raises(AttestationError, match="not a CA certificate"):
+        verify_piv_attestation([good.slot, not_a_ca], roots=[root], now=NOW)
+    ca_slot = _cert("YubiKey PIV Attestation 9c", good.slot_key.public_key(),
+                    "Yubico PIV Attestation", good.device_key, ca=True,
+                    extensions=_yubico_extensions())  # fmt: skip
+    with pytest.raises(AttestationError, match="is a CA certificate"):
+        verify_piv_attestation([ca_slot, good.device], roots=[good.root], now=NOW)
