@@ -22,6 +22,7 @@ import datetime
 import enum
 import functools
 import hmac
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from janus_hsm.public_keys import PublicKey
 
 FORMAT = "yubikey-piv"
 ROOTS_ENV = "JANUS_PIV_ATTESTATION_ROOTS"
+
+log = logging.getLogger(__name__)
 _MAX_DEPTH = 6
 
 # Yubico's PIV attestation extensions (developers.yubico.com/PIV/Introduction/PIV_attestation).
@@ -148,12 +151,27 @@ def yubico_intermediates() -> list[x509.Certificate]:
 
 
 def configured_roots() -> list[x509.Certificate]:
-    """Extra trusted roots from ``JANUS_PIV_ATTESTATION_ROOTS`` (PEM files, os.pathsep)."""
+    """Extra trusted roots from ``JANUS_PIV_ATTESTATION_ROOTS`` (PEM files, os.pathsep).
+
+    Whoever sets this variable decides what counts as "born in hardware", so the roots
+    it adds are logged (once per process and value) rather than trusted silently.
+    """
     roots: list[x509.Certificate] = []
-    for entry in os.environ.get(ROOTS_ENV, "").split(os.pathsep):
+    setting = os.environ.get(ROOTS_ENV, "")
+    for entry in setting.split(os.pathsep):
         if entry.strip():
             roots.extend(load_certificate_file(entry.strip()))
+    if roots and setting not in _announced:
+        _announced.add(setting)
+        log.warning(
+            "%s adds trusted PIV attestation roots: %s",
+            ROOTS_ENV,
+            "; ".join(r.subject.rfc4514_string() for r in roots),
+        )
     return roots
+
+
+_announced: set[str] = set()
 
 
 def default_roots() -> list[x509.Certificate]:

@@ -231,7 +231,7 @@ def test_shipped_intermediates_chain_to_attestation_root_1() -> None:
 
 
 def test_configured_roots_come_from_the_environment(
-    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from pathlib import Path
 
@@ -241,6 +241,11 @@ def test_configured_roots_come_from_the_environment(
     monkeypatch.setenv(attestation.ROOTS_ENV, str(path))
     result = verify_piv_attestation([c.slot, c.device], now=NOW)  # default roots + env
     assert result.root == c.root
+    # Trusting them is said out loud, once per setting.
+    announced = [r for r in caplog.records if attestation.ROOTS_ENV in r.getMessage()]
+    assert len(announced) == 1 and "Test PIV Root" in announced[0].getMessage()
+    verify_piv_attestation([c.slot, c.device], now=NOW)
+    assert len([r for r in caplog.records if attestation.ROOTS_ENV in r.getMessage()]) == 1
 
 
 def _issuer(
