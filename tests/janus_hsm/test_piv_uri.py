@@ -82,3 +82,22 @@ def test_reader_characters_must_be_encoded() -> None:
 
 def test_scheme_is_registered() -> None:
     assert uri_scheme("piv:serial=1;slot=9a") == "piv"
+
+
+@pytest.mark.parametrize(
+    "serial",
+    [
+        "%D9%A1%D9%A2%D9%A3",  # Arabic-Indic digits one two three: not 123
+        "%C2%B2",  # superscript two: isdigit() but not int()able
+        "%EF%BC%91",  # fullwidth digit one
+        "4294967296",  # beyond the 32-bit serial a YubiKey reports
+        "",
+    ],
+)
+def test_serial_is_ascii_decimal_within_bounds(serial: str) -> None:
+    with pytest.raises(UriError, match="serial="):
+        PivUri.parse(f"piv:serial={serial};slot=9a")
+
+
+def test_largest_serial_parses() -> None:
+    assert PivUri.parse("piv:serial=4294967295").serial == 4294967295

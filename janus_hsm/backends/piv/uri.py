@@ -46,6 +46,14 @@ KEY_SLOTS: tuple[SLOT, ...] = (
     *(SLOT(s) for s in range(0x82, 0x96)),
 )
 _SECRET_NAMES = ("pin-value", "pin", "management-key", "puk")
+#: A YubiKey reports its serial in four bytes.
+MAX_SERIAL = 0xFFFFFFFF
+
+
+def _valid_serial(text: str) -> bool:
+    # str.isdigit() also accepts other scripts' digits and superscripts ("١٢٣", "²"),
+    # which int() reads as another number or refuses with a bare ValueError.
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_SERIAL
 
 
 def parse_slot(text: str) -> SLOT:
@@ -115,8 +123,11 @@ class PivUri:
                 raise UriError(f"attribute {name!r} appears twice (at {part!r})")
             values[name] = utf8_text(percent_decode(value, QUERY_SAFE, part), part)
         serial = values.get("serial")
-        if serial is not None and (not serial.isdigit() or len(serial) > 10):
-            raise UriError(f"serial={serial!r} must be a decimal number (at {shortened(text)!r})")
+        if serial is not None and not _valid_serial(serial):
+            raise UriError(
+                f"serial={serial!r} must be a decimal number (ASCII digits 0-9, at most "
+                f"{MAX_SERIAL}) (at {shortened(text)!r})"
+            )
         reader = values.get("reader")
         if reader is not None and not reader:
             raise UriError("reader= must not be empty")
