@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
-from yubikit.piv import MANAGEMENT_KEY_TYPE, PIN_POLICY, SLOT, TOUCH_POLICY, PivSession
+from yubikit.piv import MANAGEMENT_KEY_TYPE, OBJECT_ID, PIN_POLICY, SLOT, TOUCH_POLICY, PivSession
 
 from hardware.virtual_piv import (
     DEFAULT_MANAGEMENT_KEY,
@@ -21,8 +25,10 @@ from hardware.virtual_piv import (
 )
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.attestation import verify_piv_attestation, yubico_roots
-from janus_hsm.backends.piv import PivProvider
+from janus_hsm.backends.piv import PivProvider, discovery
+from janus_hsm.backends.piv import provider as piv_provider
 from janus_hsm.errors import (
+    AttestationKeyMismatchError,
     AttestationUnavailableError,
     AttestationUntrustedError,
     ExportRefusedError,
@@ -417,3 +423,303 @@ def test_a_touch_always_slot_satisfies_the_policys_touch_requirement(
         with pytest.raises(PolicyViolationError, match="touch"):
             grant(untouched, audience=holder, abilities=pay, ttl_seconds=60, uses=1, policy=policy)
         provider.delete("piv:slot=9a")
+
+
+# --- firmware without metadata: the slot certificate is not the key ---------------------
+
+VERSION_5_2 = (5, 2, 7)
+
+
+def _certificate_for(key: ec.EllipticCurvePrivateKey, name: str = "whoever") -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _admin(key: VirtualYubiKey) -> PivSession:
+    """What anyone holding the card and the (public) default management key can do."""
+    session = PivSession(key.connect())
+    session.authenticate(DEFAULT_MANAGEMENT_KEY)
+    return session
+
+
+def test_old_firmware_refuses_a_replaced_slot_certificate() -> None:
+    """Before 5.3 the certificate is writable by anyone with the management key: the key
+    Janus reports must be the attested one, and a certificate for another key refused."""
+    old = VirtualYubiKey(piv=VirtualPivApplet(version=VERSION_5_2, serial=5270001))
+    with PivProvider.from_connection(old.connect(), pin_source=lambda: PIN) as provider:
+        genuine = provider.generate("piv:slot=9d", Algorithm.ES256)
+        assert provider.lookup("piv:slot=9d").public_key() == genuine.public_key()
+        attacker = ec.generate_private_key(ec.SECP256R1())
+        _admin(old).put_certificate(SLOT.KEY_MANAGEMENT, _certificate_for(attacker))
+        with pytest.raises(AttestationKeyMismatchError, match="slot certificate"):
+            provider.lookup("piv:slot=9d")
+        with pytest.raises(AttestationKeyMismatchError):
+            provider.find("piv:slot=9d")
+        with pytest.raises(AttestationKeyMismatchError):
+            provider.list_keys()
+
+
+def test_old_firmware_takes_the_public_key_from_the_attestation() -> None:
+    old = VirtualYubiKey(piv=VirtualPivApplet(version=VERSION_5_2, serial=5270002))
+    with PivProvider.from_connection(old.connect(), pin_source=lambda: PIN) as provider:
+        genuine = provider.generate("piv:slot=9a", Algorithm.ES256)
+        _admin(old).delete_certificate(SLOT.AUTHENTICATION)  # no certificate: still found
+        shown = provider.find("piv:slot=9a")
+        assert shown.public_key() == genuine.public_key()
+        assert shown.properties.custody_grade
+        _verify(shown, b"attested", shown.sign(b"attested"))
+
+
+def test_old_firmware_unattestable_key_is_not_custody_grade(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old = VirtualYubiKey(piv=VirtualPivApplet(version=VERSION_5_2, serial=5270003))
+    imported = ec.generate_private_key(ec.SECP256R1())
+    admin = _admin(old)
+    admin.put_key(SLOT.AUTHENTICATION, imported)
+    admin.put_certificate(SLOT.AUTHENTICATION, _certificate_for(imported))
+    with (
+        caplog.at_level(logging.WARNING),
+        PivProvider.from_connection(old.connect(), pin_source=lambda: PIN) as provider,
+    ):
+        shown = provider.lookup("piv:slot=9a")
+        assert shown.slot_info.generated is None
+        assert not shown.properties.custody_grade
+        with pytest.raises(ExtractableKeyError):
+            provider.find("piv:slot=9a")
+    assert "cannot attest" in caplog.text and "slot certificate" in caplog.text
+
+
+# --- the management key from the environment ----------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_empty_management_key_variable_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Set but empty is a mistake, not "use the card's key" (or the factory default)."""
+    old = VirtualYubiKey(piv=VirtualPivApplet(version=VERSION_5_2, serial=5270004))
+    monkeypatch.setenv("JANUS_PIV_MANAGEMENT_KEY", value)
+    with (
+        PivProvider.from_connection(old.connect(), pin_source=lambda: PIN) as provider,
+        pytest.raises(ManagementKeyError, match="JANUS_PIV_MANAGEMENT_KEY is set but empty"),
+    ):
+        provider.generate("piv:slot=9a", Algorithm.ES256)
+    assert old.piv._keys.get(0x9A) is None
+
+
+# --- cards opened by discovery: per-provider PIN sources, reconnect identity ---------------
+
+DISCOVERED = 86420135
+
+
+@pytest.fixture
+def discovered(monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualYubiKey]:
+    """A virtual YubiKey that ``PivProvider.open`` finds (only find_card is replaced)."""
+    key = VirtualYubiKey(piv=VirtualPivApplet(serial=DISCOVERED))
+    info = discovery.CardInfo(f"Virtual YubiKey {id(key)}", DISCOVERED, "5.7.2")
+
+    def find_card(*, serial: int | None, reader: str | None) -> Any:
+        return info, key.connect
+
+    monkeypatch.setattr(discovery, "find_card", find_card)
+    yield key
+    piv_provider._cards.pop(info.reader, None)
+
+
+def test_a_second_open_keeps_each_providers_pin_source_and_touch_prompt(
+    discovered: VirtualYubiKey,
+) -> None:
+    uri = f"piv:serial={DISCOVERED}"
+    first_prompts: list[str] = []
+    second_prompts: list[str] = []
+    second_pins: list[int] = []
+
+    def wrong_pin() -> str:
+        second_pins.append(1)
+        return "000000"
+
+    first = PivProvider.open(uri, pin_source=lambda: PIN, on_touch=first_prompts.append)
+    try:
+        # 9c: PIN "always", so every signature verifies the PIN anew.
+        handle = first.generate(f"{uri};slot=9c", Algorithm.ES256, touch_policy=TOUCH_POLICY.ALWAYS)
+        second = PivProvider.open(uri, pin_source=wrong_pin, on_touch=second_prompts.append)
+        assert second.card is first.card  # one card, one lock
+        first_prompts.clear()
+        _verify(handle, b"first", handle.sign(b"first"))
+        assert second_pins == [] and second_prompts == []
+        assert len(first_prompts) == 1
+        assert discovered.piv._pin_left == 3  # no try spent with the other provider's PIN
+        with pytest.raises(PinIncorrectError):
+            second.lookup(f"{uri};slot=9c").sign(b"second")
+        assert second_pins == [1] and len(second_prompts) == 0
+    finally:
+        first.close()
+
+
+def test_open_does_not_wait_for_a_busy_card(discovered: VirtualYubiKey) -> None:
+    uri = f"piv:serial={DISCOVERED}"
+    first = PivProvider.open(uri, pin_source=lambda: PIN)
+    held, release = threading.Event(), threading.Event()
+
+    def busy() -> None:  # e.g. a signature waiting for a touch
+        with first.card.lock:
+            held.set()
+            release.wait(10)
+
+    opened: list[PivProvider] = []
+    worker = threading.Thread(target=busy)
+    worker.start()
+    held.wait(5)
+    opener = threading.Thread(
+        target=lambda: opened.append(PivProvider.open(uri, pin_source=lambda: PIN))
+    )
+    opener.start()
+    opener.join(2)
+    try:
+        assert opened, "open() waited for a card busy with another operation"
+    finally:
+        release.set()
+        worker.join()
+        opener.join()
+        first.close()
+
+
+class _Reader:
+    """A PC/SC reader as ykman.pcsc lists it, holding whichever virtual card the test puts in."""
+
+    def __init__(self, name: str, key: VirtualYubiKey) -> None:
+        self.fingerprint = name
+        self.key = key
+
+    def open_connection(self, kind: object) -> object:
+        if self.key.card.removed:
+            raise ConnectionError("no card in the reader")
+        return self.key.connect()
+
+
+#: Firmware before 5.0 reports no serial, like a PIV card of another maker.
+NO_SERIAL = (4, 3, 5)
+
+
+def _with_key_in_9a(key: VirtualYubiKey) -> VirtualYubiKey:
+    with PivProvider.from_connection(key.connect(), pin_source=lambda: PIN) as provider:
+        provider.generate("piv:slot=9a", Algorithm.ES256, pin_policy=PIN_POLICY.ONCE)
+    return key
+
+
+def _with_chuid(key: VirtualYubiKey, guid: bytes) -> VirtualYubiKey:
+    chuid = bytes.fromhex("3019d4e739da739ced39ce739d836858210842108421c84210c3eb") + (
+        b"\x34\x10" + guid + b"\x35\x08" + b"20301231" + b"\x3e\x00\xfe\x00"
+    )
+    _admin(key).put_object(OBJECT_ID.CHUID, chuid)
+    return key
+
+
+@pytest.fixture
+def reader(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[VirtualYubiKey], _Reader]]:
+    names: list[str] = []
+
+    def plug(key: VirtualYubiKey) -> _Reader:
+        device = _Reader(f"Virtual Reader {len(names)}", key)
+        names.append(device.fingerprint)
+        monkeypatch.setattr(discovery, "_readers", lambda: [device])
+        return device
+
+    yield plug
+    for name in names:
+        piv_provider._cards.pop(name, None)
+
+
+def _serial_less(identity: str) -> VirtualYubiKey:
+    key = VirtualYubiKey(piv=VirtualPivApplet(version=NO_SERIAL))
+    if identity == "keys":
+        return _with_key_in_9a(key)
+    return _with_chuid(_with_key_in_9a(key), secrets.token_bytes(16))
+
+
+@pytest.mark.parametrize("identity", ["keys", "chuid"])
+def test_reconnect_refuses_another_card_without_serial(
+    reader: Callable[[VirtualYubiKey], _Reader], identity: str
+) -> None:
+    card_a, card_b = _serial_less(identity), _serial_less(identity)
+    device = reader(card_a)
+    pins: list[int] = []
+
+    def pin() -> str:
+        pins.append(1)
+        return PIN
+
+    provider = PivProvider.open(
+        f"piv:reader={device.fingerprint.replace(' ', '%20')}", pin_source=pin
+    )
+    try:
+        assert provider.card_uri.startswith("piv:reader=")
+        handle = provider.find(f"{provider.card_uri};slot=9a")
+        handle.sign(b"the card first opened")
+        card_a.remove()
+        with pytest.raises(TokenLostError, match="lost the connection"):
+            handle.sign(b"pulled")  # signatures are not retried on a new connection
+        device.key = card_b  # another card in the same reader
+        pins.clear()
+        with pytest.raises(TokenLostError, match="another card"):
+            handle.sign(b"after the swap")
+        assert pins == []  # the PIN never went to the other card
+        assert card_b.piv._pin_left == 3
+    finally:
+        provider.close()
+
+
+@pytest.mark.parametrize("identity", ["keys", "chuid"])
+def test_reconnect_to_the_same_card_without_serial(
+    reader: Callable[[VirtualYubiKey], _Reader], identity: str
+) -> None:
+    card = _serial_less(identity)
+    device = reader(card)
+    provider = PivProvider.open(
+        f"piv:reader={device.fingerprint.replace(' ', '%20')}", pin_source=lambda: PIN
+    )
+    try:
+        handle = provider.find(f"{provider.card_uri};slot=9a")
+        handle.sign(b"before")
+        card.remove()
+        with pytest.raises(TokenLostError, match="lost the connection"):
+            handle.sign(b"pulled")
+        card.insert()  # put back (or a USB reset, a pcscd restart)
+        _verify(handle, b"after", handle.sign(b"after"))
+    finally:
+        provider.close()
+
+
+def test_reconnect_refuses_a_card_with_nothing_to_recognise_it_by(
+    reader: Callable[[VirtualYubiKey], _Reader],
+) -> None:
+    blank = VirtualYubiKey(piv=VirtualPivApplet(version=NO_SERIAL))
+    device = reader(blank)
+    pins: list[int] = []
+    provider = PivProvider.open(
+        f"piv:reader={device.fingerprint.replace(' ', '%20')}",
+        pin_source=lambda: pins.append(1) or PIN,  # type: ignore[func-returns-value]
+    )
+    try:
+        handle = provider.generate(f"{provider.card_uri};slot=9a", Algorithm.ES256)
+        blank.remove()
+        with pytest.raises(TokenLostError, match="lost the connection"):
+            handle.sign(b"pulled")
+        device.key = VirtualYubiKey(piv=VirtualPivApplet(version=NO_SERIAL))
+        pins.clear()
+        with pytest.raises(TokenLostError, match="nothing tells"):
+            handle.sign(b"which card is this?")
+        assert pins == []
+    finally:
+        provider.close()

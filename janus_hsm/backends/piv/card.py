@@ -1,4 +1,4 @@
-"""One PIV card: its yubikit session, its lock, its PIN state, its touch prompts.
+"""One PIV card: its yubikit session, its lock, its PIN state.
 
 Every APDU exchange with a card goes through :meth:`PivCard.run`, which holds the
 card's lock (a card does one thing at a time, and a PIN verified by one thread is the
@@ -45,17 +45,13 @@ class PivCard:
         self,
         *,
         description: str,
-        pin_source: PinSource,
         connection: SmartCardConnection | None = None,
         connect: Callable[[], SmartCardConnection] | None = None,
-        on_touch: TouchCallback | None = None,
     ) -> None:
         if connection is None and connect is None:
             raise ValueError("a PivCard needs a connection or a way to connect")
         self.description = description
         self.lock = threading.RLock()
-        self.pin_source = pin_source
-        self.on_touch: TouchCallback = on_touch or log_touch
         self._connect = connect
         self._connection = connection
         self._session: PivSession | None = None
@@ -118,11 +114,15 @@ class PivCard:
 
     # --- PIN and touch ------------------------------------------------------------
 
-    def verify_pin(self, session: PivSession, *, force: bool = False) -> bool:
-        """Verify the PIN unless already verified in this session (or ``force``).
+    def verify_pin(
+        self, session: PivSession, pin_source: PinSource, *, force: bool = False
+    ) -> bool:
+        """Verify the PIN from ``pin_source`` unless already verified in this session.
 
-        Returns True when a VERIFY was sent now.  A blocked PIN is reported without
-        spending a try (firmware 5.3+ tells the count without a VERIFY).
+        ``pin_source`` is the caller's (each provider and its handles keep their own: one
+        card may be opened by several providers, with different sources).  Returns True
+        when a VERIFY was sent now.  A blocked PIN is reported without spending a try
+        (firmware 5.3+ tells the count without a VERIFY).
         """
         if self._pin_verified and not force:
             return False
@@ -132,7 +132,7 @@ class PivCard:
             remaining = None
         if remaining == 0:
             raise pin_locked(self.description)
-        pin = self.pin_source()
+        pin = pin_source()
         try:
             session.verify_pin(pin)
         except ValueError as exc:
@@ -154,22 +154,30 @@ class PivCard:
         pin_policy: PIN_POLICY | None,
         touch_policy: TOUCH_POLICY | None,
         operation: Callable[[], T],
+        *,
+        pin_source: PinSource,
+        on_touch: TouchCallback,
     ) -> T:
         """Run a private-key operation as the slot's PIN and touch policies demand.
 
         PIN "always" is verified right before every use (the card forgets it after one
         command); "once" is verified on first use in the session and again if the card
-        says it forgot (another application was selected, the card was reset).  A slot
-        with a touch policy is announced through ``on_touch`` first; when the card then
-        refuses although the PIN was just verified, the touch did not come.
+        says it forgot (another application was selected, the card was reset), with the
+        caller's ``pin_source``.  A slot with a touch policy is announced through the
+        caller's ``on_touch`` first; when the card then refuses although the PIN was
+        just verified, the touch did not come.
         """
         always = pin_policy in (PIN_POLICY.ALWAYS, PIN_POLICY.MATCH_ALWAYS)
         needs_pin = pin_policy is not PIN_POLICY.NEVER
         touch = touch_policy in _NEEDS_TOUCH
         for attempt in (1, 2):
-            fresh = self.verify_pin(session, force=always or attempt == 2) if needs_pin else False
+            fresh = (
+                self.verify_pin(session, pin_source, force=always or attempt == 2)
+                if needs_pin
+                else False
+            )
             if touch:
-                self.on_touch(f"Touch your YubiKey ({self.description}) to approve {what}")
+                on_touch(f"Touch your YubiKey ({self.description}) to approve {what}")
             try:
                 return operation()
             except ApduError as exc:

@@ -4,6 +4,10 @@ Uses ykman's PC/SC layer (pyscard underneath), which opens readers exclusively s
 another program cannot interleave APDUs with ours.  Every reader is considered, not only
 those named "Yubico YubiKey": other PIV cards (and YubiKeys over NFC readers) are reached
 by reader name, and a YubiKey's serial is read from the card itself (firmware 5.0.3+).
+
+Reconnecting (after a pcscd restart or a USB reset) checks that the reader still holds
+the same card before the PIN can go to it: by serial, or for a card without one by
+what it showed at the first connect (:class:`CardIdentity`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from yubikit.core.smartcard import SmartCardConnection
 from yubikit.piv import PivSession
 
-from janus_hsm.errors import TokenNotFoundError
+from janus_hsm.errors import TokenLostError, TokenNotFoundError
 
 from .errors import CONNECTION_LOST
 
@@ -120,6 +124,8 @@ def find_card(
             f"{len(matches)} PIV cards match {wanted}; add serial= or reader= to the URI"
         )
     info = matches[0]
+    #: What the card looked like at the first connect, for cards without a serial.
+    first_seen: list[CardIdentity] = []
 
     def connect() -> SmartCardConnection:
         for device in _readers():
@@ -138,7 +144,115 @@ def find_card(
                     raise TokenNotFoundError(
                         f"reader {info.reader!r} now holds another card than YubiKey {info.serial}"
                     )
+                if info.serial is None:
+                    try:
+                        _check_identity(connection, info, first_seen)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            connection.close()
+                        raise
                 return connection
         raise TokenNotFoundError(f"{info.describe()} was removed")
 
     return info, connect
+
+
+# --- recognising a card that has no serial ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardIdentity:
+    """What tells a card without a serial from another: its CHUID object (which holds
+    the card's GUID), or else the public keys in its occupied slots.
+
+    Both are public data: this recognises another card put into the reader, not a card
+    prepared to copy them (only a key-possession challenge would).
+    """
+
+    chuid: bytes | None
+    keys: tuple[tuple[int, bytes], ...]
+
+    @property
+    def empty(self) -> bool:
+        return self.chuid is None and not self.keys
+
+    def matches(self, now: CardIdentity) -> bool:
+        """Same CHUID; and every key seen at first stays in its slot (new keys may
+        appear: Janus generates into empty slots)."""
+        if self.chuid is not None or now.chuid is not None:
+            return self.chuid == now.chuid
+        return set(self.keys) <= set(now.keys)
+
+
+def card_identity(connection: SmartCardConnection) -> CardIdentity:
+    """Read the CHUID (GET DATA 5FC102) or, without one, every key slot's public key.
+
+    Nothing here needs the PIN or the management key; nothing is written.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from yubikit.core import BadResponseError
+    from yubikit.core.smartcard import ApduError
+    from yubikit.piv import OBJECT_ID
+
+    from .uri import KEY_SLOTS
+
+    session = PivSession(connection)
+    try:
+        chuid: bytes | None = session.get_object(OBJECT_ID.CHUID)
+    except (ApduError, BadResponseError):
+        chuid = None
+    if chuid:
+        return CardIdentity(chuid=chuid, keys=())
+    keys = []
+    for slot in KEY_SLOTS:
+        try:
+            if session.version >= (5, 3, 0):
+                public: Any = session.get_slot_metadata(slot).public_key
+            else:
+                public = session.get_certificate(slot).public_key()
+            spki = public.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        except (ApduError, BadResponseError, ValueError, TypeError):
+            continue  # empty slot, no certificate, or one Janus cannot read
+        keys.append((int(slot), spki))
+    return CardIdentity(chuid=None, keys=tuple(keys))
+
+
+def _check_identity(
+    connection: SmartCardConnection, info: CardInfo, first_seen: list[CardIdentity]
+) -> None:
+    """Remember a serial-less card at its first connect; refuse another one later.
+
+    Runs before anything else is sent on the connection: a card that is not the one
+    first opened never sees the PIN or the management key.
+    """
+    try:
+        now = card_identity(connection)
+    except CONNECTION_LOST as exc:
+        raise TokenNotFoundError(
+            f"{info.describe()} is no longer reachable ({type(exc).__name__})"
+        ) from None
+    except Exception as exc:
+        raise TokenLostError(
+            f"cannot tell whether reader {info.reader!r} still holds the card first "
+            f"opened ({type(exc).__name__}: {exc}); nothing was sent to it. Check the "
+            "card, then run the command again"
+        ) from None
+    if not first_seen:
+        first_seen.append(now)
+        return
+    first = first_seen[0]
+    if first.empty:
+        raise TokenLostError(
+            f"the connection to {info.describe()} was lost, and the card has no serial, "
+            "no CHUID and had no keys when first opened, so nothing tells whether the "
+            "card now in the reader is the same one; nothing was sent to it. Run the "
+            "command again to open the card afresh"
+        )
+    if not first.matches(now):
+        raise TokenLostError(
+            f"reader {info.reader!r} now holds another card than the one first opened "
+            "(its CHUID or slot keys differ); nothing was sent to it, no PIN. Put the "
+            "original card back and retry"
+        )

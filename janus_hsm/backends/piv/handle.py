@@ -10,10 +10,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from yubikit.piv import SLOT, TOUCH_POLICY, PivSession
 
 from janus_hsm.algorithms import Algorithm
+from janus_hsm.pin import PinSource
 from janus_hsm.provider import Attestation, KeyHandle, KeyProperties, der_to_raw
 from janus_hsm.public_keys import PublicKey, PublicKeyFormatError
 
-from .card import PivCard
+from .card import PivCard, TouchCallback
 from .slots import SlotInfo, pin_policy_name, touch_policy_name
 
 BACKEND = "piv"
@@ -43,8 +44,21 @@ def properties_of(info: SlotInfo) -> KeyProperties:
 class PivKeyHandle(KeyHandle):
     """The key in one slot of one card. Holds the public key and policies, no secrets."""
 
-    def __init__(self, card: PivCard, info: SlotInfo, *, uri: str, allow_extractable: bool) -> None:
+    def __init__(
+        self,
+        card: PivCard,
+        info: SlotInfo,
+        *,
+        uri: str,
+        allow_extractable: bool,
+        pin_source: PinSource,
+        on_touch: TouchCallback,
+    ) -> None:
         self._card = card
+        #: The PIN source and touch prompt of the provider that made this handle: another
+        #: provider opening the same card later does not change them.
+        self._pin_source = pin_source
+        self._on_touch = on_touch
         self._info = info
         self._uri = uri
         self._properties = properties_of(info)
@@ -78,7 +92,13 @@ class PivKeyHandle(KeyHandle):
 
         def run(session: PivSession) -> bytes:
             return self._card.use_key(
-                session, what, info.pin_policy, info.touch_policy, lambda: operation(session)
+                session,
+                what,
+                info.pin_policy,
+                info.touch_policy,
+                lambda: operation(session),
+                pin_source=self._pin_source,
+                on_touch=self._on_touch,
             )
 
         # Not retried on a new connection: a signature may already have cost a touch.

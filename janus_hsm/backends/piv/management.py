@@ -3,7 +3,8 @@
 The management key guards generating keys and writing certificates. Sources, in order:
 
 1. ``management-key-source=file:/path`` in the URI: a file holding the key in hex;
-2. ``JANUS_PIV_MANAGEMENT_KEY``: the key in hex in the environment;
+2. ``JANUS_PIV_MANAGEMENT_KEY``: the key in hex in the environment (set but empty is an
+   error, never a reason to fall back to the sources below);
 3. a PIN-protected key stored on the card, as ``ykman piv access
    change-management-key --protect`` leaves it (PIVMAN data flags it; the key itself
    sits in the PRINTED object, readable only after PIN verification);
@@ -75,11 +76,23 @@ def resolve_management_key_source(uri_source: str | None) -> ManagementKeySource
     if uri_source:
         path = pin_source_path(uri_source)
         return lambda: read_management_key_file(path)
-    if os.environ.get(MANAGEMENT_KEY_ENV):
+    if MANAGEMENT_KEY_ENV in os.environ:
+        if not os.environ[MANAGEMENT_KEY_ENV].strip():
+            # Set but empty (an unexpanded ${VAR}, a blank secret): falling back to the
+            # card-stored key, or before 5.3 to the factory default, would hide the mistake.
+            return _empty_environment
         return lambda: parse_management_key(
             os.environ.get(MANAGEMENT_KEY_ENV, ""), MANAGEMENT_KEY_ENV
         )
     return None
+
+
+def _empty_environment() -> bytes:
+    raise ManagementKeyError(
+        f"{MANAGEMENT_KEY_ENV} is set but empty. Put the management key (hex) in it, or "
+        "unset it to use the PIN-protected key stored on the card, or name a key file "
+        "with management-key-source=file:/path"
+    )
 
 
 def warn_default(where: str) -> None:

@@ -33,7 +33,7 @@ from janus_hsm.pin import PinSource, resolve_pin_source
 from janus_hsm.provider import KeyProvider
 
 from . import management
-from .card import PivCard, TouchCallback
+from .card import PivCard, TouchCallback, log_touch
 from .discovery import CardInfo
 from .handle import PivKeyHandle
 from .slots import (
@@ -90,9 +90,15 @@ class PivProvider(KeyProvider):
         *,
         allow_extractable: bool = False,
         management_key_source: management.ManagementKeySource | None = None,
+        pin_source: PinSource,
+        on_touch: TouchCallback | None = None,
     ) -> None:
         self._card = card
         self._base_uri = base_uri
+        #: This provider's own: one card opened twice (two providers) keeps one lock
+        #: and one PIN state, but each provider verifies with its own source.
+        self._pin_source = pin_source
+        self._on_touch: TouchCallback = on_touch or log_touch
         self.allow_extractable = allow_extractable
         self._management_key_source = management_key_source
         #: After the first management-key use: True when it was the factory default key
@@ -119,24 +125,17 @@ class PivProvider(KeyProvider):
             pin_source = resolve_pin_source(
                 parsed.pin_source, prompt=f"PIV PIN for {info.describe()}: "
             )
+        # Never take a card's lock here: it may be held for seconds (a touch wait), and
+        # _cards_lock would then block opening every other card too.
         with _cards_lock:
             known = _cards.get(info.reader)
             if known is None:
                 if connect is None:  # held a moment ago, closed since: look again
                     raise TokenNotFoundError(f"{info.describe()} was closed; try again")
-                card = PivCard(
-                    description=info.describe(),
-                    pin_source=pin_source,
-                    connect=connect,
-                    on_touch=on_touch,
-                )
+                card = PivCard(description=info.describe(), connect=connect)
                 _cards[info.reader] = (info, card)
             else:
                 card = known[1]
-                with card.lock:
-                    card.pin_source = pin_source
-                    if on_touch is not None:
-                        card.on_touch = on_touch
         base = PivUri(serial=info.serial, reader=None if info.serial else info.reader)
         return cls(
             card,
@@ -144,6 +143,8 @@ class PivProvider(KeyProvider):
             allow_extractable=allow_extractable,
             management_key_source=management_key_source
             or management.resolve_management_key_source(parsed.management_key_source),
+            pin_source=pin_source,
+            on_touch=on_touch,
         )
 
     @classmethod
@@ -176,9 +177,7 @@ class PivProvider(KeyProvider):
         where = description or (f"YubiKey {serial}" if serial else "PIV card")
         if pin_source is None:
             pin_source = resolve_pin_source(parsed.pin_source, prompt=f"PIV PIN for {where}: ")
-        card = PivCard(
-            description=where, pin_source=pin_source, connection=connection, on_touch=on_touch
-        )
+        card = PivCard(description=where, connection=connection)
         base = PivUri(serial=serial, reader=None if serial else parsed.reader)
         return cls(
             card,
@@ -186,6 +185,8 @@ class PivProvider(KeyProvider):
             allow_extractable=allow_extractable,
             management_key_source=management_key_source
             or management.resolve_management_key_source(parsed.management_key_source),
+            pin_source=pin_source,
+            on_touch=on_touch,
         )
 
     # --- facts ------------------------------------------------------------------------
@@ -315,21 +316,26 @@ class PivProvider(KeyProvider):
 
     def _handle(self, info: SlotInfo) -> PivKeyHandle:
         uri = str(self._base_uri.with_slot(info.slot).public())
-        return PivKeyHandle(self._card, info, uri=uri, allow_extractable=self.allow_extractable)
+        return PivKeyHandle(
+            self._card,
+            info,
+            uri=uri,
+            allow_extractable=self.allow_extractable,
+            pin_source=self._pin_source,
+            on_touch=self._on_touch,
+        )
 
     def _authenticate(self, session: PivSession) -> None:
         try:
             meta = session.get_management_key_metadata()
             if meta.touch_policy in (TOUCH_POLICY.ALWAYS, TOUCH_POLICY.CACHED):
-                self._card.on_touch(
-                    f"Touch your YubiKey ({self.describe()}) to use its management key"
-                )
+                self._on_touch(f"Touch your YubiKey ({self.describe()}) to use its management key")
         except Exception:  # no metadata before 5.3: no touch policy to announce
             log.debug("no management key metadata on %s", self.describe())
         default = management.authenticate(
             session,
             source=self._management_key_source,
-            verify_pin=lambda: self._card.verify_pin(session),
+            verify_pin=lambda: self._card.verify_pin(session, self._pin_source),
             where=self.describe(),
         )
         self.default_management_key = default
