@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APPROVERS_TYP",
+    "MAX_APPROVERS_FILE",
     "Approval",
     "ApprovalRequestError",
     "Approver",
@@ -196,6 +197,10 @@ class Approver:
         )
 
 
+#: The largest approver registry read (thousands of approvers fit in it).
+MAX_APPROVERS_FILE = 1 << 20
+
+
 @dataclass(frozen=True)
 class ApproverSet:
     """The N registered approvers.  Ids, credential ids and public keys are unique, so
@@ -256,10 +261,16 @@ class ApproverSet:
 
     @classmethod
     def load(cls, path: str | PathLike[str]) -> ApproverSet:
+        """Read a registry file of at most :data:`MAX_APPROVERS_FILE` bytes."""
         try:
-            data = Path(path).read_bytes()
+            with Path(path).open("rb") as f:
+                data = f.read(MAX_APPROVERS_FILE + 1)
         except OSError as exc:
             raise FormatError(f"{path}: cannot read the approvers: {exc.strerror}") from exc
+        if len(data) > MAX_APPROVERS_FILE:
+            raise FormatError(
+                f"{path}: larger than {MAX_APPROVERS_FILE} bytes, not an approver registry"
+            )
         return cls.loads(data, source=str(path))
 
     def save(self, path: str | PathLike[str]) -> None:

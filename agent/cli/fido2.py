@@ -4,15 +4,22 @@ Security keys are found over USB HID and PC/SC (janus_hsm.fido2.devices).  Appro
 into the approver registry that grants are verified against (policies.approvals);
 keystore credentials into the keystore credential registry (janus_hsm.fido2.registry).
 Both live in ``--registry-dir`` (default: the platform data dir ``janus/fido2``).
-PINs come from ``--pin-source``, ``JANUS_PIN`` or a prompt, never from argv.
+PINs come from ``--pin-source`` or ``JANUS_FIDO2_PIN`` (one security key only) or a
+prompt per key naming it, never from argv and never from ``JANUS_PIN`` (the keystore
+passphrase or PIV PIN of ``janus grant``): see janus_hsm.fido2.pins.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,11 +34,16 @@ from agent.cli.output import (
 )
 from janus_hsm.backends.software.keyfile import HmacSecretRecipient
 from janus_hsm.fido2.authenticator import Authenticator, origin_for
-from janus_hsm.fido2.devices import Fido2Device, list_devices, select_device
+from janus_hsm.fido2.devices import (
+    Fido2Device,
+    list_devices,
+    require_real_device,
+    select_device,
+)
 from janus_hsm.fido2.errors import Fido2Error, NoDeviceError, UnknownCredentialError
 from janus_hsm.fido2.keystore import KEYSTORE_RP_ID
+from janus_hsm.fido2.pins import DevicePins, device_identity
 from janus_hsm.fido2.registry import CredentialRegistry, KeystoreCredential, default_directory
-from janus_hsm.pin import PinSource, resolve_pin_source
 from janus_hsm.public_keys import b64url_encode
 from policies.approval_requests import ApprovalRequest, approval_file, load_approval_file
 from policies.approvals import (
@@ -50,6 +62,12 @@ from policies.policy import APPROVAL
 APPROVAL_RP_ID = "approvals.janus.invalid"
 APPROVERS_FILE = "approvers.json"
 CREDENTIALS_FILE = "credentials.json"
+
+
+class MalformedRequestError(CommandError):
+    """An approval request whose claims cannot be shown faithfully: nothing is approved."""
+
+    code = "malformed_request"
 
 
 class DeclaredApprovalError(CommandError):
@@ -81,16 +99,37 @@ def _save_approvers(approvers: ApproverSet, path: Path) -> None:
         raise CommandError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _pin(args: argparse.Namespace) -> PinSource:
-    return resolve_pin_source(getattr(args, "pin_source", None), prompt="PIN of the security key: ")
+@contextlib.contextmanager
+def _registry_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock (flock on ``<registry>.lock``) held across a registry's
+    read-modify-write, so two registrations (each waiting for a touch) or a removal
+    cannot overwrite each other's change."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CommandError(f"cannot lock {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _pin(args: argparse.Namespace) -> DevicePins:
+    """Each security key's own PIN: --pin-source or JANUS_FIDO2_PIN for one key, else a
+    prompt per key.  Never JANUS_PIN (the issuer's PIN or passphrase in `janus grant`)."""
+    return DevicePins(getattr(args, "pin_source", None))
 
 
 def _say(message: str) -> None:
     print(f"janus: {message}", file=sys.stderr, flush=True)
 
 
-def _authenticator(args: argparse.Namespace, device: Fido2Device | None = None) -> Authenticator:
-    chosen = device or select_device(list_devices(), getattr(args, "device", None))
+def _authenticator(args: argparse.Namespace, doing: str) -> Authenticator:
+    chosen = select_device(list_devices(), getattr(args, "device", None))
+    require_real_device(chosen, doing)
     return Authenticator(chosen, pin=_pin(args), on_touch=_say)
 
 
@@ -167,18 +206,19 @@ def _unb64(text: str) -> bytes:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    auth = _authenticator(args)
+    auth = _authenticator(args, f"registering {args.name!r}")
     if args.purpose == "approval":
         path = approvers_path(args)
-        approvers = _load_approvers(path)
-        rp_id = args.rp_id or APPROVAL_RP_ID
-        if approvers.get(args.name) is not None:
-            raise CommandError(f"approver {args.name!r} is already registered in {path}")
-        exclude = [a.credential_id for a in approvers if a.rp_id == rp_id]
-        _say(f"registering approver {args.name!r} on {auth.name}")
-        created = auth.make_credential(rp_id, args.name, exclude=exclude)
-        approver = Approver(args.name, created.credential_id, created.public_key, rp_id)
-        _save_approvers(approvers.with_approver(approver), path)
+        with _registry_lock(path):
+            approvers = _load_approvers(path)
+            rp_id = args.rp_id or APPROVAL_RP_ID
+            if approvers.get(args.name) is not None:
+                raise CommandError(f"approver {args.name!r} is already registered in {path}")
+            exclude = [a.credential_id for a in approvers if a.rp_id == rp_id]
+            _say(f"registering approver {args.name!r} on {auth.name}")
+            created = auth.make_credential(rp_id, args.name, exclude=exclude)
+            approver = Approver(args.name, created.credential_id, created.public_key, rp_id)
+            _save_approvers(approvers.with_approver(approver), path)
         result: dict[str, Any] = {
             "purpose": "approval",
             "registry": str(path),
@@ -186,42 +226,56 @@ def cmd_register(args: argparse.Namespace) -> int:
         }
     else:
         path = registry_dir(args) / CREDENTIALS_FILE
-        registry = CredentialRegistry.load(path)
-        rp_id = args.rp_id or KEYSTORE_RP_ID
-        if registry.get(args.name) is not None:
-            raise CommandError(f"keystore credential {args.name!r} is already registered")
-        exclude = [c.recipient.credential_id for c in registry.credentials]
-        _say(f"registering keystore credential {args.name!r} on {auth.name}")
-        created = auth.make_credential(rp_id, args.name, hmac_secret=True, exclude=exclude)
-        credential = KeystoreCredential(
-            HmacSecretRecipient(created.credential_id, rp_id, created.uv, args.name),
-            created.aaguid,
-            datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        )
-        registry.with_credential(credential).save(path)
+        with _registry_lock(path):
+            registry = CredentialRegistry.load(path)
+            rp_id = args.rp_id or KEYSTORE_RP_ID
+            if registry.get(args.name) is not None:
+                raise CommandError(f"keystore credential {args.name!r} is already registered")
+            exclude = [c.recipient.credential_id for c in registry.credentials]
+            _say(f"registering keystore credential {args.name!r} on {auth.name}")
+            created = auth.make_credential(rp_id, args.name, hmac_secret=True, exclude=exclude)
+            credential = KeystoreCredential(
+                HmacSecretRecipient(created.credential_id, rp_id, created.uv, args.name),
+                created.aaguid,
+                datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            )
+            registry.with_credential(credential).save(path)
         result = {"purpose": "keystore", "registry": str(path), **credential.to_json()}
     return emit(result, f"registered {args.purpose} credential {args.name!r}", as_json=args.json)
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
     removed = []
+    warnings: list[str] = []
     if args.purpose in (None, "approval"):
         path = approvers_path(args)
-        approvers = _load_approvers(path)
-        if approvers.get(args.name) is not None:
-            _save_approvers(approvers.without(args.name), path)
-            removed.append({"purpose": "approval", "registry": str(path)})
+        with _registry_lock(path):
+            approvers = _load_approvers(path)
+            if approvers.get(args.name) is not None:
+                _save_approvers(approvers.without(args.name), path)
+                removed.append({"purpose": "approval", "registry": str(path)})
     if args.purpose in (None, "keystore"):
         path = registry_dir(args) / CREDENTIALS_FILE
-        registry = CredentialRegistry.load(path)
-        if registry.get(args.name) is not None:
-            registry.without(args.name).save(path)
-            removed.append({"purpose": "keystore", "registry": str(path)})
+        with _registry_lock(path):
+            registry = CredentialRegistry.load(path)
+            if registry.get(args.name) is not None:
+                registry.without(args.name).save(path)
+                removed.append({"purpose": "keystore", "registry": str(path)})
+                warnings.append(
+                    f"keys already sealed for keystore credential {args.name!r} still open "
+                    "with it: run `janus keys rewrap URI --remove "
+                    f"{args.name}` for each of them; old copies of a key file (backups) keep "
+                    "opening with it, so rotate the key if that matters"
+                )
     if not removed:
         raise UnknownCredentialError(
             f"no registered credential named {args.name!r}; `janus fido2 list` shows them"
         )
-    result = {"name": args.name, "removed": removed}
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    result: dict[str, Any] = {"name": args.name, "removed": removed}
+    if warnings:
+        result["warnings"] = warnings
     return emit(result, f"removed {args.name!r} from the registry", as_json=args.json)
 
 
@@ -236,17 +290,26 @@ def approvals_from_devices(
     origin: str,
     needed: int,
     already: Sequence[str],
-    pin: PinSource,
+    pin: DevicePins,
     require_uv: bool,
 ) -> list[Approval]:
     """Approvals from the connected keys of registered approvers, up to ``needed``.
 
     A refusal at any key (presence denied, timeout, PIN blocked…) is raised as its typed
-    error: the grant is refused, not silently short of an approval.
+    error: the grant is refused, not silently short of an approval.  Each approver's key
+    gets its own PIN (``pin`` prompts per key); one fixed PIN for several keys is refused
+    before any key is asked.
     """
     collected: list[Approval] = []
     done = set(already)
     devices = list_devices()
+    for device in devices:
+        require_real_device(device, "collecting approvals")
+    if require_uv and pin.fixed:
+        pin.check_one_device(
+            _approving_devices(devices, approvers, rp_id=rp_id, needed=needed, done=done),
+            "collecting approvals",
+        )
     for device in devices:
         if len(collected) >= needed:
             break
@@ -276,6 +339,31 @@ def approvals_from_devices(
     if not devices and needed:
         raise NoDeviceError("no FIDO2 authenticator is connected to collect approvals from")
     return collected
+
+
+def _approving_devices(
+    devices: Sequence[Fido2Device],
+    approvers: ApproverSet,
+    *,
+    rp_id: str,
+    needed: int,
+    done: set[str],
+) -> set[str]:
+    """The identities of the devices :func:`approvals_from_devices` would ask (touch-free)."""
+    asked: set[str] = set()
+    done = set(done)
+    for device in devices:
+        if len(asked) >= needed:
+            break
+        candidates = [a for a in approvers if a.rp_id == rp_id and a.id not in done]
+        if not candidates:
+            break
+        held = Authenticator(device).holds(rp_id, [a.credential_id for a in candidates])
+        if held is None:
+            continue
+        done.add(next(a.id for a in candidates if a.credential_id == held))
+        asked.add(device_identity(device))
+    return asked
 
 
 def _approval_prompt(device_name: str) -> Any:
@@ -404,17 +492,14 @@ def _registry_options(p: Any) -> None:
 def cmd_approve(args: argparse.Namespace) -> int:
     request = ApprovalRequest.loads(read_input(args.request), args.request)
     claims = request.claims
-    abilities = claims.get("att")
     _say(
-        f"approval request for rule {request.rule!r}: {claims.get('iss')} grants "
-        f"{claims.get('aud')} {abilities} until "
-        f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(int(claims.get('exp', 0))))}, "
-        f"limits {claims.get('lim')}; challenge {request.challenge.hex()[:16]}…"
+        f"approval request for rule {json.dumps(request.rule)}; approving signs exactly "
+        f"these claims (challenge {request.challenge.hex()}):\n" + describe_claims(claims)
     )
     candidates = [(i, c) for i, c in request.approvers if args.approver in (None, i)]
     if not candidates:
         raise UnknownCredentialError(f"the request names no approver {args.approver!r}")
-    auth = _authenticator(args)
+    auth = _authenticator(args, "approving")
     held = auth.holds(request.rp_id, [c for _, c in candidates])
     if held is None:
         raise UnknownCredentialError(
@@ -450,6 +535,46 @@ def cmd_approve(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(data.decode())
     return 0
+
+
+#: Claims that are times (seconds since the epoch); shown in UTC beside their value.
+_TIME_CLAIMS = ("nbf", "iat", "exp")
+
+
+def describe_claims(claims: Any) -> str:
+    """Every claim the approval signs, one per line, each value JSON-encoded (strings
+    quoted and escaped, so no control character or look-alike reaches the terminal
+    unescaped), times also in UTC.  What cannot be shown faithfully is refused
+    (:class:`MalformedRequestError`), never half-shown."""
+    if not isinstance(claims, dict):
+        raise MalformedRequestError("the approval request's claims are not a JSON object")
+    lines = []
+    for name in sorted(claims, key=str):
+        value = claims[name]
+        try:
+            shown = json.dumps(value, sort_keys=True, ensure_ascii=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise MalformedRequestError(
+                f"claim {json.dumps(str(name))} cannot be shown ({exc}); refusing to approve"
+            ) from None
+        if name in _TIME_CLAIMS:
+            shown += f" ({_utc(name, value)})"
+        lines.append(f"  {json.dumps(str(name))}: {shown}")
+    return "\n".join(lines)
+
+
+def _utc(name: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise MalformedRequestError(
+            f"claim {name!r} is {json.dumps(value)[:64]}, not a time in seconds; refusing "
+            "to approve a request whose validity cannot be read"
+        )
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value))
+    except (OverflowError, OSError, ValueError):
+        raise MalformedRequestError(
+            f"claim {name!r} ({value}) is out of range; refusing to approve"
+        ) from None
 
 
 def _placeholder_approver(approver_id: str, credential_id: bytes, rp_id: str) -> Approver:

@@ -127,10 +127,12 @@ def _fido2_sealing_provider(args: argparse.Namespace) -> Any:
     from janus_hsm.fido2.keystore import Fido2HmacSecret, keystore_pin_source
 
     recipients = _keystore_credentials(args, args.fido2_credential)
+    # One PIN source for the whole operation: each security key is asked for its own PIN
+    # (a prompt naming it), and JANUS_FIDO2_PIN is refused for more than one key.
+    source = Fido2HmacSecret(recipients, pin=keystore_pin_source(), on_touch=touch_prompt)
+    source.check_pin_targets([[r] for r in recipients], doing="sealing the key")
     return SoftwareProvider.open(
-        args.uri,
-        allow_extractable=args.allow_extractable,
-        hmac_secret=Fido2HmacSecret(recipients, pin=keystore_pin_source(), on_touch=touch_prompt),
+        args.uri, allow_extractable=args.allow_extractable, hmac_secret=source
     )
 
 
@@ -232,6 +234,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
                 f"{', '.join(map(repr, sealed_for)) or 'no FIDO2 credential'})"
             )
         remove = [sealed_for[label] for label in args.remove or []]
+        _check_rewrap_pins(provider.fido2_credentials(args.uri), add)
         handle = provider.rewrap(args.uri, add=add, remove=remove)
         info = describe(handle)
     if args.json:
@@ -240,6 +243,15 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         print(f"rewrapped {info['uri']}")
         _print_human(info)
     return 0
+
+
+def _check_rewrap_pins(current: list[Any], add: list[Any]) -> None:
+    """Rewrapping opens the key with one enrolled security key and asks each added one:
+    refuse JANUS_FIDO2_PIN when that is more than one key needing the PIN (M2)."""
+    from janus_hsm.fido2.keystore import Fido2HmacSecret, keystore_pin_source
+
+    checker = Fido2HmacSecret((), pin=keystore_pin_source())
+    checker.check_pin_targets([current, *([r] for r in add)], doing="rewrapping the key")
 
 
 def _name(subject: str) -> x509.Name:

@@ -43,6 +43,7 @@ from janus_hsm.fido2.errors import (
     UnknownCredentialError,
     from_fido2_exception,
 )
+from janus_hsm.fido2.pins import DevicePins
 from janus_hsm.pin import PinSource
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,15 @@ class NewCredential:
 class _Person(UserInteraction):
     """fido2's view of the person: asked for the PIN (from the PinSource) and told to touch."""
 
-    def __init__(self, pin: PinSource | None, on_touch: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        pin: PinSource | None,
+        on_touch: Callable[[str], None] | None,
+        refused: Callable[[Fido2Error], None] | None = None,
+    ) -> None:
         self._pin = pin
         self._on_touch = on_touch
+        self._refused = refused
 
     def prompt_up(self) -> None:
         if self._on_touch is not None:
@@ -87,6 +94,12 @@ class _Person(UserInteraction):
             return self._pin()
         except PinUnavailableError:
             return None  # fido2 turns this into PinRequiredError, mapped to pin_required
+        except Fido2Error as exc:
+            # A refusal (a PIN meant for another authenticator): nothing is sent; fido2
+            # raises PinRequiredError and map_error reports this error instead.
+            if self._refused is not None:
+                self._refused(exc)
+            return None
 
     def request_uv(self, permissions: ClientPin.PERMISSION, rp_id: str | None) -> bool:
         return True
@@ -99,18 +112,27 @@ class Authenticator:
     built in process (tests pass the software authenticator).  PIN/UV auth protocol 2 is
     required when the authenticator has a PIN: protocol 1 (CTAP 2.0) uses unauthenticated
     AES-CBC without an IV for the PIN and the hmac-secret salts.
+
+    ``pin`` is best a :class:`~janus_hsm.fido2.pins.DevicePins`: it gives this device its
+    own PIN (a prompt naming it, or one fixed PIN that no second device is sent).  A
+    plain :data:`PinSource` is used as it is.
     """
 
     def __init__(
         self,
         device: Fido2Device | Any,
         *,
-        pin: PinSource | None = None,
+        pin: PinSource | DevicePins | None = None,
         on_touch: Callable[[str], None] | None = None,
     ) -> None:
         self.device = device if isinstance(device, Fido2Device) else Fido2Device.in_process(device)
-        self._pin = pin
+        self._pin: PinSource | None = (
+            pin.for_device(self.device, lambda: str(self.info.aaguid))
+            if isinstance(pin, DevicePins)
+            else pin
+        )
         self._on_touch = on_touch
+        self._refusal: Fido2Error | None = None
         try:
             self._ctap = Ctap2(self.device.device)
         except (CtapError, ClientError, ValueError) as exc:
@@ -282,12 +304,18 @@ class Authenticator:
         return Fido2Client(
             self.device.device,
             DefaultClientDataCollector(origin),
-            _Person(self._pin, self._on_touch),
+            _Person(self._pin, self._on_touch, self._refuse),
             extensions=[HmacSecretExtension(allow_hmac_secret=True)],  # type: ignore[no-untyped-call]
         )
 
+    def _refuse(self, error: Fido2Error) -> None:
+        self._refusal = error
+
     def map_error(self, exc: BaseException, doing: str) -> Fido2Error:
         """The typed error for a fido2 exception, with the PIN retries when a PIN was wrong."""
+        if self._refusal is not None:
+            refusal, self._refusal = self._refusal, None
+            return refusal
         error = from_fido2_exception(exc, doing=doing)
         if isinstance(error, Fido2PinInvalidError):
             try:

@@ -17,7 +17,7 @@ from typing import Any
 
 from fido2.ctap import CtapDevice
 
-from janus_hsm.fido2.errors import AmbiguousDeviceError, NoDeviceError
+from janus_hsm.fido2.errors import AmbiguousDeviceError, NoDeviceError, SoftwareDeviceRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,31 @@ IN_PROCESS = "in-process"
 #: TEST ONLY.  A list of state files (separated by ``os.pathsep``) of software
 #: authenticators (hardware/fido2_authenticator.py) that discovery adds to the real
 #: devices, so CLI tests run without USB or pcscd.  Never set in production: the state
-#: file holds the credential keys in the clear.
+#: file holds the credential keys in the clear.  Honoured only with
+#: :data:`INSECURE_TESTING_ENV` ``=1`` as well; without it discovery refuses to run.
 SOFTWARE_AUTHENTICATOR_ENV = "JANUS_FIDO2_SOFTWARE_AUTHENTICATOR"
 #: TEST ONLY: what the software authenticators' "person" does: approve, deny or timeout.
 SOFTWARE_PRESENCE_ENV = "JANUS_FIDO2_SOFTWARE_PRESENCE"
+#: TEST ONLY.  ``1`` marks a test run: the only way software authenticators are found
+#: by discovery, registered (``janus fido2 register``) or asked for approvals.  The
+#: second, deliberately separate switch, so one stray variable cannot swap a security
+#: key for a file (docs/testing-hardware.md).
+INSECURE_TESTING_ENV = "JANUS_INSECURE_TESTING"
+
+
+def insecure_testing() -> bool:
+    """True only in a test run (:data:`INSECURE_TESTING_ENV` is exactly ``1``)."""
+    return os.environ.get(INSECURE_TESTING_ENV) == "1"
+
+
+def require_real_device(device: Fido2Device, doing: str) -> None:
+    """Refuse an in-process (software) authenticator for ``doing`` outside a test run."""
+    if device.transport == IN_PROCESS and not insecure_testing():
+        raise SoftwareDeviceRefusedError(
+            f"{doing}: {device.name!r} is an in-process software authenticator (test only: "
+            "its keys sit in a file and its touch is scripted); refused unless "
+            f"{INSECURE_TESTING_ENV}=1 marks a test run"
+        )
 
 
 @dataclass
@@ -88,6 +109,13 @@ def _software_devices() -> list[Fido2Device]:
     spec = os.environ.get(SOFTWARE_AUTHENTICATOR_ENV)
     if not spec:
         return []
+    if not insecure_testing():
+        raise SoftwareDeviceRefusedError(
+            f"{SOFTWARE_AUTHENTICATOR_ENV} is set, which is for tests only (a software "
+            "authenticator keeps its credential keys in a file and approves without a "
+            f"touch), and {INSECURE_TESTING_ENV}=1 is not: refused. Unset "
+            f"{SOFTWARE_AUTHENTICATOR_ENV}"
+        )
     log.warning("%s is set: using software authenticators (test only)", SOFTWARE_AUTHENTICATOR_ENV)
     from hardware.fido2_authenticator import Presence, ScriptedPresence, SoftwareAuthenticator
 
@@ -142,11 +170,14 @@ def select_device(devices: Iterable[Fido2Device], name: str | None = None) -> Fi
 
 __all__ = [
     "HID",
+    "INSECURE_TESTING_ENV",
     "IN_PROCESS",
     "PCSC",
     "SOFTWARE_AUTHENTICATOR_ENV",
     "SOFTWARE_PRESENCE_ENV",
     "Fido2Device",
+    "insecure_testing",
     "list_devices",
+    "require_real_device",
     "select_device",
 ]

@@ -57,6 +57,13 @@ class Fido2PinRequiredError(Fido2Error):
     code = "pin_required"
 
 
+class Fido2SharedPinError(Fido2PinRequiredError):
+    """One PIN (``JANUS_FIDO2_PIN`` or a pin-source file) would go to more than one
+    authenticator: refused, as each wrong try spends that key's PIN retries."""
+
+    code = "shared_pin_refused"
+
+
 class PresenceTimeoutError(Fido2Error):
     """Nobody touched the authenticator in time."""
 
@@ -87,6 +94,13 @@ class CredentialExcludedError(Fido2Error):
     code = "credential_excluded"
 
 
+class SoftwareDeviceRefusedError(Fido2Error):
+    """A software (in-process) authenticator outside a test run: refused.  Its state
+    file holds the credential keys in the clear and its "touch" is scripted."""
+
+    code = "software_device_refused"
+
+
 class Fido2RegistryError(Fido2Error):
     """The credential registry file is unreadable or malformed; nothing was changed."""
 
@@ -112,7 +126,8 @@ def from_fido2_exception(exc: BaseException, *, doing: str) -> Fido2Error:
     if isinstance(exc, PinRequiredError):
         return Fido2PinRequiredError(
             f"{doing}: the authenticator needs its PIN and none was given; set "
-            "JANUS_PIN or run on a terminal (PINs are never taken from argv)"
+            "JANUS_FIDO2_PIN (or --pin-source FILE) for this one key, or run on a terminal "
+            "to be asked for each key's PIN (PINs are never taken from argv)"
         )
     cause: Any = exc
     if isinstance(exc, ClientError):
@@ -174,10 +189,12 @@ __all__ = [
     "Fido2PinInvalidError",
     "Fido2PinRequiredError",
     "Fido2RegistryError",
+    "Fido2SharedPinError",
     "Fido2UnsupportedError",
     "NoDeviceError",
     "PresenceDeniedError",
     "PresenceTimeoutError",
+    "SoftwareDeviceRefusedError",
     "UnknownCredentialError",
     "WrongCredentialError",
     "from_fido2_exception",

@@ -9,16 +9,14 @@ asks it (one touch, and the PIN when the credential was enrolled with UV).
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections.abc import Callable, Sequence
 
 from janus_hsm.backends.software.keyfile import HmacSecretRecipient
-from janus_hsm.errors import PinUnavailableError
 from janus_hsm.fido2.authenticator import Authenticator
 from janus_hsm.fido2.devices import Fido2Device, list_devices
 from janus_hsm.fido2.errors import NoDeviceError, UnknownCredentialError
-from janus_hsm.pin import PinSource, resolve_pin_source
+from janus_hsm.fido2.pins import FIDO2_PIN_ENV, DevicePins, device_identity
+from janus_hsm.pin import PinSource
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ class Fido2HmacSecret:
         self,
         enrolled: Sequence[HmacSecretRecipient] = (),
         *,
-        pin: PinSource | None = None,
+        pin: PinSource | DevicePins | None = None,
         on_touch: Callable[[str], None] | None = None,
         devices: Callable[[], Sequence[Fido2Device]] | None = None,
     ) -> None:
@@ -50,6 +48,41 @@ class Fido2HmacSecret:
 
     def enrolled(self) -> Sequence[HmacSecretRecipient]:
         return list(self._enrolled)
+
+    def check_pin_targets(
+        self, asks: Sequence[Sequence[HmacSecretRecipient]], *, doing: str
+    ) -> None:
+        """Refuse, before any PIN is sent or any touch asked, an operation that would give
+        one fixed PIN (JANUS_FIDO2_PIN, a pin-source file) to several authenticators.
+
+        ``asks`` lists the requests the operation makes, each answered (as in
+        :meth:`hmac_secret`) by the first connected device holding one of its recipients;
+        only recipients enrolled with UV need the PIN.  The look-up is touch-free.
+        """
+        pins = self._pin
+        if not isinstance(pins, DevicePins) or not pins.fixed:
+            return
+        if not any(r.uv for ask in asks for r in ask):
+            return
+        devices = list(self._devices())
+        identities: set[str] = set()
+        try:
+            authenticators = [Authenticator(d) for d in devices]
+            for ask in asks:
+                for device, authenticator in zip(devices, authenticators, strict=True):
+                    answering = [
+                        r
+                        for r in ask
+                        if authenticator.holds(r.rp_id, [r.credential_id]) is not None
+                    ]
+                    if answering:
+                        if answering[0].uv:
+                            identities.add(device_identity(device))
+                        break
+        finally:
+            for device in devices:
+                device.close()
+        pins.check_one_device(identities, doing)
 
     def hmac_secret(
         self, recipients: Sequence[HmacSecretRecipient], salt: bytes
@@ -91,39 +124,17 @@ class Fido2HmacSecret:
         )
 
 
-#: The security key's PIN for keystore credentials enrolled with user verification.
-#: Its own variable: JANUS_PIN is the keystore passphrase or a token PIN, and trying
-#: one of those as a FIDO2 PIN would burn the authenticator's PIN retries.
-FIDO2_PIN_ENV = "JANUS_FIDO2_PIN"
-
-
-def keystore_pin_source() -> PinSource | None:
-    """JANUS_FIDO2_PIN, else a prompt on a terminal, else none (UV credentials then fail
-    with ``pin_required``; credentials enrolled without UV need only a touch)."""
-    if os.environ.get(FIDO2_PIN_ENV):
-        return lambda: os.environ[FIDO2_PIN_ENV]
-    if sys.stdin.isatty():
-        return resolve_pin_source(None, prompt="PIN of the security key: ", interactive=True)
-    return None
+def keystore_pin_source() -> DevicePins:
+    """Each security key's own PIN: a prompt per key on a terminal, or JANUS_FIDO2_PIN
+    for one key only (never JANUS_PIN); else none (UV credentials then fail with
+    ``pin_required``; credentials enrolled without UV need only a touch)."""
+    return DevicePins()
 
 
 def keystore_opener(on_touch: Callable[[str], None] | None = None) -> Fido2HmacSecret:
     """What :func:`janus_hsm.open_provider` gives every software keystore: it opens
     FIDO2-protected keys with any connected enrolled security key, and seals nothing."""
-    return Fido2HmacSecret((), pin=_LazyPin(), on_touch=on_touch)
-
-
-class _LazyPin:
-    """Decides where the PIN comes from only when an authenticator asks for one."""
-
-    def __call__(self) -> str:
-        source = keystore_pin_source()
-        if source is None:
-            raise PinUnavailableError(
-                "this security key credential needs its PIN: set JANUS_FIDO2_PIN or run "
-                "on a terminal to be prompted (PINs are never taken from argv)"
-            )
-        return source()
+    return Fido2HmacSecret((), pin=DevicePins(), on_touch=on_touch)
 
 
 __all__ = [

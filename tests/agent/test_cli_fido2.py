@@ -44,7 +44,9 @@ class Cli:
         self.registry = tmp / "fido2"
         mp.setattr(devices, "SOURCES", [devices._software_devices])  # no real USB/PC-SC here
         mp.delenv("JANUS_PIN", raising=False)
+        mp.delenv("JANUS_FIDO2_PIN", raising=False)
         mp.delenv(devices.SOFTWARE_PRESENCE_ENV, raising=False)
+        mp.setenv(devices.INSECURE_TESTING_ENV, "1")  # software authenticators: a test run
         self.connect()
         pin_file = tmp / "passphrase"
         pin_file.write_text(PASSPHRASE)
@@ -174,7 +176,7 @@ def test_pin_blocked_and_presence_timeout_are_typed(cli: Cli) -> None:
     with pytest.raises(Exception):  # noqa: B017 - burn the only retry
         ClientPin(Ctap2(device)).get_pin_token("0000")
     cli.connect("locked")
-    cli.mp.setenv("JANUS_PIN", "1234")
+    cli.mp.setenv("JANUS_FIDO2_PIN", "1234")
     out = cli.fails("pin_blocked", *cli.fido2("register", "alice"))
     assert "blocked" in out["error"]["message"]
     listed = cli.ok(*cli.fido2("list"))
