@@ -49,16 +49,13 @@ import gc
 import importlib
 import io
 import itertools
-import json
 import os
-import platform
 import pstats
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +68,7 @@ import base58  # noqa: E402
 import harness  # noqa: E402
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: E402
-from harness import median, positive_float, positive_int, progress  # noqa: E402
+from harness import median, progress  # noqa: E402
 
 from janus_hsm.algorithms import Algorithm  # noqa: E402
 from janus_hsm.backends.software import SoftwareProvider  # noqa: E402
@@ -592,32 +589,12 @@ def profile(setup: Setup, calls: int) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    os_release = {}
-    with contextlib.suppress(OSError):
-        os_release = platform.freedesktop_os_release()
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "os": os_release.get("PRETTY_NAME", platform.platform()),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "cryptography": version("cryptography"),
-        "base58": version("base58"),
-        "biscuit_python": version("biscuit-python"),
-        "pynacl": version("PyNaCl"),
-        "loadavg_start": list(os.getloadavg()),
+        **harness.machine(),
+        "cryptography": harness.version("cryptography"),
+        "base58": harness.version("base58"),
+        "biscuit_python": harness.version("biscuit-python"),
+        "pynacl": harness.version("PyNaCl"),
     }
 
 
@@ -689,19 +666,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Janus capability verification vs raw signature checks and biscuit-python."
     )
-    parser.add_argument(
-        "--seconds",
-        type=positive_float,
-        default=DEFAULT_SECONDS,
-        help=f"duration of one measurement (default {DEFAULT_SECONDS:g})",
-    )
-    parser.add_argument(
-        "--repeat",
-        type=positive_int,
-        default=DEFAULT_REPEAT,
-        help=f"repetitions of each measurement; medians are reported (default {DEFAULT_REPEAT})",
-    )
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
+    harness.add_run_arguments(parser, seconds=DEFAULT_SECONDS, repeat=DEFAULT_REPEAT)
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -899,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(whole run: {result['wall_seconds']:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        harness.write_json(args.json, result)
         progress(f"wrote {args.json}")
     return 0
 

@@ -56,10 +56,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import harness
 import httpx
 from harness import median, positive_int, progress
 
@@ -843,21 +843,6 @@ def summarise(bare: list[LoadResult], janus: list[LoadResult]) -> dict[str, Any]
 
 
 def environment(generator: LoadGenerator) -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    os_release: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        os_release = platform.freedesktop_os_release()
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     commit: str | None = None
     dirty: list[str] | None = None
     with contextlib.suppress(OSError):
@@ -873,14 +858,11 @@ def environment(generator: LoadGenerator) -> dict[str, Any]:
         )
         if done.returncode == 0:
             dirty = [line[3:] for line in done.stdout.splitlines() if line.strip()]
+    version = harness.version
     return {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **harness.machine(),
         "git_commit": commit,
         "code_under_test_modified": dirty,
-        "os": os_release.get("PRETTY_NAME", platform.platform()),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
         "uvicorn": version("uvicorn"),
         "starlette": version("starlette"),
         "uvloop": version("uvloop"),
@@ -890,7 +872,6 @@ def environment(generator: LoadGenerator) -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "generator": generator.name,
         "generator_version": generator.version,
-        "loadavg_start": list(os.getloadavg()),
     }
 
 

@@ -39,7 +39,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,6 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +55,7 @@ if str(ROOT) not in sys.path:
 
 import harness  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, x25519  # noqa: E402
-from harness import median, positive_float, positive_int, progress  # noqa: E402
+from harness import median, progress  # noqa: E402
 
 from agent.didcomm import (  # noqa: E402
     A256CBC_HS512,
@@ -473,26 +471,13 @@ def rate_of(operation: Operation) -> Callable[[float], float]:
 
 
 def environment(worker: DidcommPython, token: SoftHSMToken) -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    os_release: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        os_release = platform.freedesktop_os_release()
     return {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "os": os_release.get("PRETTY_NAME", platform.platform()),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "cryptography": version("cryptography"),
-        "pynacl": version("pynacl"),
+        **harness.machine(),
+        "cryptography": harness.version("cryptography"),
+        "pynacl": harness.version("pynacl"),
         "didcomm_python": worker.version,
         "didcomm_python_interpreter": worker.python,
         "softhsm_module": token.module_path,
-        "loadavg_start": list(os.getloadavg()),
     }
 
 
@@ -551,9 +536,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="DIDComm pack+unpack: Janus vs didcomm-python, and SoftHSM vs software."
     )
-    parser.add_argument("--seconds", type=positive_float, default=DEFAULT_SECONDS)
-    parser.add_argument("--repeat", type=positive_int, default=DEFAULT_REPEAT)
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
+    harness.add_run_arguments(parser, seconds=DEFAULT_SECONDS, repeat=DEFAULT_REPEAT)
     parser.add_argument(
         "--didcomm-python",
         type=Path,
@@ -649,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        harness.write_json(args.json, result)
         progress(f"wrote {args.json}")
     return 0
 

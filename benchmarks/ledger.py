@@ -46,7 +46,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import sqlite3
 import subprocess
@@ -55,7 +54,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +62,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harness import median, ops_per_second, positive_float, positive_int, progress  # noqa: E402
+import harness  # noqa: E402
+from harness import median, ops_per_second, positive_int, progress  # noqa: E402
 
 from policies.ledger import Ledger, LinkLimit, open_ledger  # noqa: E402
 
@@ -443,31 +442,11 @@ def ratio_row(
 
 
 def environment() -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    os_release = {}
-    with contextlib.suppress(OSError):
-        os_release = platform.freedesktop_os_release()
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "os": os_release.get("PRETTY_NAME", platform.platform()),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
+        **harness.machine(),
         "sqlite": sqlite3.sqlite_version,
-        "psycopg": version("psycopg"),
+        "psycopg": harness.version("psycopg"),
         "postgresql": None,
-        "loadavg_start": list(os.getloadavg()),
     }
 
 
@@ -548,19 +527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Janus ledger spends/s vs a raw single-statement update (SQLite, PostgreSQL)."
     )
-    parser.add_argument(
-        "--seconds",
-        type=positive_float,
-        default=DEFAULT_SECONDS,
-        help=f"duration of one measurement (default {DEFAULT_SECONDS:g})",
-    )
-    parser.add_argument(
-        "--repeat",
-        type=positive_int,
-        default=DEFAULT_REPEAT,
-        help=f"repetitions of each measurement; medians are reported (default {DEFAULT_REPEAT})",
-    )
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
+    harness.add_run_arguments(parser, seconds=DEFAULT_SECONDS, repeat=DEFAULT_REPEAT)
     parser.add_argument("--no-postgres", action="store_true", help="measure SQLite only")
     parser.add_argument(
         "--clients",
@@ -779,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(whole run: {result['wall_seconds']:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        harness.write_json(args.json, result)
         progress(f"wrote {args.json}")
     return 0
 

@@ -14,9 +14,7 @@ YubiKey takes tens of milliseconds per signature and hides all of it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import sys
 from pathlib import Path
 
@@ -38,9 +36,7 @@ DATA = b"x" * 64
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=harness.positive_float, default=1.0)
-    parser.add_argument("--repeat", type=harness.positive_int, default=5)
-    parser.add_argument("--json", metavar="OUT", help="write results as JSON here")
+    harness.add_run_arguments(parser, seconds=1.0, repeat=5)
     args = parser.parse_args()
 
     logging.disable(logging.WARNING)  # the default management key warning, once is enough
@@ -93,20 +89,17 @@ def main() -> int:
             f"{row['ratio']:>8.2f}"
         )
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "benchmark": "piv_provider",
-                    "card": "hardware/virtual_piv.py in process (yubikit InProcessConnection)",
-                    "seconds": args.seconds,
-                    "repeat": args.repeat,
-                    "python": platform.python_version(),
-                    "machine": platform.machine(),
-                    "results": results,
-                },
-                indent=1,
-            )
-            + "\n"
+        harness.write_json(
+            args.json,
+            {
+                "benchmark": "piv_provider",
+                "card": "hardware/virtual_piv.py in process (yubikit InProcessConnection)",
+                "seconds": args.seconds,
+                "repeat": args.repeat,
+                "machine": harness.machine(),
+                "yubikey_manager": harness.version("yubikey-manager"),
+                "results": results,
+            },
         )
     return 0
 

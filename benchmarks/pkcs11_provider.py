@@ -37,10 +37,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -49,7 +47,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +65,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (  # noqa: E402
     encode_dss_signature,
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
-from harness import median, positive_float, positive_int, progress  # noqa: E402
+from harness import median, progress  # noqa: E402
 from pkcs11 import KDF, Attribute, KeyType, Mechanism, ObjectClass  # noqa: E402
 from pkcs11._pkcs11 import DeriveMixin  # type: ignore[attr-defined]  # noqa: E402
 
@@ -486,32 +483,19 @@ def check_results(keys: Keys, raw: dict[str, Any], digest: bytes, message: bytes
 
 
 def environment(token: SoftHSMToken) -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
     softhsm = None
     util = shutil.which("softhsm2-util")
     if util:
         done = subprocess.run([util, "--version"], capture_output=True, text=True, check=False)
         softhsm = done.stdout.strip() or None
     lib = pkcs11.lib(os.path.realpath(token.module_path))
-    os_release = {}
-    with contextlib.suppress(OSError):
-        os_release = platform.freedesktop_os_release()
     return {
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "os": os_release.get("PRETTY_NAME", platform.platform()),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "python_pkcs11": version("python-pkcs11"),
-        "cryptography": version("cryptography"),
+        **harness.machine(),
+        "python_pkcs11": harness.version("python-pkcs11"),
+        "cryptography": harness.version("cryptography"),
         "softhsm": softhsm,
         "module": token.module_path,
         "module_library_version": "{}.{}".format(*lib.library_version),
-        "loadavg_start": list(os.getloadavg()),
     }
 
 
@@ -608,19 +592,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Janus PKCS#11 provider vs raw python-pkcs11 on a private SoftHSM2 token."
     )
-    parser.add_argument(
-        "--seconds",
-        type=positive_float,
-        default=DEFAULT_SECONDS,
-        help=f"duration of one measurement (default {DEFAULT_SECONDS:g})",
-    )
-    parser.add_argument(
-        "--repeat",
-        type=positive_int,
-        default=DEFAULT_REPEAT,
-        help=f"repetitions of each measurement; medians are reported (default {DEFAULT_REPEAT})",
-    )
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write results as JSON")
+    harness.add_run_arguments(parser, seconds=DEFAULT_SECONDS, repeat=DEFAULT_REPEAT)
     parser.add_argument(
         "--no-scaling", action="store_true", help="skip the process/thread scaling part"
     )
@@ -729,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(whole run: {result['wall_seconds']:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        harness.write_json(args.json, result)
         progress(f"wrote {args.json}")
     return 0
 
