@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Event
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -173,24 +173,32 @@ def approve_always(request: PresenceRequest) -> Presence:
     return Presence.APPROVE
 
 
-class ScriptedPresence:
+_Request = TypeVar("_Request")
+
+
+class Scripted(Generic[_Request]):
     """Answers presence requests from a script, then with a default; records every request.
 
-    Tests use it to say "deny the next touch" and then check what was asked for.
+    Tests use it to say "deny the next touch" and then check what was asked for. Shared
+    by the virtual cards: each asks with its own request type.
     """
 
     def __init__(self, *answers: Presence, default: Presence = Presence.APPROVE) -> None:
         self._answers = list(answers)
         self.default = default
-        self.requests: list[PresenceRequest] = []
+        self.requests: list[_Request] = []
 
     def push(self, *answers: Presence) -> None:
         """Queue answers for the next requests."""
         self._answers.extend(answers)
 
-    def __call__(self, request: PresenceRequest) -> Presence:
+    def __call__(self, request: _Request) -> Presence:
         self.requests.append(request)
         return self._answers.pop(0) if self._answers else self.default
+
+
+class ScriptedPresence(Scripted[PresenceRequest]):
+    """Scripted answers to this authenticator's user-presence requests."""
 
 
 # --------------------------------------------------------------------------------------

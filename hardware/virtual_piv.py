@@ -86,7 +86,7 @@ from hardware.card import (
     InProcessConnection,
     VirtualCard,
 )
-from hardware.fido2_authenticator import Presence
+from hardware.fido2_authenticator import Presence, Scripted
 from janus_hsm.atomic_file import replace_file
 
 __all__ = [
@@ -274,20 +274,8 @@ def approve_always(request: TouchRequest) -> Presence:
     return Presence.APPROVE
 
 
-class ScriptedTouch:
-    """Answers touch requests from a script, then with a default; records every request."""
-
-    def __init__(self, *answers: Presence, default: Presence = Presence.APPROVE) -> None:
-        self._answers = list(answers)
-        self.default = default
-        self.requests: list[TouchRequest] = []
-
-    def push(self, *answers: Presence) -> None:
-        self._answers.extend(answers)
-
-    def __call__(self, request: TouchRequest) -> Presence:
-        self.requests.append(request)
-        return self._answers.pop(0) if self._answers else self.default
+class ScriptedTouch(Scripted[TouchRequest]):
+    """Scripted answers to the card's touch requests (see :class:`Scripted`)."""
 
 
 # --------------------------------------------------------------------------------------
