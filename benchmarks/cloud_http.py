@@ -68,6 +68,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.cloud.process import ServerProcess, free_port  # noqa: E402
+
 DEFAULT_SECONDS = 10
 DEFAULT_CONNECTIONS = 32
 DEFAULT_REPEAT = 3
@@ -163,45 +165,13 @@ def serve_bare(port: int) -> None:
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
 
 
-class BareProcess:
+class BareProcess(ServerProcess):
     """This script run with --serve-bare PORT, as a subprocess."""
 
     def __init__(self, log_dir: Path) -> None:
-        from agent.cloud.process import free_port
-
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.log_path = log_dir / f"bare-{self.port}.log"
-        self.log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(self.port)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bare server exited: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"bare server did not start: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+        port = free_port()
+        argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
+        super().__init__(argv, port=port, log_path=log_dir / f"bare-{port}.log")
 
 
 # ----------------------------------------------------------------------- the load

@@ -19,7 +19,56 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class CloudProcess:
+class ServerProcess:
+    """An HTTP server started as a subprocess, logging to a file, ready once /healthz is 200.
+
+    Shared by the cloud agent below and the benchmarks' bare comparison server, so both
+    are started, awaited and stopped the same way.
+    """
+
+    def __init__(
+        self, argv: list[str], *, port: int, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.log = log_path.open("wb")
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        try:
+            self._wait()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.log_path.name}: the server exited: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.log_path.name}: the server did not start: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+class CloudProcess(ServerProcess):
+    """``janus cloud serve`` on 127.0.0.1, for the demo, tests and benchmarks."""
+
     def __init__(
         self,
         state_dir: Path,
@@ -30,8 +79,7 @@ class CloudProcess:
         api_token_file: Path | None = None,
     ) -> None:
         self.state_dir = state_dir
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = port or free_port()
         state_dir.mkdir(parents=True, exist_ok=True)
         passphrase = state_dir / "passphrase"
         if not passphrase.exists():
@@ -47,7 +95,7 @@ class CloudProcess:
             "--state-dir",
             str(state_dir),
             "--port",
-            str(self.port),
+            str(port),
             "--passphrase-file",
             str(passphrase),
         ]
@@ -57,32 +105,5 @@ class CloudProcess:
             args += ["--ledger", ledger]
         if api_token_file:
             args += ["--api-token-file", str(api_token_file)]
-        self.log_path = state_dir / f"server-{self.port}.log"
-        self.log = self.log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if k != "JANUS_PIN"}
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self._wait()
-
-    def _wait(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"cloud agent exited: {self.output()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError(f"cloud agent did not start: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+        super().__init__(args, port=port, log_path=state_dir / f"server-{port}.log", env=env)
