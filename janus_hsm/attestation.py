@@ -76,16 +76,23 @@ class RootSet(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class PivAttestation:
-    """What a verified YubiKey PIV attestation says about one key."""
+class SlotFacts:
+    """What the slot certificate's Yubico extensions say."""
 
-    public_key: PublicKey
     slot: str | None
     serial: int | None
     firmware: str | None
     pin_policy: str | None
     touch_policy: str | None
     form_factor: str | None
+
+
+@dataclass(frozen=True)
+class PivAttestation(SlotFacts):
+    """What a verified YubiKey PIV attestation says about one key: the slot certificate's
+    facts, now that the chain behind them holds."""
+
+    public_key: PublicKey
     #: Always true: a YubiKey only attests keys it generated itself.
     generated_on_device: bool
     #: The path that verified: slot certificate, device (f9) certificate, intermediates.
@@ -220,18 +227,6 @@ def _der_integer(data: bytes) -> int | None:
     if len(data) < 3 or data[0] != 0x02 or data[1] != len(data) - 2 or data[1] > 8:
         return None
     return int.from_bytes(data[2:], "big", signed=True)
-
-
-@dataclass(frozen=True)
-class SlotFacts:
-    """What the slot certificate's Yubico extensions say."""
-
-    slot: str | None
-    serial: int | None
-    firmware: str | None
-    pin_policy: str | None
-    touch_policy: str | None
-    form_factor: str | None
 
 
 def slot_facts(cert: x509.Certificate) -> SlotFacts:
@@ -409,13 +404,8 @@ def verify_piv_attestation(
         )
     facts = slot_facts(leaf)
     return PivAttestation(
+        **vars(facts),
         public_key=public_key,  # type: ignore[arg-type]
-        slot=facts.slot,
-        serial=facts.serial,
-        firmware=facts.firmware,
-        pin_policy=facts.pin_policy,
-        touch_policy=facts.touch_policy,
-        form_factor=facts.form_factor,
         generated_on_device=True,
         path=path,
         root=anchor,
