@@ -247,7 +247,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
 
 def _check_rewrap_pins(current: list[Any], add: list[Any]) -> None:
     """Rewrapping opens the key with one enrolled security key and asks each added one:
-    refuse JANUS_FIDO2_PIN when that is more than one key needing the PIN (M2)."""
+    refuse JANUS_FIDO2_PIN when that is more than one key needing the PIN (a wrong PIN
+    burns the other key's retries)."""
     from janus_hsm.fido2.keystore import Fido2HmacSecret, keystore_pin_source
 
     checker = Fido2HmacSecret((), pin=keystore_pin_source())

@@ -85,7 +85,7 @@ PAYMENTS = f"""
 """
 
 
-# --- the example from the brief, and each kind of refusal naming its rule -----------
+# --- the documented example, and each kind of refusal naming its rule ---------------
 
 
 def test_allowed_request_returns_the_rule_and_its_requirements() -> None:

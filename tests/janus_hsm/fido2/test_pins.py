@@ -1,4 +1,4 @@
-"""Per-device FIDO2 PINs (review findings M2, L7): one PIN never goes to two keys."""
+"""Per-device FIDO2 PINs: one PIN never goes to two keys, and errors name the right variable."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Findings of the FIDO2 security review (M2, M3, L5, L6, L8), through the CLI.
+"""FIDO2 safeguards through the CLI: a PIN per security key, the test-only device fence,
+what an approver is shown, locked registry writes, the warning on removing a credential.
 
 Same software authenticators as tests/agent/test_cli_fido2.py (the ``cli`` fixture).
 """
@@ -69,7 +70,7 @@ def terminal(cli: Cli, answers: dict[str, str]) -> list[str]:
     return prompts
 
 
-# ------------------------------------------------------------------ M2: one PIN per key
+# ------------------------------------------------------------------ one PIN per key
 
 
 def sealed_pair(cli: Cli) -> tuple[str, tuple[str, ...]]:
@@ -149,7 +150,7 @@ def test_one_environment_pin_for_two_approvers_is_refused_before_any_touch(cli: 
     cli.ok(*grant)  # on a terminal each approver's key is asked for its own PIN
 
 
-# ------------------------------------------------------------------ M3: the test-only device
+# ------------------------------------------------------------------ the test-only device
 
 
 def test_the_software_authenticator_needs_the_testing_flag(cli: Cli) -> None:
@@ -181,7 +182,7 @@ def test_in_process_devices_cannot_register_or_approve_outside_tests(cli: Cli) -
     assert not out.exists()
 
 
-# ------------------------------------------------------------------ L5: what is approved
+# ------------------------------------------------------------------ what is approved
 
 
 def test_approve_shows_every_signed_claim(cli: Cli) -> None:
@@ -208,7 +209,7 @@ def test_approve_refuses_odd_claim_types_without_a_crash(cli: Cli) -> None:
     assert "\x1b" not in out["error"]["message"]
 
 
-# ------------------------------------------------------------------ L6: concurrent writers
+# ------------------------------------------------------------------ concurrent writers
 
 
 @pytest.mark.parametrize(
@@ -244,7 +245,7 @@ def test_an_oversized_approver_registry_is_refused(tmp_path: Path) -> None:
         ApproverSet.load(path)
 
 
-# ------------------------------------------------------------------ L8: removal warns
+# ------------------------------------------------------------------ removal warns
 
 
 def test_removing_a_keystore_credential_warns_that_sealed_keys_still_open(cli: Cli) -> None:
