@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli.output import (
     CommandError,
@@ -33,7 +33,6 @@ from agent.cli.output import (
     write_output,
 )
 from janus_hsm.backends.software.keyfile import HmacSecretRecipient
-from janus_hsm.fido2.authenticator import Authenticator, origin_for
 from janus_hsm.fido2.devices import (
     Fido2Device,
     list_devices,
@@ -41,9 +40,13 @@ from janus_hsm.fido2.devices import (
     select_device,
 )
 from janus_hsm.fido2.errors import Fido2Error, NoDeviceError, UnknownCredentialError
-from janus_hsm.fido2.keystore import KEYSTORE_RP_ID
 from janus_hsm.fido2.pins import DevicePins, device_identity
-from janus_hsm.fido2.registry import CredentialRegistry, KeystoreCredential, default_directory
+from janus_hsm.fido2.registry import (
+    KEYSTORE_RP_ID,
+    CredentialRegistry,
+    KeystoreCredential,
+    default_directory,
+)
 from janus_hsm.public_keys import b64url_encode
 from policies.approval_requests import ApprovalRequest, approval_file, load_approval_file
 from policies.approvals import (
@@ -74,6 +77,23 @@ class DeclaredApprovalError(CommandError):
     """``--satisfied approval``: a caller cannot declare approvals it does not have."""
 
     code = "approval_not_declarable"
+
+
+if TYPE_CHECKING:
+    from janus_hsm.fido2.authenticator import Authenticator
+
+
+def _open_authenticator(device: Fido2Device, **options: Any) -> Authenticator:
+    # Imported on use: python-fido2's client adds ~0.15 s to every `janus` command.
+    from janus_hsm.fido2.authenticator import Authenticator
+
+    return Authenticator(device, **options)
+
+
+def _origin_for(rp_id: str) -> str:
+    from janus_hsm.fido2.authenticator import origin_for
+
+    return origin_for(rp_id)
 
 
 def registry_dir(args: argparse.Namespace) -> Path:
@@ -130,7 +150,7 @@ def _say(message: str) -> None:
 def _authenticator(args: argparse.Namespace, doing: str) -> Authenticator:
     chosen = select_device(list_devices(), getattr(args, "device", None))
     require_real_device(chosen, doing)
-    return Authenticator(chosen, pin=_pin(args), on_touch=_say)
+    return _open_authenticator(chosen, pin=_pin(args), on_touch=_say)
 
 
 # ------------------------------------------------------------------ janus fido2 list
@@ -162,7 +182,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     devices = []
     for device in list_devices():
         try:
-            auth = Authenticator(device)
+            auth = _open_authenticator(device)
             info = auth.describe()
             # Which registered credentials this key holds: an up=false pre-flight, no touch.
             info["holds"] = [
@@ -316,7 +336,7 @@ def approvals_from_devices(
         candidates = [a for a in approvers if a.rp_id == rp_id and a.id not in done]
         if not candidates:
             break
-        auth = Authenticator(device, pin=pin, on_touch=_say)
+        auth = _open_authenticator(device, pin=pin, on_touch=_say)
         held = auth.holds(rp_id, [a.credential_id for a in candidates])
         if held is None:
             continue
@@ -358,7 +378,7 @@ def _approving_devices(
         candidates = [a for a in approvers if a.rp_id == rp_id and a.id not in done]
         if not candidates:
             break
-        held = Authenticator(device).holds(rp_id, [a.credential_id for a in candidates])
+        held = _open_authenticator(device).holds(rp_id, [a.credential_id for a in candidates])
         if held is None:
             continue
         done.add(next(a.id for a in candidates if a.credential_id == held))
@@ -379,7 +399,7 @@ def grant_approvals(
     """The approval arguments of :func:`policies.issue.grant` for a draft that needs them."""
     required = draft.decision.approvals
     rp_id = request.rp_id if request else args.approval_rp_id
-    origin = request.origin if request else origin_for(rp_id)
+    origin = request.origin if request else _origin_for(rp_id)
     approvers = _load_approvers(approvers_path(args))
     approvals = [
         load_approval_file(read_input(name), name, challenge=draft.challenge)
@@ -420,7 +440,7 @@ def write_request(args: argparse.Namespace, draft: GrantDraft) -> int:
     request = ApprovalRequest.create(
         draft.claims,
         rp_id=rp_id,
-        origin=origin_for(rp_id),
+        origin=_origin_for(rp_id),
         required=draft.decision.approvals,
         rule=draft.decision.rule,
         approvers=_load_approvers(approvers_path(args)),

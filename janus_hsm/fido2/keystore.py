@@ -16,13 +16,10 @@ from janus_hsm.fido2.authenticator import Authenticator
 from janus_hsm.fido2.devices import Fido2Device, list_devices
 from janus_hsm.fido2.errors import NoDeviceError, UnknownCredentialError
 from janus_hsm.fido2.pins import FIDO2_PIN_ENV, DevicePins, device_identity
+from janus_hsm.fido2.registry import KEYSTORE_RP_ID
 from janus_hsm.pin import PinSource
 
 log = logging.getLogger(__name__)
-
-#: The default RP ID of keystore credentials.  A reserved name (RFC 2606 ``.invalid``)
-#: no website can own, so no web page can ever ask a browser for these credentials.
-KEYSTORE_RP_ID = "keystore.janus.invalid"
 
 
 class Fido2HmacSecret:

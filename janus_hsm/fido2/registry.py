@@ -27,6 +27,11 @@ _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _AAGUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+#: The default RP ID of keystore credentials.  A reserved name (RFC 2606 ``.invalid``)
+#: no website can own, so no web page can ever ask a browser for these credentials.
+KEYSTORE_RP_ID = "keystore.janus.invalid"
+
+
 def default_directory() -> Path:
     """Where ``janus fido2`` keeps its registries: the user's data dir, like the keystore."""
     import platformdirs
