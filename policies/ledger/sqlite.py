@@ -7,7 +7,7 @@ the WAL; ``NORMAL`` is ~15x faster here but can lose the last commits on power l
 see docs/ledger.md), and ``BEGIN IMMEDIATE`` transactions, which take SQLite's single
 write lock before reading, so two processes can never both see "one use left".  The
 fsync is the cost of a spend, so concurrent spends of one process share commits
-(group commit, each spend in its own savepoint).
+(group commit: the spends of a commit are decided together, in order).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from policies.errors import FormatError, LedgerError, PolicyError, ReplayError, 
 from policies.ledger._common import (
     AUDIT_PAGE,
     LinkRow,
+    LinkUpdate,
     audit_prefix,
     check_spend_args,
     decide_spend,
@@ -80,17 +81,35 @@ CREATE TABLE IF NOT EXISTS janus_audit (
 
 _READ_HEAD = "SELECT seq, hash FROM janus_audit ORDER BY seq DESC LIMIT 1"
 
-# Per link of a JSON array of cap_ids, in array order: its row (NULLs if it has none),
-# whether it is revoked, and the audit head (the same on every row).
-_READ_CHAIN = """
-SELECT j.key, l.uses, l.rate_window, l.rate_count, r.cap_id IS NOT NULL,
-       h.seq, h.hash
-FROM json_each(?) AS j
-LEFT JOIN janus_links AS l ON l.cap_id = j.value
-LEFT JOIN janus_revocations AS r ON r.cap_id = j.value
-LEFT JOIN (SELECT seq, hash FROM janus_audit ORDER BY seq DESC LIMIT 1) AS h
-ORDER BY j.key
+# Everything a group of spends needs to decide, in one statement: the row of every link
+# named (kind 0), which of them are revoked (1), which nonces are taken (2), and the
+# audit head (3).  Bound as two JSON arrays (cap_ids, nonces): no SQL is built from data.
+_READ_GROUP = """
+SELECT 0, cap_id, uses, rate_window, rate_count FROM janus_links
+ WHERE cap_id IN (SELECT value FROM json_each(?1))
+UNION ALL
+SELECT 1, cap_id, NULL, NULL, NULL FROM janus_revocations
+ WHERE cap_id IN (SELECT value FROM json_each(?1))
+UNION ALL
+SELECT 2, nonce, NULL, NULL, NULL FROM janus_nonces
+ WHERE nonce IN (SELECT value FROM json_each(?2))
+UNION ALL
+SELECT 3, hash, seq, NULL, NULL
+ FROM (SELECT seq, hash FROM janus_audit ORDER BY seq DESC LIMIT 1)
 """
+_LINK, _REVOKED, _TAKEN, _HEAD = range(4)
+
+# A group's writes are one multi-row INSERT per table (one statement, where executemany
+# would be one step, and one interpreter-lock round trip, per row).  The statements
+# differ only in their number of rows, so they are built from counts, never from data.
+_ROWS_PER_INSERT = 64
+_INSERT_NONCES = "INSERT INTO janus_nonces (nonce, expires_at) VALUES "
+_UPSERT_LINKS = (
+    "INSERT INTO janus_links (cap_id, uses, rate_window, rate_count) VALUES ",
+    " ON CONFLICT (cap_id) DO UPDATE SET uses = excluded.uses,"
+    " rate_window = excluded.rate_window, rate_count = excluded.rate_count",
+)
+_INSERT_AUDIT = "INSERT INTO janus_audit (seq, at, kind, cap_id, data, prev, hash) VALUES "
 
 _SELECT_REVOKED = (
     "SELECT cap_id FROM janus_revocations WHERE cap_id IN (SELECT value FROM json_each(?))"
@@ -123,13 +142,40 @@ def _create_private(path: Path) -> None:
 
 
 @dataclass(eq=False)
-class _Work:
-    """One caller's write, waiting for (or done in) a group-commit batch."""
+class _Spend:
+    """One spend's arguments, checked and serialised before its transaction."""
 
-    fn: Callable[[sqlite3.Connection], Any]
+    limits: Sequence[LinkLimit]
+    ids: list[str]
+    nonce: str
+    nonce_expires_at: float
+    at: float
+    data: str  # the audit data's canonical text
+    prefix: str  # audit_prefix of its audit entry (the hash needs only prev and seq)
+
+
+@dataclass(eq=False)
+class _Work:
+    """One caller's write, waiting for (or done in) a group-commit batch.
+
+    Either a spend (decided together with the spends queued next to it) or any other
+    transaction body ``fn``.
+    """
+
+    fn: Callable[[sqlite3.Connection], Any] | None = None
+    spend: _Spend | None = None
     done: bool = False
     value: Any = None
     error: BaseException | None = None
+
+
+def _insert_rows(
+    c: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]], tail: str = ""
+) -> None:
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        values = "(" + ",".join("?" * len(chunk[0])) + ")"
+        c.execute(head + ",".join([values] * len(chunk)) + tail, [v for r in chunk for v in r])
 
 
 class SqliteLedger(Ledger):
@@ -138,7 +184,7 @@ class SqliteLedger(Ledger):
     Writes use group commit.  SQLite has one writer at a time and a durable commit
     costs an fsync, so writes that arrive while a commit is under way are queued, and
     the next thread runs all of them (up to ``max_batch``) in one ``BEGIN IMMEDIATE``
-    transaction: each in its own SAVEPOINT, so a refused spend is rolled back alone,
+    transaction, where a refused spend writes nothing and the others still count,
     then one COMMIT.  Every caller is answered only after that COMMIT is on disk.  A
     single-threaded caller gets one transaction per spend, as without batching;
     several threads get many spends per fsync (see docs/ledger.md).
@@ -192,6 +238,8 @@ class SqliteLedger(Ledger):
                 timeout=busy_timeout,
                 isolation_level=None,  # BEGIN / COMMIT are issued here, explicitly
                 check_same_thread=False,  # each connection is used under a lock
+                # A group's inserts have 1.._ROWS_PER_INSERT rows: keep them all prepared.
+                cached_statements=4 * _ROWS_PER_INSERT + 64,
             )
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             # FULL: the WAL is fsynced at every commit, so a reported use survives a
@@ -231,7 +279,7 @@ class SqliteLedger(Ledger):
         ``fn`` may raise a PolicyError (a refusal): only its own savepoint is rolled
         back.  Returns once the batch's COMMIT is durable.
         """
-        work = _Work(fn)
+        work = _Work(fn=fn)
         self._submit([work])
         if work.error is not None:
             raise work.error
@@ -267,32 +315,39 @@ class SqliteLedger(Ledger):
                     self._cond.notify_all()
 
     def _run_batch(self, batch: list[_Work]) -> None:
-        """BEGIN IMMEDIATE; a savepoint per write; COMMIT.  Marks every item done.
+        """BEGIN IMMEDIATE; the batch's writes in order; COMMIT.  Marks every item done.
 
         IMMEDIATE takes SQLite's write lock before the first read, so checks and
-        writes see the same state: no other process can spend in between.  If the
-        transaction itself fails, every item of the batch gets the LedgerError, refused
-        ones too (their refusal may have counted an earlier item's use).
+        writes see the same state: no other process can spend in between.  Spends
+        queued next to each other are decided together (_spend_group): one read, the
+        decisions in order, one insert per table; a refused spend writes nothing.
+        Other writes run each in a SAVEPOINT, so a refused one is rolled back alone.
+        If the transaction itself fails, every item of the batch gets the
+        LedgerError, refused ones too (their refusal may have counted an earlier
+        item's use).
         """
         conn = self._writer
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if len(batch) == 1:  # alone: a refusal rolls back the whole transaction
+            start = 0
+            while start < len(batch):
+                end = start
+                while end < len(batch) and batch[end].spend is not None:
+                    end += 1
+                if end > start:
+                    self._spend_group(conn, batch[start:end])
+                    start = end
+                    continue
+                work = batch[start]
+                start += 1
+                assert work.fn is not None
+                conn.execute("SAVEPOINT janus_write")
                 try:
-                    batch[0].value = batch[0].fn(conn)
+                    work.value = work.fn(conn)
                 except PolicyError as refusal:
-                    conn.execute("ROLLBACK")
-                    batch[0].error = refusal
-                    return
-            else:
-                for work in batch:
-                    conn.execute("SAVEPOINT janus_write")
-                    try:
-                        work.value = work.fn(conn)
-                    except PolicyError as refusal:
-                        conn.execute("ROLLBACK TO janus_write")
-                        work.error = refusal
-                    conn.execute("RELEASE janus_write")
+                    conn.execute("ROLLBACK TO janus_write")
+                    work.error = refusal
+                conn.execute("RELEASE janus_write")
             conn.execute("COMMIT")
             self.commits += 1
         except BaseException as exc:
@@ -311,6 +366,67 @@ class SqliteLedger(Ledger):
         finally:
             for work in batch:
                 work.done = True
+
+    @staticmethod
+    def _spend_group(c: sqlite3.Connection, works: Sequence[_Work]) -> None:
+        """Decide consecutive spends in order, as one each would, with one read.
+
+        Each spend sees the ones before it (their nonces, counts and audit entries),
+        exactly as separate transactions in this order would; a refused spend changes
+        nothing.  The write lock is held (BEGIN IMMEDIATE), so what was read stays
+        true until COMMIT.
+        """
+        spends = [w.spend for w in works if w.spend is not None]
+        ids = list(dict.fromkeys(cap_id for s in spends for cap_id in s.ids))
+        nonces = [s.nonce for s in spends]
+        rows: dict[str, LinkRow] = {}
+        revoked: set[str] = set()
+        taken: set[str] = set()
+        head: tuple[int, str] | None = None
+        for kind, key, a, b, d in c.execute(_READ_GROUP, (json.dumps(ids), json.dumps(nonces))):
+            if kind == _LINK:
+                rows[key] = LinkRow(int(a), None if b is None else int(b), int(d))
+            elif kind == _REVOKED:
+                revoked.add(key)
+            elif kind == _TAKEN:
+                taken.add(key)
+            else:
+                head = (int(a), str(key))
+        changed: dict[str, LinkUpdate] = {}
+        new_nonces: list[tuple[str, float]] = []
+        entries: list[tuple[int, float, str, str, str, str, str]] = []
+        for work, spend in zip(works, spends, strict=True):
+            try:
+                # In the order of a single spend: replay, then revocation, then limits.
+                if spend.nonce in taken:
+                    raise ReplayError(f"nonce {spend.nonce!r} was used before")
+                for i, cap_id in enumerate(spend.ids):
+                    if cap_id in revoked:
+                        raise RevokedError(f"capability {cap_id} is revoked", link=i)
+                updates = decide_spend(spend.limits, rows, spend.at)
+            except PolicyError as refusal:
+                work.error = refusal
+                continue
+            taken.add(spend.nonce)
+            new_nonces.append((spend.nonce, spend.nonce_expires_at))
+            for update in updates:
+                rows[update.cap_id] = LinkRow(update.uses, update.rate_window, update.rate_count)
+                changed[update.cap_id] = update
+            seq, prev = (1, GENESIS) if head is None else (head[0] + 1, head[1])
+            digest = entry_hash(spend.prefix, prev, seq)
+            entries.append((seq, spend.at, "use", spend.ids[-1], spend.data, prev, digest))
+            head = (seq, digest)
+            work.value = SpendReceipt(uses={u.cap_id: u.uses for u in updates}, audit_seq=seq)
+        if not entries:
+            return
+        _insert_rows(c, _INSERT_NONCES, new_nonces)
+        _insert_rows(
+            c,
+            _UPSERT_LINKS[0],
+            [(u.cap_id, u.uses, u.rate_window, u.rate_count) for u in changed.values()],
+            _UPSERT_LINKS[1],
+        )
+        _insert_rows(c, _INSERT_AUDIT, entries)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -360,9 +476,11 @@ class SqliteLedger(Ledger):
         now: float,
         audit: Mapping[str, Any] | None = None,
     ) -> SpendReceipt:
-        return self._write(
-            self._spend_fn(SpendRequest(limits, nonce, nonce_expires_at, now, audit))
-        )
+        work = _Work(spend=self._prepare(SpendRequest(limits, nonce, nonce_expires_at, now, audit)))
+        self._submit([work])
+        if work.error is not None:
+            raise work.error
+        return cast(SpendReceipt, work.value)
 
     def spend_many(self, requests: Sequence[SpendRequest]) -> list[SpendReceipt | Exception]:
         """Queue every spend at once: they share commits (one, up to ``max_batch``)."""
@@ -370,7 +488,7 @@ class SqliteLedger(Ledger):
         works: list[tuple[int, _Work]] = []
         for i, request in enumerate(requests):
             try:
-                works.append((i, _Work(self._spend_fn(request))))
+                works.append((i, _Work(spend=self._prepare(request))))
             except Exception as exc:  # malformed arguments: refused before any I/O
                 results[i] = exc
         if works:
@@ -382,49 +500,22 @@ class SqliteLedger(Ledger):
             results[i] = error if error is not None else work.value
         return [r for r in results if r is not None]
 
-    def _spend_fn(self, request: SpendRequest) -> Callable[[sqlite3.Connection], SpendReceipt]:
-        """Check the arguments now; return the transaction body that spends."""
-        limits, nonce, now = request.limits, request.nonce, request.now
-        nonce_expires_at = request.nonce_expires_at
-        check_spend_args(limits, nonce, now)
+    @staticmethod
+    def _prepare(request: SpendRequest) -> _Spend:
+        """Check a spend's arguments and serialise its audit entry, before any I/O."""
+        check_spend_args(request.limits, request.nonce, request.now)
         data = normalise_data(request.audit)
-        ids = [link.cap_id for link in limits]
-        id_list = json.dumps(ids)  # bound as one parameter: no SQL is built from data
-
-        def run(c: sqlite3.Connection) -> SpendReceipt:
-            # The nonce goes in first: if it is taken, this is a replay (and every
-            # refusal below rolls the insert back).
-            inserted = c.execute(
-                "INSERT INTO janus_nonces (nonce, expires_at) VALUES (?, ?)"
-                " ON CONFLICT (nonce) DO NOTHING",
-                (nonce, float(nonce_expires_at)),
-            ).rowcount
-            if inserted != 1:
-                raise ReplayError(f"nonce {nonce!r} was used before")
-            # One read for everything the decision needs: per link (in chain order)
-            # its row, whether it is revoked, and the audit head.
-            found = c.execute(_READ_CHAIN, (id_list,)).fetchall()
-            for i, row in enumerate(found):
-                if row[4]:
-                    raise RevokedError(f"capability {ids[i]} is revoked", link=i)
-            rows = {
-                ids[i]: LinkRow(int(r[1]), None if r[2] is None else int(r[2]), int(r[3]))
-                for i, r in enumerate(found)
-                if r[1] is not None
-            }
-            updates = decide_spend(limits, rows, now)
-            c.executemany(
-                "INSERT INTO janus_links (cap_id, uses, rate_window, rate_count)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (cap_id) DO UPDATE SET"
-                " uses = excluded.uses, rate_window = excluded.rate_window,"
-                " rate_count = excluded.rate_count",
-                [(u.cap_id, u.uses, u.rate_window, u.rate_count) for u in updates],
-            )
-            head = None if found[0][5] is None else (int(found[0][5]), str(found[0][6]))
-            seq = self._append(c, now, "use", ids[-1], data, head=head)
-            return SpendReceipt(uses={u.cap_id: u.uses for u in updates}, audit_seq=seq)
-
-        return run
+        ids = [link.cap_id for link in request.limits]
+        at = float(request.now)
+        return _Spend(
+            limits=request.limits,
+            ids=ids,
+            nonce=request.nonce,
+            nonce_expires_at=float(request.nonce_expires_at),
+            at=at,
+            data=data,
+            prefix=audit_prefix(at, "use", ids[-1], data),
+        )
 
     def uses(self, cap_id: str) -> int:
         with self._reading() as c:

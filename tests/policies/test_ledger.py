@@ -22,12 +22,14 @@ from policies.errors import (
     FormatError,
     LedgerError,
     LimitExceededError,
+    PolicyError,
     RateLimitedError,
     ReplayError,
     RevokedError,
 )
 from policies.ledger import GENESIS, AuditEntry, Ledger, LinkLimit, Rate, open_ledger
 from policies.ledger._common import audit_prefix, entry_hash, normalise_data, redact_dsn
+from policies.ledger.base import SpendReceipt, SpendRequest
 from policies.ledger.sqlite import SqliteLedger
 from tests.policies.conftest import LedgerDb
 
@@ -425,6 +427,104 @@ def test_sqlite_threads_share_commits(tmp_path: Path) -> None:
         assert ledger.uses("root") == 150
         assert ledger.verify_audit() == 150
         assert ledger.commits - before < 8 * 25  # batches formed
+    finally:
+        ledger.close()
+
+
+def _mixed_spends() -> list[SpendRequest]:
+    """Spends whose outcomes depend on the ones before them in the same batch."""
+    shared = LinkLimit("root", uses=6)
+    rated = LinkLimit("rated", rate=Rate(1, 60))
+    requests = []
+    for i in range(10):
+        leaf = LinkLimit(f"leaf-{i % 3}", uses=2)
+        requests.append(
+            SpendRequest(
+                [shared, rated, leaf] if i % 4 == 0 else [shared, leaf],
+                nonce=f"n-{i % 7}",  # 7, 8 and 9 replay 0, 1 and 2
+                nonce_expires_at=NOW + 300,
+                now=NOW + i / 10,
+                audit={"i": str(i)},
+            )
+        )
+    requests.append(SpendRequest([LinkLimit("revoked")], "n-r", NOW + 300, NOW))
+    return requests
+
+
+def _outcome(result: SpendReceipt | Exception) -> object:
+    if isinstance(result, Exception):
+        return type(result).__name__, getattr(result, "link", None)
+    return result.uses
+
+
+def test_a_batch_decides_as_spends_one_at_a_time(tmp_path: Path) -> None:
+    """spend_many (one transaction, decided together) == the same spends one by one."""
+    batched, single = (SqliteLedger(tmp_path / f"{name}.db") for name in ("batched", "single"))
+    try:
+        for ledger in (batched, single):
+            ledger.revoke("revoked", record="r", data={})
+        before = batched.commits
+        together = batched.spend_many(_mixed_spends())
+        assert batched.commits == before + 1
+        apart: list[SpendReceipt | Exception] = []
+        for request in _mixed_spends():
+            try:
+                apart.append(single.spend_one(request))
+            except PolicyError as exc:
+                apart.append(exc)
+        outcomes = [_outcome(r) for r in together]
+        assert outcomes == [_outcome(r) for r in apart]
+        kinds = {o[0] for o in outcomes if isinstance(o, tuple)}
+        assert kinds == {"ReplayError", "LimitExceededError", "RateLimitedError", "RevokedError"}
+
+        def uses_logged(ledger: SqliteLedger) -> list[tuple[Any, ...]]:
+            # (the revocation entries differ: they carry the time they were made)
+            return [
+                (e.seq, e.at, e.cap_id, e.data) for e in ledger.audit_entries() if e.kind == "use"
+            ]
+
+        assert uses_logged(batched) == uses_logged(single)
+        assert batched.verify_audit() == single.verify_audit() > 2
+        for cap_id in ("root", "rated", "leaf-0", "leaf-1", "leaf-2"):
+            assert batched.uses(cap_id) == single.uses(cap_id)
+    finally:
+        batched.close()
+        single.close()
+
+
+def test_a_write_between_spends_of_a_batch_is_seen_by_the_later_ones(tmp_path: Path) -> None:
+    """Spends queued after a revocation in the same batch are decided after it."""
+    from policies.ledger import sqlite
+
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        limits = [LinkLimit("root"), LinkLimit("leaf", uses=10)]
+
+        def revoke_root(c: Any) -> bool:
+            c.execute(
+                "INSERT INTO janus_revocations (cap_id, record, revoked_at) VALUES (?, ?, ?)",
+                ("root", "r", NOW),
+            )
+            return True
+
+        works = [
+            sqlite._Work(spend=ledger._prepare(SpendRequest(limits, f"n{i}", NOW + 60, NOW)))
+            for i in range(2)
+        ]
+        works.append(sqlite._Work(fn=revoke_root))
+        works += [
+            sqlite._Work(spend=ledger._prepare(SpendRequest(limits, f"m{i}", NOW + 60, NOW)))
+            for i in range(2)
+        ]
+        ledger._submit(works)
+        assert [type(w.error).__name__ if w.error else "ok" for w in works] == [
+            "ok",
+            "ok",
+            "ok",
+            "RevokedError",
+            "RevokedError",
+        ]
+        assert ledger.uses("leaf") == 2 and ledger.verify_audit() == 2
     finally:
         ledger.close()
 
