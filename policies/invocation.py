@@ -17,6 +17,7 @@ from typing import Any
 
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import b64url_encode
+from policies.caveats import check_request
 from policies.errors import FormatError, VerificationError
 from policies.jws import ParsedJws, canonical_json, parse_compact, sha256_b64, sign_jws
 
@@ -29,6 +30,20 @@ _OPTIONAL = {"aud"}
 def request_digest(request: Mapping[str, Any]) -> str:
     """SHA-256 (base64url) of the request's canonical JSON."""
     return sha256_b64(canonical_json(dict(request)))
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """The request an invocation was signed for here: checked once, serialised once.
+
+    ``value`` is ``check_request``'s private copy (nobody else holds it, so it cannot
+    change after the check) and ``canonical`` its canonical JSON, whose SHA-256 is the
+    invocation's ``dig``: the verifier, the ledger and the evidence signature all use
+    these instead of checking and serialising the request again.
+    """
+
+    value: Mapping[str, Any]
+    canonical: bytes
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,10 @@ class Invocation:
     # argument (init=False) and dataclasses.replace resets it, so only invoke_local
     # can set it.
     signed_locally: bool = field(default=False, init=False, repr=False, compare=False)
+    # Set with signed_locally: the request as invoke_local checked and digested it.
+    signed_request: SignedRequest | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def compact(self) -> str:
@@ -117,7 +136,8 @@ def invoke(
     it refuses invocations meant for someone else, so one cannot be replayed across
     verifiers that share no ledger.
     """
-    payload = _claims(holder, capability_id, action, resource, request, now, lifetime, audience)
+    digest = request_digest(request)
+    payload = _claims(holder, capability_id, action, resource, digest, now, lifetime, audience)
     return sign_jws(holder, {"typ": INVOCATION_TYP}, payload).compact
 
 
@@ -140,8 +160,18 @@ def invoke_local(
     get the same checks as in ``Invocation.parse``, and everything else (holder,
     capability, audience, time, request digest, caveats) is still checked by the
     verifier.  The compact form, for evidence and other verifiers, is ``.compact``.
+
+    The request is checked here, as the verifier would (the same refusal), and kept
+    with its canonical form in ``signed_request``: pass ``signed_request.value`` on
+    as the request, and it is not checked or serialised again.
     """
-    payload = _claims(holder, capability_id, action, resource, request, now, lifetime, audience)
+    try:
+        checked = check_request(request)
+    except FormatError as exc:
+        raise VerificationError(f"request refused: {exc}") from None
+    signed = SignedRequest(checked, canonical_json(dict(checked)))
+    digest = sha256_b64(signed.canonical)
+    payload = _claims(holder, capability_id, action, resource, digest, now, lifetime, audience)
     _check_claims(payload)  # as Invocation.parse would: the same refusals either way
     jws = sign_jws(holder, {"typ": INVOCATION_TYP}, payload)
     invocation = Invocation(
@@ -157,6 +187,7 @@ def invoke_local(
         audience=audience,
     )
     object.__setattr__(invocation, "signed_locally", True)  # frozen; see the field
+    object.__setattr__(invocation, "signed_request", signed)
     return invocation
 
 
@@ -165,7 +196,7 @@ def _claims(
     capability_id: str,
     action: str,
     resource: str,
-    request: Mapping[str, Any],
+    digest: str,
     now: int,
     lifetime: int,
     audience: str | None,
@@ -177,7 +208,7 @@ def _claims(
         "cap": capability_id,
         "can": action,
         "with": resource,
-        "dig": request_digest(request),
+        "dig": digest,
         "nonce": b64url_encode(os.urandom(18)),
         "iat": now,
         "exp": now + lifetime,

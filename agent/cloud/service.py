@@ -252,8 +252,8 @@ class CloudAgent:
         now = time.time() if now is None else now
         with self._in_flight(grant_id) as flight:
             grant_ = self._active(grant_id)
-            invocation = self._own_invocation(grant_, action, resource, request, now=now)
-            return self._perform(grant_, grant_.bundle, invocation, request, flight, now=now)
+            invocation, checked = self._own_invocation(grant_, action, resource, request, now=now)
+            return self._perform(grant_, grant_.bundle, invocation, checked, flight, now=now)
 
     async def act_async(
         self,
@@ -281,14 +281,14 @@ class CloudAgent:
             grant_ = self._cached(grant_id)
             if grant_ is None:
                 grant_ = await asyncio.to_thread(self._active, grant_id)
-            invocation = self._own_invocation(grant_, action, resource, request, now=now)
+            invocation, checked = self._own_invocation(grant_, action, resource, request, now=now)
             try:
                 used = await authorize_async(
                     self.verifier,
                     spender,
                     grant_.bundle,
                     invocation,
-                    request,
+                    checked,
                     now=now,
                     root=self.config.owner,
                     audience=self.did,
@@ -309,14 +309,16 @@ class CloudAgent:
         request: Mapping[str, Any],
         *,
         now: float,
-    ) -> Invocation:
-        """An invocation signed here with the grant's key, addressed to this agent.
+    ) -> tuple[Invocation, Mapping[str, Any]]:
+        """An invocation signed here with the grant's key, addressed to this agent,
+        and the request as it was checked for it (what the action must then use).
 
         Made by invoke_local, so the verifier skips re-checking the signature just
-        made; invocations from outside (invoke_external) are text and fully checked.
+        made and the request just checked; invocations from outside
+        (invoke_external) are text and fully checked.
         """
         try:
-            return invoke_local(
+            invocation = invoke_local(
                 grant_.handle,
                 capability_id=grant_.bundle.leaf.id,
                 action=action,
@@ -330,6 +332,8 @@ class CloudAgent:
             # after this request found it in the cache: nothing was spent, so say so.
             self._forget(grant_.record.grant_id)
             raise GrantInactiveError(f"grant {grant_.record.grant_id}'s key is gone") from None
+        assert invocation.signed_request is not None  # invoke_local always sets it
+        return invocation, invocation.signed_request.value
 
     def invoke_external(
         self,
@@ -388,9 +392,7 @@ class CloudAgent:
         action = inv.action
         if action.startswith("sign/"):
             bundle_json = grant_.bundle_json if bundle is grant_.bundle else None
-            result = self._sign(
-                handle, bundle, bundle_json, inv.compact, used.authorization.request
-            )
+            result = self._sign(handle, bundle, bundle_json, inv, used.authorization.request)
         elif action == "msg/receive":
             result = self._hold(used.authorization.chain.principal, used.authorization.request)
         elif action == "msg/send":
@@ -419,10 +421,14 @@ class CloudAgent:
         handle: KeyHandle,
         bundle: Bundle,
         bundle_json: Any,
-        invocation: str,
+        invocation: Invocation,
         payload: Mapping[str, Any],
     ) -> dict[str, Any]:
-        signature = handle.sign(canonical_json(dict(payload)))
+        signed = invocation.signed_request
+        if signed is not None and payload is signed.value:  # serialised once, when signed
+            signature = handle.sign(signed.canonical)
+        else:
+            signature = handle.sign(canonical_json(dict(payload)))
         return {
             "evidence": {
                 "typ": "janus-evidence/1",
@@ -430,7 +436,7 @@ class CloudAgent:
                 "signer": handle.did,
                 "alg": handle.algorithm.value,
                 "signature": b64url_encode(signature),
-                "invocation": invocation,
+                "invocation": invocation.compact,
                 "bundle": bundle_json if bundle_json is not None else json.loads(bundle.to_json()),
             }
         }

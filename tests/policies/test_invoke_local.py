@@ -21,8 +21,9 @@ from policies.errors import (
     SignatureInvalidError,
     VerificationError,
 )
-from policies.invocation import Invocation, invoke_local
+from policies.invocation import Invocation, invoke_local, request_digest
 from policies.issue import grant
+from policies.jws import sha256_b64
 from policies.verify import Verifier
 from tests.policies.keys import software_keys
 
@@ -116,3 +117,41 @@ def test_signed_locally_cannot_be_passed_to_the_constructor() -> None:
             expires=2,
             signed_locally=True,
         )
+
+
+def test_the_request_is_checked_once_and_only_its_own_copy_skips_the_check(
+    keys: dict[str, KeyHandle],
+) -> None:
+    owner, cloud = keys["owner"], keys["cloud"]
+    bundle = grant(owner, audience=cloud.did, abilities=[PAY], ttl_seconds=600, uses=5, now=NOW)
+
+    def local(request: dict[str, object]) -> Invocation:
+        return invoke_local(
+            cloud,
+            capability_id=bundle.leaf.id,
+            action="sign/payment",
+            resource="janus:payments/eur",
+            request=request,
+            now=NOW,
+        )
+
+    # A request the verifier would refuse is refused when signing, the same way.
+    with pytest.raises(VerificationError, match="request refused"):
+        local({"amount": 5.5})
+    request = {"amount": 5, "memo": "é"}
+    inv = local(request)
+    signed = inv.signed_request
+    assert signed is not None and signed.value == request and signed.value is not request
+    assert inv.digest == request_digest(request) == sha256_b64(signed.canonical)
+    verifier = Verifier()
+    # Its own copy, an equal dict, and the caller's original all verify ...
+    for given in (signed.value, dict(request), request):
+        assert verifier.verify(bundle, inv, given, now=NOW).request == request
+    # ... but anything else is checked in full, never waved through by the flag.
+    with pytest.raises(VerificationError, match="digest"):
+        verifier.verify(bundle, inv, {"amount": 6, "memo": "é"}, now=NOW)
+    with pytest.raises(VerificationError, match="request refused"):
+        verifier.verify(bundle, inv, {"amount": 5.0, "memo": "é"}, now=NOW)
+    parsed = Invocation.parse(inv.compact)
+    assert parsed.signed_request is None
+    assert dataclasses.replace(inv).signed_request is None
