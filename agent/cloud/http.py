@@ -204,7 +204,7 @@ def build_app(agent: CloudAgent) -> Starlette:
             "expires": record.expires_at,
         }
 
-    async def act(request: Request) -> dict[str, Any]:
+    async def act(request: Request) -> Response:
         _check_bearer(request, agent.config.api_token)
         body = await _json(request)
         resource, payload = body.get("resource"), body.get("request", {})
@@ -215,7 +215,7 @@ def build_app(agent: CloudAgent) -> Starlette:
             spender, request.path_params["grant_id"], action, resource, payload
         )
         metrics.uses.labels(result.action).inc()
-        return {"action": result.action, "grant_id": result.grant_id, **result.result}
+        return Response(result.to_json(), media_type="application/json")
 
     async def invoke_external(request: Request) -> dict[str, Any]:
         body = await _json(request)

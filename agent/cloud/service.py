@@ -70,11 +70,30 @@ class CloudConfig:
         return self.ledger_url or f"sqlite:///{self.state_dir.resolve() / 'cloud.db'}"
 
 
+def _json_text(value: Any) -> str:
+    # As Starlette's JSONResponse renders a body.
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class ActionResult:
     action: str
     grant_id: str
     result: dict[str, Any]
+    # The evidence's bundle as JSON text, when it is the grant's own: most of a
+    # signature's response, the same for every use, so rendered once per grant.
+    bundle_text: str | None = None
+
+    def to_json(self) -> bytes:
+        """The HTTP response body: ``{action, grant_id, **result}`` as UTF-8 JSON."""
+        body = {"action": self.action, "grant_id": self.grant_id, **self.result}
+        evidence = body.get("evidence")
+        if self.bundle_text is None or not isinstance(evidence, dict) or "bundle" not in evidence:
+            return _json_text(body).encode()
+        # Both objects are non-empty, so each rendering ends "...}" and can be extended.
+        outer = _json_text({k: v for k, v in body.items() if k != "evidence"})
+        inner = _json_text({k: v for k, v in evidence.items() if k != "bundle"})
+        return (f'{outer[:-1]},"evidence":{inner[:-1]},"bundle":{self.bundle_text}}}}}').encode()
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,7 @@ class _Unlocked:
     bundle: Bundle
     handle: KeyHandle
     bundle_json: Any  # the bundle as evidence carries it (read-only, shared)
+    bundle_text: str  # bundle_json rendered (ActionResult.to_json)
 
 
 @dataclass
@@ -216,7 +236,8 @@ class CloudAgent:
         except KeyNotFoundError:  # another instance destroyed it a moment ago
             raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
         bundle = Bundle.parse(record.bundle)
-        unlocked = _Unlocked(record, bundle, found, json.loads(bundle.to_json()))
+        bundle_json = json.loads(bundle.to_json())
+        unlocked = _Unlocked(record, bundle, found, bundle_json, _json_text(bundle_json))
         with self._lock:
             return self._unlocked.setdefault(grant_id, unlocked)
 
@@ -402,7 +423,10 @@ class CloudAgent:
         else:
             raise BadRequestError(f"this agent performs no action {action!r}")
         result["uses"] = used.receipt.uses
-        return ActionResult(action, grant_.record.grant_id, result)
+        own = bundle is grant_.bundle
+        return ActionResult(
+            action, grant_.record.grant_id, result, grant_.bundle_text if own else None
+        )
 
     @staticmethod
     def _exhausted(grant_: _Unlocked, receipt: SpendReceipt, *, now: float) -> bool:

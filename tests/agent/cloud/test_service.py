@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -104,6 +105,23 @@ def test_five_payments_then_refused_and_key_destroyed(cloud: CloudAgent, owner: 
     assert cloud.store.grant(grant_id).status == "destroyed"
     with pytest.raises(KeyNotFoundError):
         cloud.keys.find(key_uri)
+
+
+def test_response_body_splices_the_prerendered_bundle_faithfully(
+    cloud: CloudAgent, owner: KeyHandle
+) -> None:
+    """to_json renders the grant's bundle once; the body must equal a plain rendering."""
+    grant_id, _ = new_grant(cloud, owner, uses=5)
+    awkward = {"amount": 5, "currency": "EUR", "to": 'a"}},"bundle":{}}\u2028é\\'}
+    result = cloud.act(grant_id, "sign/payment", "janus:payments/eur", awkward)
+    assert result.bundle_text is not None  # the grant's own bundle: spliced
+    plain = {"action": result.action, "grant_id": result.grant_id, **result.result}
+    body = json.loads(result.to_json())
+    assert body == json.loads(json.dumps(plain))
+    assert body["evidence"]["payload"] == awkward
+    assert verify_evidence(body["evidence"], root=owner.did).payload == awkward
+    without = dataclasses.replace(result, bundle_text=None)
+    assert json.loads(without.to_json()) == body
 
 
 def test_over_limit_amount_refused_without_spending(cloud: CloudAgent, owner: KeyHandle) -> None:
