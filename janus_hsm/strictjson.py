@@ -128,12 +128,23 @@ def loads_object(
     return value
 
 
+# json.dumps with options builds a new encoder per call, a few microseconds each time;
+# several canonical texts are made per capability use, so the two encoders are kept
+# (they hold only their options: safe to share between threads).
+_CANONICAL = {
+    ascii_only: json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only)
+    for ascii_only in (False, True)
+}
+
+
 def canonical_text(obj: Any, *, ascii_only: bool = False) -> str:
     """Sorted keys, no whitespace: the one text a JSON value is signed or hashed as.
 
     Non-ASCII characters stay as they are unless ``ascii_only`` (then they are escaped).
+    The same text as ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=ascii_only)``.
     """
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only)
+    return _CANONICAL[ascii_only].encode(obj)
 
 
 def canonical_json(obj: Any, *, ascii_only: bool = False) -> bytes:

@@ -70,9 +70,8 @@ class CloudConfig:
         return self.ledger_url or f"sqlite:///{self.state_dir.resolve() / 'cloud.db'}"
 
 
-def _json_text(value: Any) -> str:
-    # As Starlette's JSONResponse renders a body.
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# As Starlette's JSONResponse renders a body (one encoder, not one per json.dumps call).
+_json_text = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,7 @@ def audit_prefix(at: float, kind: str, cap_id: str, data_text: str) -> str:
     if not math.isfinite(at):
         raise FormatError(f"an audit timestamp must be finite, not {at!r}")
     return (
-        f'{{"at":{json.dumps(float(at))},"cap_id":{canonical_text(cap_id)},'
+        # repr: what json.dumps writes for a finite float, without building an encoder.
+        f'{{"at":{float(at)!r},"cap_id":{canonical_text(cap_id)},'
         f'"data":{data_text},"kind":{canonical_text(kind)},"prev":'
     )
