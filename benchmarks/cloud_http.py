@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import json
@@ -134,18 +135,23 @@ WRK_MARKER = "JANUS-BENCH-WRK "
 # ------------------------------------------------------------------- the bare server
 
 
-def serve_bare(port: int) -> None:
-    """The baseline: the cloud agent's stack with nothing behind the route."""
+def serve_bare(port: int, mode: str) -> None:
+    """A baseline on the cloud agent's stack: ``echo`` has nothing behind the route;
+    ``sign`` signs the payload, unauthorised (what a signing service without Janus
+    would do: the same libsodium Ed25519 call Janus makes for a software key)."""
+    import nacl.bindings
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    _, secret = nacl.bindings.crypto_sign_keypair()
+
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    async def act(request: Request) -> JSONResponse:
+    async def echo(request: Request) -> JSONResponse:
         body = await request.json()
         return JSONResponse(
             {
@@ -155,10 +161,24 @@ def serve_bare(port: int) -> None:
             }
         )
 
+    async def sign(request: Request) -> JSONResponse:
+        body = await request.json()
+        payload = body["request"]
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        signature = nacl.bindings.crypto_sign(canonical, secret)[: nacl.bindings.crypto_sign_BYTES]
+        return JSONResponse(
+            {
+                "action": request.path_params["action"],
+                "payload": payload,
+                "alg": "EdDSA",
+                "signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode(),
+            }
+        )
+
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
-            Route(ROUTE, act, methods=["POST"]),
+            Route(ROUTE, sign if mode == "sign" else echo, methods=["POST"]),
         ]
     )
     # As agent/cli/cloud.py runs the cloud agent (its default log level is "warning").
@@ -166,12 +186,13 @@ def serve_bare(port: int) -> None:
 
 
 class BareProcess(ServerProcess):
-    """This script run with --serve-bare PORT, as a subprocess."""
+    """This script run with --serve-bare PORT [--bare-mode sign], as a subprocess."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, mode: str = "echo") -> None:
         port = free_port()
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
-        super().__init__(argv, port=port, log_path=log_dir / f"bare-{port}.log")
+        argv += ["--bare-mode", mode]
+        super().__init__(argv, port=port, log_path=log_dir / f"bare-{mode}-{port}.log")
 
 
 # ----------------------------------------------------------------------- the load
@@ -483,6 +504,18 @@ def post_payment(url: str) -> httpx.Response:
     )
 
 
+def check_baseline(mode: str, url: str) -> None:
+    """One request before timing: the baseline answers as it should."""
+    response = post_payment(url)
+    body = response.json() if response.status_code == 200 else {}
+    if mode == "sign":
+        good = body.get("payload") == PAYMENT and len(body.get("signature", "")) == 86
+    else:
+        good = body.get("amount") == PAYMENT["amount"]
+    if not good:
+        raise RuntimeError(f"{mode} baseline: {response.status_code} {response.text[:200]}")
+
+
 def check_sample(target: JanusTarget) -> dict[str, Any]:
     """One request before timing: 200, with evidence that verifies to the token's key."""
     from agent.evidence import verify_evidence
@@ -594,34 +627,38 @@ def measure(
     return result
 
 
-def run_pairs(
+def run_rounds(
     generator: LoadGenerator,
-    bare_url: str,
-    bare_pid: int,
+    baselines: dict[str, tuple[str, int]],
     janus: JanusTarget,
     seconds: int,
     repeat: int,
-) -> tuple[list[LoadResult], list[LoadResult]]:
-    sides: dict[str, Callable[[int], LoadResult]] = {
-        "bare": lambda s: measure(generator, "bare", bare_url, bare_pid, s, None),
-        "janus": lambda s: measure(generator, "janus", janus.url, janus.pid, s, janus.base),
-    }
-    progress(f"warming up both servers ({WARMUP_SECONDS} s each)")
+) -> dict[str, list[LoadResult]]:
+    """``repeat`` rounds of one run per target, rotating which goes first.
+
+    ``baselines``: target name -> (URL, server pid).
+    """
+
+    def baseline(name: str, url: str, pid: int) -> Callable[[int], LoadResult]:
+        return lambda s: measure(generator, name, url, pid, s, None)
+
+    sides = {name: baseline(name, url, pid) for name, (url, pid) in baselines.items()}
+    sides["janus"] = lambda s: measure(generator, "janus", janus.url, janus.pid, s, janus.base)
+    progress(f"warming up the servers ({WARMUP_SECONDS} s each)")
     for run in sides.values():
         run(WARMUP_SECONDS)
-    bare: list[LoadResult] = []
-    janus_runs: list[LoadResult] = []
+    runs: dict[str, list[LoadResult]] = {name: [] for name in sides}
+    names = list(sides)
     for rep in range(repeat):
-        order = ["bare", "janus"] if rep % 2 == 0 else ["janus", "bare"]
-        for side in order:
+        for side in names[rep % len(names) :] + names[: rep % len(names)]:
             result = sides[side](seconds)
-            (bare if side == "bare" else janus_runs).append(result)
+            runs[side].append(result)
             progress(
                 f"  {rep + 1}/{repeat} {side:<5} {result.rps:>9,.0f} req/s  "
                 f"p99 {result.p99_ms:8.2f} ms  non-2xx {result.non_2xx}  "
                 f"server CPU {result.server_cpu:.2f}"
             )
-    return bare, janus_runs
+    return runs
 
 
 def check_ledger(janus: JanusTarget, runs: list[LoadResult], connections: int) -> dict[str, Any]:
@@ -782,7 +819,9 @@ def summarise_profile(text: str, seconds: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------- output
 
 
-def summarise(bare: list[LoadResult], janus: list[LoadResult]) -> dict[str, Any]:
+def summarise(
+    bare: list[LoadResult], janus: list[LoadResult], sign: list[LoadResult] | None = None
+) -> dict[str, Any]:
     ratios = [j.rps / b.rps for b, j in zip(bare, janus, strict=True)]
     p99_ratios = [j.p99_ms / b.p99_ms for b, j in zip(bare, janus, strict=True)]
     ratio = median(ratios)
@@ -799,9 +838,19 @@ def summarise(bare: list[LoadResult], janus: list[LoadResult]) -> dict[str, Any]
             "errors": sum(sum(r.errors.values()) for r in runs),
         }
 
+    extra: dict[str, Any] = {}
+    if sign:
+        to_sign = [j.rps / p.rps for p, j in zip(sign, janus, strict=True)]
+        extra = {
+            "sign": side(sign),
+            "ratio_to_sign": median(to_sign),
+            "ratio_to_sign_min": min(to_sign),
+            "ratio_to_sign_max": max(to_sign),
+        }
     return {
         "bare": side(bare),
         "janus": side(janus),
+        **extra,
         "ratio": ratio,
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
@@ -881,7 +930,13 @@ def render(result: dict[str, Any]) -> str:
         f"{'non-2xx':>9}{'errors':>8}"
     )
     lines += [header, "-" * len(header)]
-    for key, label in (("bare", "bare Starlette endpoint"), ("janus", "Janus sign/payment")):
+    for key, label in (
+        ("bare", "bare Starlette endpoint"),
+        ("sign", "unauthorised signing"),
+        ("janus", "Janus sign/payment"),
+    ):
+        if key not in summary:  # results from before the signing baseline
+            continue
         row = summary[key]
         lines.append(
             f"{label:<26}{row['requests_per_s']:>10,.1f}{row['answers_per_run']:>9,.0f}"
@@ -895,6 +950,15 @@ def render(result: dict[str, Any]) -> str:
         f"[{fmt_ratio(summary['ratio_min'])}-{fmt_ratio(summary['ratio_max'])}]   target >= "
         f"{summary['target']:.1f}x   met: {'yes' if summary['met'] else 'NO'}",
         f"janus/bare p99 latency: {summary['p99_ratio']:.1f}x",
+    ]
+    if "ratio_to_sign" in summary:
+        lines.append(
+            f"janus/unauthorised signing requests/s: {fmt_ratio(summary['ratio_to_sign'])}x "
+            f"[{fmt_ratio(summary['ratio_to_sign_min'])}-"
+            f"{fmt_ratio(summary['ratio_to_sign_max'])}]   (what authorisation, the ledger "
+            "and evidence cost over the signature itself; no target)"
+        )
+    lines += [
         "server CPU = CPU seconds of the server process per wall second (all threads).",
         "Latency is of answered requests only: the ones still queued when a run ends (up to",
         "one per connection) are not counted, so for a slow server p99 is a lower bound.",
@@ -974,13 +1038,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="afterwards, record the cloud agent under load with py-spy and summarise",
     )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--bare-mode", choices=["echo", "sign"], default="echo", help=argparse.SUPPRESS
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_bare:
-        serve_bare(args.serve_bare)
+        serve_bare(args.serve_bare, args.bare_mode)
         return 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="janus-bench-http-") as tmp:
@@ -1000,26 +1067,24 @@ def main(argv: list[str] | None = None) -> int:
         with janus_service(workdir) as (janus, cloud):
             sample = check_sample(janus)
             progress(f"sample request: 200 with evidence that verifies ({janus.url})")
-            bare_server = BareProcess(workdir)
+            baselines: dict[str, tuple[str, int]] = {}
+            servers: list[BareProcess] = []
             try:
-                bare_sample = post_payment(f"{bare_server.url}/v1/grants/x/actions/{ACTION}")
-                if bare_sample.status_code != 200 or bare_sample.json()["amount"] != 1234:
-                    raise RuntimeError(f"bare endpoint: {bare_sample.status_code}")
-                bare_url = f"{bare_server.url}/v1/grants/{janus.grant_id}/actions/{ACTION}"
+                for mode in ("bare", "sign"):
+                    server = BareProcess(workdir, "sign" if mode == "sign" else "echo")
+                    servers.append(server)
+                    url = f"{server.url}/v1/grants/{janus.grant_id}/actions/{ACTION}"
+                    check_baseline(mode, url)
+                    baselines[mode] = (url, server.process.pid)
                 progress(
-                    f"timing: 2 targets x {args.repeat} runs x {args.seconds} s, "
+                    f"timing: 3 targets x {args.repeat} runs x {args.seconds} s, "
                     f"{args.connections} connections"
                 )
-                bare, janus_runs = run_pairs(
-                    generator,
-                    bare_url,
-                    bare_server.process.pid,
-                    janus,
-                    args.seconds,
-                    args.repeat,
-                )
+                runs = run_rounds(generator, baselines, janus, args.seconds, args.repeat)
             finally:
-                bare_server.stop()
+                for server in servers:
+                    server.stop()
+            bare, sign, janus_runs = runs["bare"], runs["sign"], runs["janus"]
             ledger = check_ledger(janus, janus_runs, args.connections)
             if not ledger["ledger_matches_server"]:
                 progress("--- cloud agent log ---\n" + cloud.output())
@@ -1046,9 +1111,10 @@ def main(argv: list[str] | None = None) -> int:
         "generator": generator.describe(),
         "environment": env,
         "sample": sample,
-        "summary": summarise(bare, janus_runs),
+        "summary": summarise(bare, janus_runs, sign),
         "runs": {
             "bare": [r.as_dict() for r in bare],
+            "sign": [r.as_dict() for r in sign],
             "janus": [r.as_dict() for r in janus_runs],
         },
         "ledger": ledger,
