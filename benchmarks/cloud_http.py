@@ -13,6 +13,10 @@ Why these measurements:
   access_log=False)``, one process, so uvloop and httptools when installed), with one
   POST route on the same path that reads and parses the same JSON body and returns a
   small JSON object.  Target: janus/bare >= 0.4 in requests/s.
+* A third target, *unauthorised signing*, is the same app whose handler signs the
+  payload (canonical JSON, Ed25519 through the libsodium call Janus uses for software
+  keys) and returns the signature: janus/sign is what authorisation, the durable ledger
+  write and the evidence cost over the signature itself (no target).
 * Both servers are real processes on 127.0.0.1; the cloud agent is the one the demo
   runs (``agent.cloud.process.CloudProcess``), owned by an edge identity whose root key
   is in a SoftHSM token made for the run, and the grant was made by ``EdgeAgent.grant``.
@@ -22,7 +26,7 @@ Why these measurements:
   process (slower than wrk, so the bare figure is partly the client's limit).  httpx's
   AsyncClient is available with ``--generator httpx`` but managed only 100-300
   requests/s here, too slow to load the bare endpoint.  Same generator, body and
-  connections for both targets, alternating which goes first; medians of ``--repeat``.
+  connections for every target, rotating which goes first; medians of ``--repeat``.
   The client shares the machine's cores with the server, as it would in any loopback
   test.
 * Correctness is checked, not assumed: a sample response must be 200 with evidence
@@ -35,7 +39,7 @@ Run it as::
     .venv/bin/python benchmarks/cloud_http.py [--seconds 10] [--connections 32]
         [--repeat 3] [--json OUT] [--profile]
 
-(about 90 s with the defaults on 2 vCPUs; ``--profile`` adds two py-spy recordings of
+(about 2 minutes with the defaults on 2 vCPUs; ``--profile`` adds two py-spy recordings of
 the cloud agent under the same load, about 40 s, and needs ``pip install py-spy``.)
 """
 

@@ -597,6 +597,10 @@ def evaluate(caveats: Sequence[Caveat], request: Mapping[str, Any], *, now: floa
 # --------------------------------------------------------------------------- requests
 
 
+# One encoder for every request (json.dumps with options builds one per call).
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def check_request(request: object) -> Mapping[str, Any]:
     """Validate a request from outside; return a plain-JSON copy of it.
 
@@ -639,7 +643,7 @@ def check_request(request: object) -> Mapping[str, Any]:
             raise FormatError(f"{where}: {type(value).__name__} is not a JSON type")
         elif _is_int(value) and abs(value) > MAX_SAFE_INTEGER:  # type: ignore[arg-type]
             raise FormatError(f"{where}: integers must be within ±(2**53 - 1); send a string")
-    text = json.dumps(request, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = _COMPACT_JSON(request)
     if len(text.encode("utf-8")) > MAX_REQUEST_BYTES:
         raise FormatError(f"request: larger than {MAX_REQUEST_BYTES} bytes as JSON")
     result: dict[str, Any] = json.loads(text)
