@@ -7,7 +7,9 @@ text as ``invoke`` would give, and no way for outside input (text) to carry the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,7 @@ from janus_hsm.algorithms import Algorithm
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import b64url_encode
 from policies.abilities import Ability
+from policies.capability import Bundle
 from policies.errors import (
     CaveatFailedError,
     FormatError,
@@ -38,32 +41,29 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyHandle]:
     )
 
 
-def test_local_invocation_verifies_like_its_text(keys: dict[str, KeyHandle]) -> None:
-    owner, cloud = keys["owner"], keys["cloud"]
-    bundle = grant(owner, audience=cloud.did, abilities=[PAY], ttl_seconds=600, uses=5, now=NOW)
-    request = {"amount": 5}
-    local = invoke_local(
-        cloud,
+def pay_locally(holder: KeyHandle, bundle: Bundle, request: Mapping[str, Any]) -> Invocation:
+    return invoke_local(
+        holder,
         capability_id=bundle.leaf.id,
         action="sign/payment",
         resource="janus:payments/eur",
         request=request,
         now=NOW,
     )
+
+
+def test_local_invocation_verifies_like_its_text(keys: dict[str, KeyHandle]) -> None:
+    owner, cloud = keys["owner"], keys["cloud"]
+    bundle = grant(owner, audience=cloud.did, abilities=[PAY], ttl_seconds=600, uses=5, now=NOW)
+    request = {"amount": 5}
+    local = pay_locally(cloud, bundle, request)
     parsed = Invocation.parse(local.compact)
     assert local.signed_locally and not parsed.signed_locally
     assert local == parsed  # the same claims as the text carries
     verifier = Verifier()
     for inv in (local, parsed, local.compact):
         assert verifier.verify(bundle, inv, request, now=NOW).invocation == parsed
-    too_much = invoke_local(
-        cloud,
-        capability_id=bundle.leaf.id,
-        action="sign/payment",
-        resource="janus:payments/eur",
-        request={"amount": 50_000},
-        now=NOW,
-    )
+    too_much = pay_locally(cloud, bundle, {"amount": 50_000})
     with pytest.raises(CaveatFailedError):  # the caveats are still checked
         verifier.verify(bundle, too_much, {"amount": 50_000}, now=NOW)
     with pytest.raises(VerificationError, match="digest"):  # and the request
@@ -126,14 +126,7 @@ def test_the_request_is_checked_once_and_only_its_own_copy_skips_the_check(
     bundle = grant(owner, audience=cloud.did, abilities=[PAY], ttl_seconds=600, uses=5, now=NOW)
 
     def local(request: dict[str, object]) -> Invocation:
-        return invoke_local(
-            cloud,
-            capability_id=bundle.leaf.id,
-            action="sign/payment",
-            resource="janus:payments/eur",
-            request=request,
-            now=NOW,
-        )
+        return pay_locally(cloud, bundle, request)
 
     # A request the verifier would refuse is refused when signing, the same way.
     with pytest.raises(VerificationError, match="request refused"):
