@@ -58,17 +58,20 @@ class Invocation:
     issued_at: int
     expires: int
     audience: str | None = None  # the verifier it is meant for, when the invoker named one
-    # True only for an invocation this process has just signed itself (invoke_local):
-    # its fields are the claims that were signed, so Verifier.verify may skip checking
-    # the signature it just made.  Invocation.parse, the only way from outside input
-    # (text) to an Invocation, always leaves it False; it is not a constructor
-    # argument (init=False) and dataclasses.replace resets it, so only invoke_local
-    # can set it.
-    signed_locally: bool = field(default=False, init=False, repr=False, compare=False)
-    # Set with signed_locally: the request as invoke_local checked and digested it.
+    # Set only on an invocation this process has just signed itself (invoke_local): the
+    # request as invoke_local checked and digested it.  Invocation.parse, the only way
+    # from outside input (text) to an Invocation, always leaves it None; it is not a
+    # constructor argument (init=False) and dataclasses.replace resets it, so only
+    # invoke_local can set it.
     signed_request: SignedRequest | None = field(
         default=None, init=False, repr=False, compare=False
     )
+
+    @property
+    def signed_locally(self) -> bool:
+        """Signed by invoke_local in this process: its fields are the claims that were
+        signed, so Verifier.verify may skip checking the signature it just made."""
+        return self.signed_request is not None
 
     @property
     def compact(self) -> str:
@@ -186,8 +189,7 @@ def invoke_local(
         expires=payload["exp"],
         audience=audience,
     )
-    object.__setattr__(invocation, "signed_locally", True)  # frozen; see the field
-    object.__setattr__(invocation, "signed_request", signed)
+    object.__setattr__(invocation, "signed_request", signed)  # frozen; see the field
     return invocation
 
 

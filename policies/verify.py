@@ -200,7 +200,7 @@ class Verifier:
                 f"invocation is signed for {invocation.holder}, but the capability's "
                 f"audience is {leaf.audience}"
             )
-        if not invocation.signed_locally:  # see Invocation.signed_locally
+        if not invocation.signed_locally:  # see Invocation.signed_request
             verify_signature(
                 invocation.jws,
                 public_key_for(invocation.holder, "invocation iss"),
@@ -212,7 +212,7 @@ class Verifier:
             raise NotYetValidError("invocation is issued in the future")
         if now - skew >= invocation.expires:
             raise ExpiredError("invocation has expired")
-        signed = invocation.signed_request if invocation.signed_locally else None
+        signed = invocation.signed_request
         if signed is None or request is not signed.value:
             try:
                 request = check_request(request)
