@@ -17,6 +17,11 @@ Why these measurements:
   payload (canonical JSON, Ed25519 through the libsodium call Janus uses for software
   keys) and returns the signature: janus/sign is what authorisation, the durable ledger
   write and the evidence cost over the signature itself (no target).
+* A fourth, *unauthorised evidence*, does everything a use does except authorise and
+  record it: it signs an invocation (Janus's claims) and the payload and answers with
+  evidence in Janus's format and the real grant's bundle.  evidence/bare is the most
+  Janus could reach with authorisation and the ledger free; janus/evidence is what
+  they cost (no targets).
 * Both servers are real processes on 127.0.0.1; the cloud agent is the one the demo
   runs (``agent.cloud.process.CloudProcess``), owned by an edge identity whose root key
   is in a SoftHSM token made for the run, and the grant was made by ``EdgeAgent.grant``.
@@ -39,7 +44,7 @@ Run it as::
     .venv/bin/python benchmarks/cloud_http.py [--seconds 10] [--connections 32]
         [--repeat 3] [--json OUT] [--profile]
 
-(about 2 minutes with the defaults on 2 vCPUs; ``--profile`` adds two py-spy recordings of
+(about 3 minutes with the defaults on 2 vCPUs; ``--profile`` adds two py-spy recordings of
 the cloud agent under the same load, about 40 s, and needs ``pip install py-spy``.)
 """
 
@@ -139,18 +144,30 @@ WRK_MARKER = "JANUS-BENCH-WRK "
 # ------------------------------------------------------------------- the bare server
 
 
-def serve_bare(port: int, mode: str) -> None:
+def serve_bare(port: int, mode: str, fixture: Path | None = None) -> None:
     """A baseline on the cloud agent's stack: ``echo`` has nothing behind the route;
     ``sign`` signs the payload, unauthorised (what a signing service without Janus
-    would do: the same libsodium Ed25519 call Janus makes for a software key)."""
+    would do: the same libsodium Ed25519 call Janus makes for a software key);
+    ``evidence`` answers as Janus does, unauthorised: see ``evidence`` below."""
+    import hashlib
+
     import nacl.bindings
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    _, secret = nacl.bindings.crypto_sign_keypair()
+    from janus_hsm.public_keys import b64url_encode, to_did_key
+
+    public, secret = nacl.bindings.crypto_sign_keypair()
+    signature_bytes = nacl.bindings.crypto_sign_BYTES
+
+    def ed25519(message: bytes) -> bytes:
+        return nacl.bindings.crypto_sign(message, secret)[:signature_bytes]
+
+    def compact(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -168,8 +185,7 @@ def serve_bare(port: int, mode: str) -> None:
     async def sign(request: Request) -> JSONResponse:
         body = await request.json()
         payload = body["request"]
-        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        signature = nacl.bindings.crypto_sign(canonical, secret)[: nacl.bindings.crypto_sign_BYTES]
+        signature = ed25519(compact(payload).encode())
         return JSONResponse(
             {
                 "action": request.path_params["action"],
@@ -179,10 +195,69 @@ def serve_bare(port: int, mode: str) -> None:
             }
         )
 
+    # ``evidence``: the part of an authorised use that no authorisation logic can take
+    # away, with nothing else.  It makes and signs an invocation (the claims Janus
+    # signs: holder, capability, action, resource, the request's digest, a nonce, times,
+    # audience), signs the payload, and returns evidence in Janus's format with the real
+    # grant's bundle (pre-rendered, spliced as the cloud agent does).  It checks
+    # nothing and records nothing: no caveats, no chain, no ledger, no durable write.
+    # Janus at this baseline's speed would mean authorisation and the ledger were free.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    # The grant's bundle and capability id, from the cloud agent's sample answer.
+    grant = json.loads(fixture.read_text()) if fixture is not None else {}
+    bundle_text = compact(grant.get("bundle", {}))
+    capability = grant.get("capability", "urn:bench")
+
+    did = to_did_key(Ed25519PublicKey.from_public_bytes(public))
+    kid = f"{did}#{did.removeprefix('did:key:')}"
+    header = b64url_encode(compact({"alg": "EdDSA", "kid": kid, "typ": "janus-inv+jws"}).encode())
+    counted = [0]
+
+    async def evidence(request: Request) -> Response:
+        body = await request.json()
+        payload, action = body["request"], request.path_params["action"]
+        canonical = compact(payload).encode()
+        now = int(time.time())
+        claims = {
+            "iss": did,
+            "cap": capability,
+            "can": action,
+            "with": body["resource"],
+            "dig": b64url_encode(hashlib.sha256(canonical).digest()),
+            "nonce": b64url_encode(os.urandom(16)),
+            "iat": now,
+            "exp": now + 60,
+            "aud": did,
+        }
+        signing_input = f"{header}.{b64url_encode(compact(claims).encode())}"
+        invocation = f"{signing_input}.{b64url_encode(ed25519(signing_input.encode()))}"
+        counted[0] += 1
+        outer = compact(
+            {
+                "action": action,
+                "grant_id": request.path_params["grant_id"],
+                "uses": {capability: counted[0]},
+            }
+        )
+        inner = compact(
+            {
+                "typ": "janus-evidence/1",
+                "payload": payload,
+                "signer": did,
+                "alg": "EdDSA",
+                "signature": b64url_encode(ed25519(canonical)),
+                "invocation": invocation,
+            }
+        )
+        text = f'{outer[:-1]},"evidence":{inner[:-1]},"bundle":{bundle_text}}}}}'
+        return Response(text.encode(), media_type="application/json")
+
+    handlers = {"echo": echo, "sign": sign, "evidence": evidence}
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
-            Route(ROUTE, sign if mode == "sign" else echo, methods=["POST"]),
+            Route(ROUTE, handlers[mode], methods=["POST"]),
         ]
     )
     # As agent/cli/cloud.py runs the cloud agent (its default log level is "warning").
@@ -190,12 +265,14 @@ def serve_bare(port: int, mode: str) -> None:
 
 
 class BareProcess(ServerProcess):
-    """This script run with --serve-bare PORT [--bare-mode sign], as a subprocess."""
+    """This script run with --serve-bare PORT [--bare-mode MODE], as a subprocess."""
 
-    def __init__(self, log_dir: Path, mode: str = "echo") -> None:
+    def __init__(self, log_dir: Path, mode: str = "echo", fixture: Path | None = None) -> None:
         port = free_port()
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(port)]
         argv += ["--bare-mode", mode]
+        if fixture is not None:
+            argv += ["--bare-fixture", str(fixture)]
         super().__init__(argv, port=port, log_path=log_dir / f"bare-{mode}-{port}.log")
 
 
@@ -508,20 +585,32 @@ def post_payment(url: str) -> httpx.Response:
     )
 
 
-def check_baseline(mode: str, url: str) -> None:
+def check_baseline(mode: str, url: str, janus_bytes: int) -> None:
     """One request before timing: the baseline answers as it should."""
     response = post_payment(url)
     body = response.json() if response.status_code == 200 else {}
     if mode == "sign":
         good = body.get("payload") == PAYMENT and len(body.get("signature", "")) == 86
+    elif mode == "evidence":
+        evidence = body.get("evidence", {})
+        good = (
+            evidence.get("payload") == PAYMENT
+            and len(evidence.get("signature", "")) == 86
+            and evidence.get("invocation", "").count(".") == 2
+            # The same answer as the cloud agent's, give or take its DIDs and counts.
+            and abs(len(response.content) - janus_bytes) < 0.1 * janus_bytes
+        )
     else:
         good = body.get("amount") == PAYMENT["amount"]
     if not good:
         raise RuntimeError(f"{mode} baseline: {response.status_code} {response.text[:200]}")
 
 
-def check_sample(target: JanusTarget) -> dict[str, Any]:
-    """One request before timing: 200, with evidence that verifies to the token's key."""
+def check_sample(target: JanusTarget) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One request before timing: 200, with evidence that verifies to the token's key.
+
+    Returns what to report, and the evidence (the evidence baseline answers with its
+    bundle)."""
     from agent.evidence import verify_evidence
 
     response = post_payment(target.url)
@@ -534,12 +623,13 @@ def check_sample(target: JanusTarget) -> dict[str, Any]:
     verified = verify_evidence(evidence, root=target.owner)
     if verified.principal != target.owner or evidence["payload"] != PAYMENT:
         raise RuntimeError("the sample evidence does not verify back to the owner's root key")
-    return {
+    report = {
         "status": response.status_code,
         "response_bytes": len(response.content),
         "evidence_verified": True,
         "uses": body.get("uses"),
     }
+    return report, evidence
 
 
 @contextlib.contextmanager
@@ -658,7 +748,7 @@ def run_rounds(
             result = sides[side](seconds)
             runs[side].append(result)
             progress(
-                f"  {rep + 1}/{repeat} {side:<5} {result.rps:>9,.0f} req/s  "
+                f"  {rep + 1}/{repeat} {side:<8} {result.rps:>9,.0f} req/s  "
                 f"p99 {result.p99_ms:8.2f} ms  non-2xx {result.non_2xx}  "
                 f"server CPU {result.server_cpu:.2f}"
             )
@@ -824,7 +914,10 @@ def summarise_profile(text: str, seconds: int) -> dict[str, Any]:
 
 
 def summarise(
-    bare: list[LoadResult], janus: list[LoadResult], sign: list[LoadResult] | None = None
+    bare: list[LoadResult],
+    janus: list[LoadResult],
+    sign: list[LoadResult] | None = None,
+    evidence: list[LoadResult] | None = None,
 ) -> dict[str, Any]:
     ratios = [j.rps / b.rps for b, j in zip(bare, janus, strict=True)]
     p99_ratios = [j.p99_ms / b.p99_ms for b, j in zip(bare, janus, strict=True)]
@@ -850,6 +943,19 @@ def summarise(
             "ratio_to_sign": median(to_sign),
             "ratio_to_sign_min": min(to_sign),
             "ratio_to_sign_max": max(to_sign),
+        }
+    if evidence:
+        to_evidence = [j.rps / e.rps for e, j in zip(evidence, janus, strict=True)]
+        ceiling = [e.rps / b.rps for b, e in zip(bare, evidence, strict=True)]
+        extra |= {
+            "evidence": side(evidence),
+            "ratio_to_evidence": median(to_evidence),
+            "ratio_to_evidence_min": min(to_evidence),
+            "ratio_to_evidence_max": max(to_evidence),
+            # Janus's best case: authorisation and the ledger at no cost.
+            "evidence_to_bare": median(ceiling),
+            "evidence_to_bare_min": min(ceiling),
+            "evidence_to_bare_max": max(ceiling),
         }
     return {
         "bare": side(bare),
@@ -937,6 +1043,7 @@ def render(result: dict[str, Any]) -> str:
     for key, label in (
         ("bare", "bare Starlette endpoint"),
         ("sign", "unauthorised signing"),
+        ("evidence", "unauthorised evidence"),
         ("janus", "Janus sign/payment"),
     ):
         if key not in summary:  # results from before the signing baseline
@@ -962,6 +1069,17 @@ def render(result: dict[str, Any]) -> str:
             f"{fmt_ratio(summary['ratio_to_sign_max'])}]   (what authorisation, the ledger "
             "and evidence cost over the signature itself; no target)"
         )
+    if "ratio_to_evidence" in summary:
+        lines += [
+            f"unauthorised evidence/bare requests/s: {fmt_ratio(summary['evidence_to_bare'])}x "
+            f"[{fmt_ratio(summary['evidence_to_bare_min'])}-"
+            f"{fmt_ratio(summary['evidence_to_bare_max'])}]   (the best Janus could do with "
+            "authorisation and the ledger free)",
+            f"janus/unauthorised evidence requests/s: {fmt_ratio(summary['ratio_to_evidence'])}x "
+            f"[{fmt_ratio(summary['ratio_to_evidence_min'])}-"
+            f"{fmt_ratio(summary['ratio_to_evidence_max'])}]   (what authorisation and the "
+            "durable ledger write cost)",
+        ]
     lines += [
         "server CPU = CPU seconds of the server process per wall second (all threads).",
         "Latency is of answered requests only: the ones still queued when a run ends (up to",
@@ -1043,15 +1161,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--bare-mode", choices=["echo", "sign"], default="echo", help=argparse.SUPPRESS
+        "--bare-mode", choices=["echo", "sign", "evidence"], default="echo", help=argparse.SUPPRESS
     )
+    parser.add_argument("--bare-fixture", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_bare:
-        serve_bare(args.serve_bare, args.bare_mode)
+        serve_bare(args.serve_bare, args.bare_mode, args.bare_fixture)
         return 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="janus-bench-http-") as tmp:
@@ -1069,26 +1188,31 @@ def main(argv: list[str] | None = None) -> int:
         env = environment(generator)
         progress("setting up: SoftHSM token, edge identity, cloud agent, grant")
         with janus_service(workdir) as (janus, cloud):
-            sample = check_sample(janus)
+            sample, evidence = check_sample(janus)
             progress(f"sample request: 200 with evidence that verifies ({janus.url})")
+            fixture = workdir / "evidence-fixture.json"
+            fixture.write_text(
+                json.dumps({"bundle": evidence["bundle"], "capability": janus.capability})
+            )
             baselines: dict[str, tuple[str, int]] = {}
             servers: list[BareProcess] = []
             try:
-                for mode in ("bare", "sign"):
-                    server = BareProcess(workdir, "sign" if mode == "sign" else "echo")
+                for mode in ("bare", "sign", "evidence"):
+                    server = BareProcess(workdir, "echo" if mode == "bare" else mode, fixture)
                     servers.append(server)
                     url = f"{server.url}/v1/grants/{janus.grant_id}/actions/{ACTION}"
-                    check_baseline(mode, url)
+                    check_baseline(mode, url, sample["response_bytes"])
                     baselines[mode] = (url, server.process.pid)
                 progress(
-                    f"timing: 3 targets x {args.repeat} runs x {args.seconds} s, "
-                    f"{args.connections} connections"
+                    f"timing: {len(baselines) + 1} targets x {args.repeat} runs x "
+                    f"{args.seconds} s, {args.connections} connections"
                 )
                 runs = run_rounds(generator, baselines, janus, args.seconds, args.repeat)
             finally:
                 for server in servers:
                     server.stop()
             bare, sign, janus_runs = runs["bare"], runs["sign"], runs["janus"]
+            floor = runs["evidence"]
             ledger = check_ledger(janus, janus_runs, args.connections)
             if not ledger["ledger_matches_server"]:
                 progress("--- cloud agent log ---\n" + cloud.output())
@@ -1115,10 +1239,11 @@ def main(argv: list[str] | None = None) -> int:
         "generator": generator.describe(),
         "environment": env,
         "sample": sample,
-        "summary": summarise(bare, janus_runs, sign),
+        "summary": summarise(bare, janus_runs, sign, floor),
         "runs": {
             "bare": [r.as_dict() for r in bare],
             "sign": [r.as_dict() for r in sign],
+            "evidence": [r.as_dict() for r in floor],
             "janus": [r.as_dict() for r in janus_runs],
         },
         "ledger": ledger,
