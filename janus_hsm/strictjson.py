@@ -8,8 +8,9 @@ request a caveat judges, a key file or a DIDComm envelope checked under one read
 and used under another is how signed data gets altered without breaking it.  So
 Janus parses every such text here, and refuses what could be read two ways rather
 than picking one reading: duplicate member names, NaN and Infinity, text that is not
-UTF-8, nesting deep enough to exhaust the parser and, where the caller says so,
-floats.
+UTF-8, lone surrogates (``"\ud800"``: valid JSON syntax, but not Unicode text, so
+it cannot be signed, hashed or stored as UTF-8; I-JSON, RFC 7493, refuses them too),
+nesting deep enough to exhaust the parser and, where the caller says so, floats.
 
 Each caller names what it parsed (``what``) and the error class to raise, so the
 refusal reaches its user as the caller's own typed error, with the same wording
@@ -19,6 +20,7 @@ wherever it happens.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final, NoReturn
 
 FLOATS_REFUSED: Final = (
@@ -80,6 +82,14 @@ _DECODERS: Final = {
 }
 
 
+# Where a lone surrogate could come from: a \uD800-\uDFFF escape, or (in text given
+# as str) the character itself.  A match is only a hint; encoding decides.
+_MAY_HOLD_SURROGATE: Final = {
+    False: re.compile(r"\\u[dD][89abcdefABCDEF]"),
+    True: re.compile(r"\\u[dD][89abcdefABCDEF]|[\ud800-\udfff]"),
+}
+
+
 def _fail(error: type[Exception], what: str, problem: str) -> NoReturn:
     message = f"{what}: {problem}"
     if issubclass(error, StrictJSONError):
@@ -101,7 +111,14 @@ def loads(
     """
     try:
         text = data if isinstance(data, str) else data.decode("utf-8")
-        return _DECODERS[allow_floats].decode(text)
+        value = _DECODERS[allow_floats].decode(text)
+        # UTF-8 text holds no surrogates, so only an escape (or text given as str) can
+        # make one; a pair is one character once parsed, and only a lone one fails here.
+        if _MAY_HOLD_SURROGATE[isinstance(data, str)].search(text):
+            _CANONICAL[False].encode(value).encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        _fail(error, what, "not valid Unicode text (a lone surrogate)")
     except _Refused as exc:
         _fail(error, what, str(exc))
     except UnicodeDecodeError:

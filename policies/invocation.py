@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ INVOCATION_TYP = "janus-inv+jws"
 MAX_LIFETIME = 300
 _CLAIMS = {"iss", "cap", "can", "with", "dig", "nonce", "iat", "exp"}
 _OPTIONAL = {"aud"}
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def request_digest(request: Mapping[str, Any]) -> str:
@@ -120,6 +122,9 @@ def _check_claims(claims: Mapping[str, Any]) -> None:
         raise FormatError(f"invocation lifetime must be 1 to {MAX_LIFETIME} seconds")
     if len(claims["nonce"]) < 16:
         raise FormatError("invocation nonce must carry at least 96 bits (16 characters)")
+    if not _BASE64URL.fullmatch(claims["nonce"]):
+        # As documented (docs/capabilities.md), and so every ledger stores it as given.
+        raise FormatError("invocation nonce must be base64url (A-Z a-z 0-9 - _)")
 
 
 def invoke(

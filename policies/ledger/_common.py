@@ -48,18 +48,39 @@ class LinkUpdate:
     rate_count: int
 
 
+# Capability ids are base64url SHA-256 digests and nonces base64url random bits; a
+# ledger key need not be either, but it must be text both databases store and compare
+# exactly as given.  A NUL ends a string in parts of SQLite (its JSON functions, which
+# read a group of spends), and a lone surrogate cannot be encoded at all: either would
+# fail (or, for NUL, miss) a lookup inside a batch of other callers' spends.
+MAX_KEY_CHARS = 1024
+
+# Timestamps up to 2**53 (float-exact integers) keep every rate window in int64.
+MAX_TIMESTAMP = 2.0**53
+
+
+def check_key(value: object, what: str) -> str:
+    """A nonce or capability id: non-empty printable text (no control characters or
+    lone surrogates), at most MAX_KEY_CHARS long."""
+    if not isinstance(value, str) or not value:
+        raise FormatError(f"{what} must be a non-empty string")
+    if len(value) > MAX_KEY_CHARS:
+        raise FormatError(f"{what} is longer than {MAX_KEY_CHARS} characters")
+    if not value.isprintable():
+        raise FormatError(f"{what} has control characters or lone surrogates: {value[:64]!a}")
+    return value
+
+
 def check_spend_args(limits: Sequence[LinkLimit], nonce: str, now: float) -> None:
     """Refuse arguments that would make the accounting meaningless, before any I/O."""
     if not limits:
         raise FormatError("a spend needs at least one link (the root)")
-    if not isinstance(nonce, str) or not nonce:
-        raise FormatError("a spend needs a non-empty nonce")
-    if not math.isfinite(now):
-        raise FormatError(f"now must be a finite timestamp, not {now!r}")
+    check_key(nonce, "a spend's nonce")
+    if not (math.isfinite(now) and 0 <= now <= MAX_TIMESTAMP):
+        raise FormatError(f"now must be a timestamp in 0..2**53, not {now!r}")
     seen: set[str] = set()
     for i, link in enumerate(limits):
-        if not link.cap_id:
-            raise FormatError(f"link {i} has an empty cap_id")
+        check_key(link.cap_id, f"link {i}'s cap_id")
         if link.cap_id in seen:
             # A valid chain cannot contain a link twice (proofs are hashes); counting
             # a duplicate once or twice would both be wrong, so refuse.

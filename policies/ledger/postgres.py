@@ -50,6 +50,7 @@ from policies.errors import (
 from policies.ledger._common import (
     AUDIT_PAGE,
     audit_prefix,
+    check_key,
     check_spend_args,
     entry_from_row,
     normalise_data,
@@ -449,6 +450,7 @@ class PostgresLedger(Ledger):
         return 0 if row is None else int(row[0])
 
     def record_grant(self, cap_id: str, data: Mapping[str, Any]) -> int:
+        check_key(cap_id, "cap_id")
         text = normalise_data(data)
         at = time.time()
         with self._connection() as conn:
@@ -463,6 +465,7 @@ class PostgresLedger(Ledger):
         return int(row[0])
 
     def revoke(self, cap_id: str, *, record: str, data: Mapping[str, Any]) -> bool:
+        check_key(cap_id, "cap_id")
         text = normalise_data(data)
         at = time.time()
         with self._connection() as conn:

@@ -29,6 +29,7 @@ from policies.ledger._common import (
     LinkRow,
     LinkUpdate,
     audit_prefix,
+    check_key,
     check_spend_args,
     decide_spend,
     entry_from_row,
@@ -335,7 +336,7 @@ class SqliteLedger(Ledger):
                 while end < len(batch) and batch[end].spend is not None:
                     end += 1
                 if end > start:
-                    self._spend_group(conn, batch[start:end])
+                    self._spend_group_apart(conn, batch[start:end])
                     start = end
                     continue
                 work = batch[start]
@@ -354,9 +355,11 @@ class SqliteLedger(Ledger):
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             failure: BaseException = exc
-            if isinstance(exc, sqlite3.Error) or not isinstance(exc, Exception):
-                # A database error, or the leading thread was interrupted: the other
-                # callers of the batch get a LedgerError (nothing was committed).
+            if isinstance(exc, Exception):
+                failure = self._write_failure(exc)
+            else:
+                # The leading thread was interrupted: the other callers of the batch get
+                # a LedgerError (nothing was committed).
                 failure = LedgerError(f"{self.path}: the write failed: {exc!r}")
                 failure.__cause__ = exc
             for work in batch:
@@ -366,6 +369,36 @@ class SqliteLedger(Ledger):
         finally:
             for work in batch:
                 work.done = True
+
+    def _spend_group_apart(self, c: sqlite3.Connection, works: Sequence[_Work]) -> None:
+        """``_spend_group``, and if its write fails, each spend again on its own.
+
+        The group's writes are shared, so a value one caller brought that the database
+        will not take (or any other fault of one spend) would otherwise fail every
+        caller in the batch; spends in separate transactions would fail only that one.
+        If the failure is not one spend's (the disk, the database), the spends fail one
+        after another, or the transaction is gone and the whole batch fails, as before.
+        """
+        c.execute("SAVEPOINT janus_group")
+        try:
+            self._spend_group(c, works)
+        except Exception as exc:
+            c.execute("ROLLBACK TO janus_group")  # fails if the transaction is gone
+            if len(works) == 1:
+                works[0].value, works[0].error = None, self._write_failure(exc)
+            else:
+                for work in works:
+                    work.value, work.error = None, None
+                    self._spend_group_apart(c, [work])
+        c.execute("RELEASE janus_group")
+
+    def _write_failure(self, exc: Exception) -> Exception:
+        """What the caller of a failed write gets: a database error as a LedgerError."""
+        if not isinstance(exc, sqlite3.Error):
+            return exc
+        failure = LedgerError(f"{self.path}: the write failed: {exc!r}")
+        failure.__cause__ = exc
+        return failure
 
     @staticmethod
     def _spend_group(c: sqlite3.Connection, works: Sequence[_Work]) -> None:
@@ -523,11 +556,13 @@ class SqliteLedger(Ledger):
         return 0 if row is None else int(row[0])
 
     def record_grant(self, cap_id: str, data: Mapping[str, Any]) -> int:
+        check_key(cap_id, "cap_id")
         normalised = normalise_data(data)
         at = time.time()
         return self._write(lambda c: self._append(c, at, "grant", cap_id, normalised))
 
     def revoke(self, cap_id: str, *, record: str, data: Mapping[str, Any]) -> bool:
+        check_key(cap_id, "cap_id")
         normalised = normalise_data(data)
         now = time.time()
 

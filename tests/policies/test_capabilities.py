@@ -37,7 +37,7 @@ from policies.errors import (
     VerificationError,
     WrongHolderError,
 )
-from policies.invocation import invoke
+from policies.invocation import Invocation, invoke
 from policies.jws import canonical_json, sign_compact
 from policies.policy import IssuancePolicy
 from policies.revocation import Revocation, sign_revocation
@@ -237,6 +237,30 @@ def test_expired_invocation(root: KeyHandle, agents: dict[str, KeyHandle]) -> No
     invocation = use(agents["cloud"], bundle, {}, now=NOW)
     with pytest.raises(ExpiredError, match="invocation"):
         Verifier().verify(bundle, invocation, {}, now=NOW + 60 + 61)
+
+
+@pytest.mark.parametrize(
+    "nonce",
+    ["a" * 15 + "\x00", "a" * 16 + "\ud800", "a" * 16 + "=", "a" * 16 + "+/", "a b" * 8, "é" * 16],
+)
+def test_invocation_nonce_must_be_base64url(
+    root: KeyHandle, agents: dict[str, KeyHandle], nonce: str
+) -> None:
+    """Only the documented form: what a ledger stores and compares must be plain text."""
+    cloud = agents["cloud"]
+    bundle = root_grant(root, cloud)
+    good = use(cloud, bundle, {}, now=NOW)
+    assert Invocation.parse(good).nonce  # the nonce invoke makes is accepted
+    head, body, _ = good.split(".")
+    claims = {**json.loads(base64.urlsafe_b64decode(body + "==")), "nonce": nonce}
+    # Escaped, as any JSON encoder may write it (a lone surrogate cannot be UTF-8).
+    signing_input = f"{head}.{_b64(json.dumps(claims, sort_keys=True).encode())}"
+    forged = f"{signing_input}.{_b64(cloud.sign(signing_input.encode()))}"
+    refusal = "lone surrogate" if "\ud800" in nonce else "nonce must be base64url"
+    with pytest.raises(FormatError, match=refusal):
+        Invocation.parse(forged)
+    with pytest.raises(FormatError, match=refusal):
+        Verifier().verify(bundle, forged, {}, now=NOW)
 
 
 def test_wrong_holder_key_is_refused(root: KeyHandle, agents: dict[str, KeyHandle]) -> None:

@@ -355,6 +355,76 @@ def test_malformed_spends_are_refused(ledger: Ledger, limits: list[LinkLimit]) -
         ledger.spend(limits, nonce="n", nonce_expires_at=NOW, now=NOW)
 
 
+@pytest.mark.parametrize(
+    ("nonce_", "limits", "now"),
+    [
+        ("n\x00m", [LinkLimit("a")], NOW),  # a NUL ends a string inside SQLite's JSON
+        ("n\ud800", [LinkLimit("a")], NOW),  # a lone surrogate cannot be UTF-8
+        ("n\nm", [LinkLimit("a")], NOW),
+        ("n" * 1025, [LinkLimit("a")], NOW),
+        ("", [LinkLimit("a")], NOW),
+        ("n", [LinkLimit("a\x00b")], NOW),
+        ("n", [LinkLimit("a"), LinkLimit("\udc00")], NOW),
+        ("n", [LinkLimit("a")], -1.0),
+        ("n", [LinkLimit("a")], 1e19),  # its rate window would not fit in 64 bits
+        ("n", [LinkLimit("a")], float("inf")),
+    ],
+)
+def test_keys_and_times_a_store_cannot_hold_exactly_are_refused(
+    ledger: Ledger, ledger_db: LedgerDb, nonce_: str, limits: list[LinkLimit], now: float
+) -> None:
+    with pytest.raises(FormatError):
+        ledger.spend(limits, nonce=nonce_, nonce_expires_at=NOW, now=now)
+    assert nonce_count(ledger_db) == 0 and ledger.verify_audit() == 0
+    for cap_id in ("a\x00b", "a\ud800", "a\tb"):
+        with pytest.raises(FormatError):
+            ledger.revoke(cap_id, record="r", data={})
+        with pytest.raises(FormatError):
+            ledger.record_grant(cap_id, {})
+    assert ledger.verify_audit() == 0
+
+
+def test_a_spend_the_database_refuses_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    """One caller's fault (here a trigger in the database refuses its nonce) fails that
+    spend only, as in a transaction of its own; the others of the batch are counted."""
+    import sqlite3
+
+    batched, single = (SqliteLedger(tmp_path / f"{name}.db") for name in ("batched", "single"))
+    try:
+        for ledger in (batched, single):
+            ledger.uses("root")  # the schema exists
+            db = sqlite3.connect(ledger.path, isolation_level=None)
+            db.execute(
+                "CREATE TRIGGER poison BEFORE INSERT ON janus_nonces"
+                " WHEN NEW.nonce LIKE 'poison%' BEGIN SELECT RAISE(ABORT, 'injected'); END"
+            )
+            db.close()
+        limits = [LinkLimit("root", uses=10), LinkLimit("leaf")]
+        names = ["n-0", "poison-1", "n-2", "poison-3", "n-4"]
+        requests = [SpendRequest(limits, name, NOW + 60, NOW) for name in names]
+        before = batched.commits
+        together = batched.spend_many(requests)
+        assert batched.commits == before + 1
+        apart: list[SpendReceipt | Exception] = []
+        for request in requests:
+            try:
+                apart.append(single.spend_one(request))
+            except (PolicyError, LedgerError) as exc:
+                apart.append(exc)
+        outcomes = [_outcome(r) for r in together]
+        assert outcomes == [_outcome(r) for r in apart]
+        assert outcomes[1] == outcomes[3] == ("LedgerError", None)
+        assert [o for i, o in enumerate(outcomes) if i % 2 == 0] == [
+            {"root": n, "leaf": n} for n in (1, 2, 3)
+        ]
+        assert "injected" in str(together[1])
+        for ledger in (batched, single):
+            assert ledger.uses("root") == 3 and ledger.verify_audit() == 3
+    finally:
+        batched.close()
+        single.close()
+
+
 def test_state_survives_reopening(ledger_url: str) -> None:
     limits = chain(2)
     with open_ledger(ledger_url) as first:

@@ -138,6 +138,24 @@ def test_bad_requests_get_json_errors(cloud: CloudProcess) -> None:
     assert unsigned.status_code == 403
 
 
+def test_a_request_that_is_not_unicode_text_is_refused_and_not_counted(
+    edge: EdgeAgent, cloud: CloudProcess
+) -> None:
+    """A lone surrogate is valid JSON syntax but cannot be signed or hashed: 400, not 500."""
+    grant_id = edge.grant(cloud.url, [PAYMENTS], ttl_seconds=600, uses=5)["grant_id"]
+    body = b'{"resource": "janus:payments/eur", "request": {"amount": 5, "to": "\\ud800"}}'
+    refused = httpx.post(
+        f"{cloud.url}/v1/grants/{grant_id}/actions/sign/payment",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "bad_format"  # as for any malformed JSON
+    assert "lone surrogate" in refused.json()["error"]["message"]
+    counted = pay(cloud, grant_id, 5)
+    assert counted.status_code == 200 and list(counted.json()["uses"].values()) == [1]
+
+
 def test_health_metrics_and_openapi(cloud: CloudProcess) -> None:
     assert httpx.get(f"{cloud.url}/healthz").json()["status"] == "ok"
     metrics = httpx.get(f"{cloud.url}/metrics").text
