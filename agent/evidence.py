@@ -45,7 +45,7 @@ def verify_evidence(
         alg = evidence["alg"]
         signature = evidence["signature"]
         invocation = Invocation.parse(evidence["invocation"])
-        bundle = Bundle.parse(json.dumps(evidence["bundle"]))
+        bundle = Bundle.parse(_bundle_text(evidence["bundle"]))
     except KeyError as exc:
         raise FormatError(f"evidence lacks {exc.args[0]!r}") from None
     if not isinstance(payload, dict) or not isinstance(signer, str):
@@ -56,14 +56,18 @@ def verify_evidence(
     )
     if signer not in {c.audience for c in authorization.chain.bundle.chain}:
         raise VerificationError("the signer holds no capability in this chain")
-    from janus_hsm.public_keys import b64url_decode
+    from janus_hsm.public_keys import PublicKeyFormatError, b64url_decode
 
+    try:
+        raw_signature = b64url_decode(signature) if isinstance(signature, str) else b""
+    except PublicKeyFormatError as exc:
+        raise FormatError(f"evidence signature: {exc}") from None
     jws = ParsedJws(
         compact="",
         header={"alg": alg},
         payload={},
         signing_input=canonical_json(dict(payload)),
-        signature=b64url_decode(signature) if isinstance(signature, str) else b"",
+        signature=raw_signature,
     )
     verify_signature(jws, public_key_for(signer, "evidence signer"), what="evidence signature")
     return VerifiedEvidence(
@@ -75,3 +79,12 @@ def verify_evidence(
         used_at=invocation.issued_at,
         payload=payload,
     )
+
+
+def _bundle_text(bundle: Any) -> str:
+    """The bundle as the text Bundle.parse reads (evidence given as Python objects may
+    hold what JSON cannot: refused as malformed, not raised as a crash)."""
+    try:
+        return json.dumps(bundle)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"evidence bundle is not JSON data ({type(exc).__name__})") from None

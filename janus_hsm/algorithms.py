@@ -85,6 +85,41 @@ class Algorithm(enum.StrEnum):
         }[self]
 
 
+# The order n of each ECDSA curve's base point (SEC 2 / FIPS 186-4 D.1.2).
+_ORDERS: dict[Algorithm, int] = {
+    Algorithm.ES256: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    Algorithm.ES384: int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77A"
+        "ECEC196ACCC52973",
+        16,
+    ),
+}
+
+
+def low_s(raw: bytes, algorithm: Algorithm) -> bytes:
+    """An ECDSA signature (raw r||s) in its low-S form: s <= n/2.
+
+    (r, s) and (r, n - s) both verify, so anyone can turn one valid signature into
+    another.  Janus names signed objects by a hash of their text (a capability's id
+    is what the ledger counts and revokes), so every signature it makes is put in the
+    one form, and its verifiers accept only that form (``is_low_s``), as Bitcoin does
+    for the same reason (BIP 62/146).  Signatures from devices, which give either form,
+    pass through here.
+    """
+    order = _ORDERS[algorithm]
+    size = algorithm.coordinate_size
+    s = int.from_bytes(raw[size:], "big")
+    if s <= order // 2:
+        return raw
+    return raw[:size] + (order - s).to_bytes(size, "big")
+
+
+def is_low_s(raw: bytes, algorithm: Algorithm) -> bool:
+    """Whether a raw ECDSA signature is in the form ``low_s`` gives."""
+    size = algorithm.coordinate_size
+    return int.from_bytes(raw[size:], "big") <= _ORDERS[algorithm] // 2
+
+
 # Curve objects are immutable; building them once keeps them off the signing path.
 _CURVES: dict[Algorithm, ec.EllipticCurve] = {
     Algorithm.ES256: ec.SECP256R1(),

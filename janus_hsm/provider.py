@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from janus_hsm.algorithms import Algorithm
+from janus_hsm.algorithms import Algorithm, low_s
 from janus_hsm.errors import ExtractableKeyError, MechanismUnsupportedError
 from janus_hsm.public_keys import (
     PublicKey,
@@ -153,7 +153,7 @@ class KeyHandle(abc.ABC):
                 f"{self.algorithm.value} keys sign messages, not digests"
             )
         self.check_custody()
-        raw = self._sign_ecdsa_digest(digest)
+        raw = low_s(self._sign_ecdsa_digest(digest), self.algorithm)
         if format is SignatureFormat.DER:
             return raw_to_der(raw, self.algorithm.coordinate_size)
         return raw

@@ -81,6 +81,8 @@ class Invocation:
 
     @classmethod
     def parse(cls, compact: str) -> Invocation:
+        if not isinstance(compact, str):
+            raise FormatError("an invocation must be a compact JWS string")
         jws = parse_compact(compact.strip(), typ=INVOCATION_TYP, what="invocation")
         claims = jws.payload
         _check_claims(claims)

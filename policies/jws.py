@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from janus_hsm.algorithms import Algorithm
+from janus_hsm.algorithms import Algorithm, is_low_s
 from janus_hsm.provider import KeyHandle, raw_to_der
 from janus_hsm.public_keys import (
     PublicKey,
@@ -164,6 +164,10 @@ def verify_signature(parsed: ParsedJws, public_key: PublicKey, *, what: str) -> 
         size = key_alg.coordinate_size
         if len(parsed.signature) != 2 * size:
             raise SignatureInvalidError(f"{what} signature has the wrong length")
+        if not is_low_s(parsed.signature, key_alg):
+            # (r, n - s) would verify too: a second text, so a second id, for the same
+            # signed object. Janus signs in low-S form only (janus_hsm.algorithms.low_s).
+            raise SignatureInvalidError(f"{what} signature is not in low-S form")
         hash_alg = key_alg.hash_algorithm
         assert hash_alg is not None
         public_key.verify(

@@ -156,8 +156,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from policies.errors import FormatError, VerificationError
     from policies.verify import Verifier
 
-    evidence = strict_json(read_input(args.evidence), "evidence")
+    data = read_input(args.evidence)
     try:
+        evidence = strict_json(data, "evidence")  # a refusal here is invalid evidence too
         verifier = Verifier(**attestation_cli.verifier_options(args))
         verified = verify_evidence(evidence, root=args.root, verifier=verifier)
     except (VerificationError, FormatError) as exc:

@@ -66,7 +66,13 @@ def _status(exc: Exception) -> int:
 
 def error_response(exc: Exception) -> JSONResponse:
     status = _status(exc)
-    body: dict[str, Any] = {"code": getattr(exc, "code", "error"), "message": str(exc)}
+    message = str(exc)
+    if isinstance(exc, JanusHSMError):
+        # A key error names URIs and paths of this server's keystore: the log has them,
+        # the client gets the stable code only.
+        log.warning("key operation failed: %s: %s", type(exc).__name__, exc)
+        message = "a key operation failed on this agent"
+    body: dict[str, Any] = {"code": getattr(exc, "code", "error"), "message": message}
     link = getattr(exc, "link", None)
     if link is not None:
         body["link"] = link

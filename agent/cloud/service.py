@@ -272,6 +272,7 @@ class CloudAgent:
         now = time.time() if now is None else now
         with self._in_flight(grant_id) as flight:
             grant_ = self._active(grant_id)
+            self._check_unexpired(grant_, now=now)
             invocation, checked = self._own_invocation(grant_, action, resource, request, now=now)
             return self._perform(grant_, grant_.bundle, invocation, checked, flight, now=now)
 
@@ -301,6 +302,7 @@ class CloudAgent:
             grant_ = self._cached(grant_id)
             if grant_ is None:
                 grant_ = await asyncio.to_thread(self._active, grant_id)
+            self._check_unexpired(grant_, now=now)
             invocation, checked = self._own_invocation(grant_, action, resource, request, now=now)
             try:
                 used = await authorize_async(
@@ -320,6 +322,19 @@ class CloudAgent:
         finally:
             if self._leave(grant_id, flight):
                 await asyncio.to_thread(self._retire_if_spent, grant_id, now=time.time())
+
+    @staticmethod
+    def _check_unexpired(grant_: _Unlocked, *, now: float) -> None:
+        """Refuse a use of an expired grant at once, by this agent's own clock.
+
+        The verifier allows other parties' clocks some skew past a capability's expiry;
+        the agent acting on its own grant has no such excuse, and another instance may
+        already have destroyed the key (which a cached copy here would not notice).  The
+        request leaves unsettled, so the last one out retires the grant.
+        """
+        expires = grant_.record.expires_at
+        if expires is not None and now >= expires:
+            raise GrantInactiveError(f"grant {grant_.record.grant_id} has expired")
 
     def _own_invocation(
         self,
@@ -372,6 +387,7 @@ class CloudAgent:
             raise NotFoundError("the chain passes through none of this agent's active grants")
         with self._in_flight(anchor.grant_id) as flight:
             grant_ = self._active(anchor.grant_id)
+            self._check_unexpired(grant_, now=now)
             return self._perform(grant_, bundle, invocation, request, flight, now=now)
 
     def _perform(
@@ -407,6 +423,20 @@ class CloudAgent:
     ) -> ActionResult:
         """The action of a use that is verified and durably counted."""
         flight.settled = not self._exhausted(grant_, used.receipt, now=now)
+        try:
+            return self._act_on(grant_, bundle, used, now=now)
+        except KeyNotFoundError:
+            # Revoked or swept while this request was between its counted use and its
+            # action: the key is gone, so the grant is over (the use stays counted).
+            self._forget(grant_.record.grant_id)
+            raise GrantInactiveError(
+                f"grant {grant_.record.grant_id} ended while this request was in flight; "
+                "its key is gone"
+            ) from None
+
+    def _act_on(
+        self, grant_: _Unlocked, bundle: Bundle, used: Grant, *, now: float
+    ) -> ActionResult:
         handle = grant_.handle
         inv = used.authorization.invocation
         action = inv.action

@@ -721,3 +721,57 @@ def test_rate_limit_through_authorize(
         authorize(
             verifier, ledger, bundle, use(agents["cloud"], bundle, {}, now=later), {}, now=later
         )
+
+
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _other_signature(compact: str) -> str:
+    """The same ES256 JWS with (r, n - s): still a valid ECDSA signature, another text."""
+    head, body, sig = compact.split(".")
+    raw = base64.urlsafe_b64decode(sig + "==")
+    s = P256_ORDER - int.from_bytes(raw[32:], "big")
+    return f"{head}.{body}.{_b64(raw[:32] + s.to_bytes(32, 'big'))}"
+
+
+def test_a_second_signature_cannot_give_a_capability_a_second_id(
+    root: KeyHandle, agents: dict[str, KeyHandle], tmp_path: Path
+) -> None:
+    """Anyone may compute (r, n - s) from a signature; the capability it would make has
+    another id (a fresh use count, not revoked), so it must not verify."""
+    from policies.authorize import authorize
+    from policies.errors import LimitExceededError
+    from policies.ledger import open_ledger
+
+    cloud = agents["cloud"]
+    bundle = root_grant(root, cloud, uses=2, abilities=[PAY], depth=0)
+    copy = _other_signature(bundle.leaf.compact)
+    with pytest.raises(SignatureInvalidError, match="low-S"):
+        Verifier().verify_chain(Bundle.from_compacts([copy]), now=NOW)
+    request = {"amount": 1}
+    with open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
+        verifier = Verifier(revocations=ledger)
+        for _ in range(2):
+            authorize(verifier, ledger, bundle, use(cloud, bundle, request), request, now=NOW)
+        with pytest.raises(LimitExceededError):
+            authorize(verifier, ledger, bundle, use(cloud, bundle, request), request, now=NOW)
+        twin = Bundle.from_compacts([copy])
+        assert twin.leaf.id != bundle.leaf.id
+        with pytest.raises(SignatureInvalidError, match="low-S"):
+            authorize(verifier, ledger, twin, use(cloud, twin, request), request, now=NOW)
+        assert ledger.uses(bundle.leaf.id) == 2 and ledger.uses(twin.leaf.id) == 0
+
+
+def test_invocations_and_revocations_are_held_to_low_s_too(
+    root: KeyHandle, agents: dict[str, KeyHandle]
+) -> None:
+    worker = agents["worker"]  # ES256, in software
+    bundle = root_grant(root, worker, abilities=[PAY])
+    invocation = use(worker, bundle, {"amount": 1})
+    Verifier().verify(bundle, invocation, {"amount": 1}, now=NOW)
+    with pytest.raises(SignatureInvalidError, match="low-S"):
+        Verifier().verify(bundle, _other_signature(invocation), {"amount": 1}, now=NOW)
+    record = Revocation.parse(sign_revocation(root, revoked_id=bundle.leaf.id, now=NOW))
+    record.verify(bundle)
+    with pytest.raises(SignatureInvalidError, match="low-S"):
+        Revocation.parse(_other_signature(record.compact)).verify(bundle)

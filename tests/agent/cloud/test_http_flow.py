@@ -316,3 +316,16 @@ def test_attestation_is_asked_of_the_root_before_the_cloud_agent(edge: EdgeAgent
     with pytest.raises(JanusHSMError) as caught:
         edge.grant("http://127.0.0.1:9", [PAYMENTS], ttl_seconds=60, uses=1, attest=True)
     assert caught.value.code == "attestation_unavailable"
+
+
+def test_key_errors_reach_clients_as_a_code_without_keystore_details() -> None:
+    from agent.cloud.http import error_response
+    from janus_hsm.errors import KeyNotFoundError
+
+    response = error_response(
+        KeyNotFoundError("soft:dir=/srv/cloud/keys;object=grant-x was deleted")
+    )
+    body = json.loads(bytes(response.body))
+    assert response.status_code == 500
+    assert body["error"]["code"] == "key_not_found"
+    assert "/srv" not in body["error"]["message"] and "grant-x" not in body["error"]["message"]

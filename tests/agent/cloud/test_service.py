@@ -159,6 +159,49 @@ def test_revocation_destroys_the_key_at_once(cloud: CloudAgent, owner: KeyHandle
         pay(cloud, grant_id, 1)
 
 
+def test_revocation_between_a_counted_use_and_its_action_reports_inactive(
+    cloud: CloudAgent, owner: KeyHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key is destroyed the moment the revocation arrives, even under a request in
+    flight: that request gets the stable 'grant_inactive' (no keystore details), and
+    its use stays counted."""
+    grant_id, bundle = new_grant(cloud, owner)
+    record = sign_revocation(owner, revoked_id=bundle.leaf.id, now=int(time.time()))
+    counted = cloud.ledger.spend_one
+
+    def spend_then_revoke(request: Any) -> Any:
+        receipt = counted(request)
+        cloud.revoke(record)  # lands after the commit, before the signature
+        return receipt
+
+    monkeypatch.setattr(cloud.ledger, "spend_one", spend_then_revoke)
+    with pytest.raises(GrantInactiveError, match="in flight") as caught:
+        pay(cloud, grant_id, 1)
+    assert "soft:" not in str(caught.value) and "keys" not in str(caught.value)
+    assert cloud.ledger.uses(bundle.leaf.id) == 1
+    assert cloud.store.grant(grant_id).status == "destroyed"
+    assert grant_id not in cloud._unlocked
+
+
+def test_an_expired_grant_acts_not_even_within_the_verifiers_skew(
+    cloud: CloudAgent, owner: KeyHandle
+) -> None:
+    """Other parties' clocks get 60 s of skew; the agent's own grant ends at its expiry
+    (another instance may have destroyed the key already), and is then retired."""
+    grant_id, bundle = new_grant(cloud, owner, ttl=2)
+    key_uri = cloud.store.grant(grant_id).key_uri
+    expires = cloud.store.grant(grant_id).expires_at
+    assert expires is not None
+    pay(cloud, grant_id, 1)
+    time.sleep(max(0.0, expires - time.time()) + 0.1)  # past expiry, well within the skew
+    with pytest.raises(GrantInactiveError, match="expired"):
+        pay(cloud, grant_id, 1)
+    assert cloud.ledger.uses(bundle.leaf.id) == 1
+    assert cloud.store.grant(grant_id).status == "destroyed"
+    with pytest.raises(KeyNotFoundError):
+        cloud.keys.find(key_uri)
+
+
 def test_a_grant_ended_by_another_instance_is_reported_inactive(
     cloud: CloudAgent, owner: KeyHandle, tmp_path: Path
 ) -> None:
