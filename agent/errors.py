@@ -37,6 +37,13 @@ class UnauthorizedError(AgentError):
     status = 401
 
 
+class BadCloudAnswerError(AgentError):
+    """A cloud agent answered with something the edge agent will not sign for or store."""
+
+    code = "bad_cloud_answer"
+    status = 502
+
+
 class DeliveryError(AgentError):
     """Sending a message to another agent's endpoint failed."""
 

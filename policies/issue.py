@@ -16,6 +16,7 @@ from typing import Any
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import b64url_encode
 from policies.abilities import Ability
+from policies.approval_log import UsedApprovals
 from policies.approvals import (
     EVIDENCE_KEY,
     Approval,
@@ -57,6 +58,7 @@ def grant(
     approval_origin: str | None = None,
     approval_rp_id: str | None = None,
     approval_require_uv: bool = False,
+    used_approvals: UsedApprovals | None = None,
 ) -> Bundle:
     """Issue a capability to ``audience``; with ``proof``, redelegate from that bundle.
 
@@ -71,7 +73,9 @@ def grant(
     (UV too with ``approval_require_uv``) before the key signs, at least
     ``decision.approvals`` distinct approvers must be valid, and they are put in the
     capability's evidence as ``evd.approvals`` for later verifiers
-    (:func:`policies.approvals.verify_capability_approvals`).
+    (:func:`policies.approvals.verify_capability_approvals`).  With ``used_approvals``
+    the approvals' challenge is recorded there before the key signs, and approvals
+    already recorded are refused (:mod:`policies.approval_log`).
     """
     draft = _prepare(
         issuer,
@@ -106,6 +110,8 @@ def grant(
             origin=approval_origin,
             rp_id=approval_rp_id,
         )
+        if used_approvals is not None:  # durably, before the key signs (approval_log.py)
+            used_approvals.claim(approval_challenge(claims))
         evidence = {**(evidence or {}), EVIDENCE_KEY: approvals_evidence(approvals)}
     if evidence:
         claims = {**claims, "evd": evidence}

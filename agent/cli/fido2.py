@@ -48,6 +48,8 @@ from janus_hsm.fido2.registry import (
     default_directory,
 )
 from janus_hsm.public_keys import b64url_encode
+from policies.approval_log import FILE_NAME as USED_APPROVALS
+from policies.approval_log import UsedApprovals
 from policies.approval_requests import ApprovalRequest, approval_file, load_approval_file
 from policies.approvals import (
     Approval,
@@ -431,6 +433,8 @@ def grant_approvals(
         "approval_origin": origin,
         "approval_rp_id": rp_id,
         "approval_require_uv": args.approval_require_uv,
+        # In the issuer's registry directory: each approval is good for one capability.
+        "used_approvals": UsedApprovals(registry_dir(args) / USED_APPROVALS),
     }
 
 

@@ -254,7 +254,7 @@ def decrypt(
     alg, enc = header.get("alg"), header.get("enc")
     if alg not in (jwa.ECDH_ES_A256KW, jwa.ECDH_1PU_A256KW):
         raise UnsupportedAlgorithmError(f"JWE alg {alg!r} is not accepted")
-    if enc not in jwa.CONTENT:
+    if not isinstance(enc, str) or enc not in jwa.CONTENT:  # (a list is unhashable)
         raise UnsupportedAlgorithmError(f"JWE enc {enc!r} is not accepted")
     assert isinstance(alg, str) and isinstance(enc, str)
     authcrypt = alg == jwa.ECDH_1PU_A256KW

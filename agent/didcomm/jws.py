@@ -139,7 +139,7 @@ def verify(obj: Mapping[str, Any], resolver: SenderResolver | None) -> Verified:
     if "typ" in protected and not media_type_is(protected["typ"], SIGNED_TYP):
         raise MalformedEnvelopeError(f"JWS 'typ' must be {SIGNED_TYP}")
     alg = protected.get("alg")
-    if alg not in CRV_BY_ALG:
+    if not isinstance(alg, str) or alg not in CRV_BY_ALG:  # (a dict is unhashable)
         raise UnsupportedAlgorithmError(
             f"JWS alg {alg!r} is not accepted (EdDSA, ES256, ES256K, ES384)"
         )

@@ -9,6 +9,7 @@ revoked later).  Keys are only ever named by URI; PINs come from the URIs'
 from __future__ import annotations
 
 import json
+import re
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -20,7 +21,14 @@ import httpx
 
 from agent.cloud.service import KEYREQ_TYP, PICKUP_TYP, sign_request
 from agent.edge.identity import did_document
-from agent.errors import AgentError, BadRequestError, ConflictError, DeliveryError, NotFoundError
+from agent.errors import (
+    AgentError,
+    BadCloudAnswerError,
+    BadRequestError,
+    ConflictError,
+    DeliveryError,
+    NotFoundError,
+)
 from janus_hsm import open_key, open_provider
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.atomic_file import replace_file
@@ -34,6 +42,9 @@ from policies.policy import IssuancePolicy
 from policies.revocation import sign_revocation
 
 HTTP_TIMEOUT = 30.0
+# Grant ids as cloud agents make them (base64url); anything else is refused before it
+# names a file or a URL.
+_GRANT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 DEFAULT_POLICY = """\
 # Issuance policy of this edge agent (see docs/policy.md).
@@ -438,8 +449,9 @@ class EdgeAgent:
         agent_did = self.cloud_did(cloud)
         key_request = sign_request(self.root, typ=KEYREQ_TYP, audience=agent_did, now=now)
         created = self._call("POST", f"{cloud}/v1/grants", json={"request": key_request})
+        grant_id, key_did = self._check_new_grant(created, agent_did)
         arguments: dict[str, Any] = {
-            "audience": created["did"],
+            "audience": key_did,
             "abilities": abilities,
             "ttl_seconds": ttl_seconds,
             "uses": uses,
@@ -461,26 +473,68 @@ class EdgeAgent:
         )
         installed = self._call(
             "PUT",
-            f"{cloud}/v1/grants/{created['grant_id']}/bundle",
+            f"{cloud}/v1/grants/{grant_id}/bundle",
             content=bundle.to_json().encode(),
         )
         record = {
-            "grant_id": created["grant_id"],
+            "grant_id": grant_id,
             "cloud": cloud,
             "agent": agent_did,
-            "key": created["did"],
+            "key": key_did,
             "capability": bundle.leaf.id,
             "expires": bundle.leaf.expires,
             "bundle": json.loads(bundle.to_json()),
         }
-        _write_atomic(
-            self.config.state_dir / "grants" / f"{created['grant_id']}.json",
-            json.dumps(record, indent=1),
-        )
+        _write_atomic(self._grant_path(grant_id), json.dumps(record, indent=1))
         return {**record, "status": installed["status"]}
 
+    def _check_new_grant(self, created: Any, agent_did: str) -> tuple[str, str]:
+        """The grant id and key a cloud agent answered, before anything is signed for them.
+
+        The id names a file here and a URL there: a cloud agent (or whoever answers in
+        its place) must not be able to write outside the grants directory, or overwrite
+        the record of an earlier grant (whose capability could then no longer be
+        revoked by its id).  The key must be a did:key that is new: not the owner's,
+        not the agent's own, not an earlier grant's.
+        """
+        from janus_hsm.public_keys import PublicKeyFormatError, from_did_key
+
+        grant_id = created.get("grant_id") if isinstance(created, dict) else None
+        key_did = created.get("did") if isinstance(created, dict) else None
+        if not isinstance(grant_id, str) or not _GRANT_ID.fullmatch(grant_id):
+            raise BadCloudAnswerError(f"the cloud agent answered a bad grant id: {grant_id!r:.80}")
+        if self._grant_path(grant_id).exists():
+            raise BadCloudAnswerError(f"the cloud agent reused the grant id {grant_id!r}")
+        try:
+            if not isinstance(key_did, str):
+                raise PublicKeyFormatError("not a string")
+            from_did_key(key_did)
+        except PublicKeyFormatError as exc:
+            raise BadCloudAnswerError(f"the cloud agent answered a bad key: {exc}") from None
+        earlier = {g.get("key") for g in self._grant_records()}
+        if key_did in {self.did, self.agreement.did, agent_did} or key_did in earlier:
+            raise BadCloudAnswerError(f"the cloud agent answered a key that is not new: {key_did}")
+        return grant_id, key_did
+
+    def _grant_records(self) -> list[dict[str, Any]]:
+        directory = self.config.state_dir / "grants"
+        if not directory.is_dir():
+            return []
+        records = []
+        for path in sorted(directory.glob("*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):  # not a record this agent wrote: not a grant
+                continue
+        return [r for r in records if isinstance(r, dict)]
+
+    def _grant_path(self, grant_id: str) -> Path:
+        if not _GRANT_ID.fullmatch(grant_id):
+            raise BadRequestError(f"not a grant id: {grant_id!r:.80}")
+        return self.config.state_dir / "grants" / f"{grant_id}.json"
+
     def granted(self, grant_id: str) -> dict[str, Any]:
-        path = self.config.state_dir / "grants" / f"{grant_id}.json"
+        path = self._grant_path(grant_id)
         try:
             data: dict[str, Any] = json.loads(path.read_text())
         except FileNotFoundError:
@@ -512,6 +566,9 @@ class EdgeAgent:
                 # Left on the cloud agent (not acknowledged), reported, and not allowed
                 # to block the messages behind it.
                 messages.append({"id": item["id"], "error": f"{exc.code}: {exc}"})
+                continue
+            except Exception as exc:  # a fault of ours on one message: the same applies
+                messages.append({"id": item["id"], "error": f"internal: {type(exc).__name__}"})
                 continue
             messages.append(
                 {

@@ -250,6 +250,13 @@ def test_approvers_approve_on_their_own_machines(cli: Cli) -> None:
     leaf = Bundle.parse(out.read_bytes()).leaf
     assert [a["approver_id"] for a in leaf.evidence["approvals"]] == ["alice", "bob"]  # type: ignore[index]
     assert leaf.jws.payload["jti"] == json.loads(request.read_text())["claims"]["jti"]
+    # The same approvals again would sign a second capability (a new id, its own uses).
+    again = cli.tmp / "again.json"
+    cli.fails(
+        "approval_reused",
+        *cli.grant("--approval-request", str(request), *files, "--out", str(again)),
+    )
+    assert not again.exists()
 
 
 def test_an_approval_file_for_another_grant_is_refused(cli: Cli) -> None:

@@ -529,3 +529,40 @@ def test_approval_parsing_is_strict(operators: list[Operator], claims: dict[str,
         Approval.from_json({**obj, "signature": "a="})
     with pytest.raises(FormatError, match="must be an object"):
         Approval.from_json([obj])
+
+
+def test_approvals_sign_one_capability_when_the_issuer_keeps_a_log(
+    issuer: CountingKey,
+    operators: list[Operator],
+    approvers: ApproverSet,
+    request_kwargs: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    from policies.approval_log import ApprovalReusedError, UsedApprovals
+
+    draft = prepare_grant(issuer, **request_kwargs)
+    approvals = [approve(operators[0], draft.claims), approve(operators[2], draft.claims)]
+    arguments = {**request_kwargs, "jti": draft.jti, "approvals": approvals}
+    log = tmp_path / "fido2" / "used-approvals"
+    grant(issuer, **arguments, **approval_kwargs(approvers), used_approvals=UsedApprovals(log))
+    with pytest.raises(ApprovalReusedError):  # a second process, the same file
+        grant(issuer, **arguments, **approval_kwargs(approvers), used_approvals=UsedApprovals(log))
+    assert issuer.signatures == 1
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+def test_the_approval_log_survives_a_torn_line(tmp_path: Path) -> None:
+    from policies.approval_log import ApprovalReusedError, UsedApprovals
+
+    path = tmp_path / "used-approvals"
+    log = UsedApprovals(path)
+    first, second = bytes(32), bytes([1]) * 32
+    log.claim(first)
+    with path.open("a") as f:
+        f.write(second.hex()[:20])  # a crash in the middle of the next line
+    log.claim(second)  # the torn line is not the digest: not refused
+    with pytest.raises(ApprovalReusedError):
+        log.claim(second)
+    with pytest.raises(ApprovalReusedError):
+        UsedApprovals(path).claim(first)
+    assert path.read_text().splitlines() == [first.hex(), second.hex()[:20], second.hex()]

@@ -132,6 +132,9 @@ MUTATIONS: list[tuple[str, Mutation, type[EnvelopeError]]] = [
     ("alg unknown", edit_header(alg="RSA-OAEP-256"), UnsupportedAlgorithmError),
     ("alg direct ECDH-ES", edit_header(alg="ECDH-ES"), UnsupportedAlgorithmError),
     ("enc unknown", edit_header(enc="A128CBC-HS256"), UnsupportedAlgorithmError),
+    ("enc not a string", edit_header(enc=[]), UnsupportedAlgorithmError),
+    ("enc an object", edit_header(enc={"x": 1}), UnsupportedAlgorithmError),
+    ("alg not a string", edit_header(alg=["ECDH-ES+A256KW"]), UnsupportedAlgorithmError),
     ("crit", edit_header(crit=["exp"]), UnsupportedAlgorithmError),
     ("zip", edit_header(zip="DEF"), UnsupportedAlgorithmError),
     ("typ", edit_header(typ="application/json"), MalformedEnvelopeError),
@@ -410,6 +413,8 @@ def test_signed_tampering(soft_keys: dict[str, KeyHandle]) -> None:
         (variant(payload=b64e(msg(signer).to_json().encode())), SignatureError),
         (variant(protected=with_protected({"alg": "none"})), UnsupportedAlgorithmError),
         (variant(protected=with_protected({"alg": "HS256"})), UnsupportedAlgorithmError),
+        (variant(protected=with_protected({"alg": {}})), UnsupportedAlgorithmError),
+        (variant(protected=with_protected({"alg": ["EdDSA"]})), UnsupportedAlgorithmError),
         (variant(protected=with_protected({"alg": "ES256"})), ConsistencyError),
         (
             variant(protected=with_protected({"alg": "EdDSA", "crit": ["b64"], "b64": False})),
