@@ -29,22 +29,28 @@ PinSource = Callable[[], str]
 
 def pin_source_path(source: str) -> Path:
     """RFC 7512 says pin-source is a URI; accept ``file:`` URIs and absolute paths."""
-    if source.startswith("/"):
-        return Path(source)
-    try:
-        parts = urlsplit(source)
-    except ValueError:
-        parts = None
-    if (
-        parts is not None
-        and parts.scheme == "file"
-        and parts.netloc in ("", "localhost")
-        and parts.path
-    ):
-        return Path(unquote(parts.path))
-    raise UriError(
+    unsupported = UriError(
         f"pin-source {source!r} is not supported: give file:/absolute/path or an absolute path"
     )
+    if source.startswith("/"):
+        path = source
+    else:
+        try:
+            parts = urlsplit(source)
+        except ValueError:
+            raise unsupported from None
+        if not (
+            parts.scheme == "file"
+            and parts.netloc in ("", "localhost")
+            and parts.path
+            and not parts.query
+            and not parts.fragment
+        ):
+            raise unsupported
+        path = unquote(parts.path)
+    if "\x00" in path or not path.startswith("/"):
+        raise unsupported
+    return Path(path)
 
 
 def read_pin_file(path: Path) -> str:
@@ -100,6 +106,10 @@ def _from_environment() -> str:
     pin = os.environ.get(PIN_ENV, "")
     if not pin:
         raise PinUnavailableError(f"{PIN_ENV} is empty")
+    try:
+        pin.encode("utf-8")  # undecodable bytes come as surrogates: refuse, never echo
+    except UnicodeEncodeError:
+        raise PinUnavailableError(f"{PIN_ENV} is not UTF-8 text") from None
     return pin
 
 

@@ -30,7 +30,7 @@ def receive_forward(agent: CloudAgent, envelope: bytes) -> dict[str, Any]:
     candidates = [
         g
         for g in agent.store.grants(ACTIVE)
-        if g.bundle is not None and _receives_for(Bundle.parse(g.bundle), owner)
+        if g.bundle is not None and _receives_for(Bundle.parse(g.bundle), owner, agent.config.owner)
     ]
     if not candidates:
         raise NotFoundError(f"this agent holds no mailbox grant for {owner}")
@@ -46,9 +46,18 @@ def receive_forward(agent: CloudAgent, envelope: bytes) -> dict[str, Any]:
     raise last_error
 
 
-def _receives_for(bundle: Bundle, recipient: str) -> bool:
-    """Is ``recipient`` the principal, or a key-agreement DID the root link names?"""
+def _receives_for(bundle: Bundle, recipient: str, agent_owner: str | None) -> bool:
+    """Is ``recipient`` the principal, or a key-agreement DID the root link names?
+
+    The root's evidence is the root signer's own word: nothing proves it controls
+    the key-agreement keys it names.  An agent with an owner trusts its owner's word;
+    an agent without one (anyone may grant to it) would let anyone claim anyone's
+    key-agreement DID and take their mail, so there only the principal's DID counts.
+    """
     root = bundle.root
     agreement = (root.evidence or {}).get("keyAgreement", [])
-    named = recipient == root.principal or (isinstance(agreement, list) and recipient in agreement)
+    trusted = agent_owner is not None and root.principal == agent_owner
+    named = recipient == root.principal or (
+        trusted and isinstance(agreement, list) and recipient in agreement
+    )
     return named and any(a.matches(MAILBOX, RECEIVE) for a in bundle.leaf.abilities)

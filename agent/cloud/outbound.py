@@ -8,6 +8,7 @@ may send and where.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from agent.didcomm import Message, pack_anoncrypt
 from agent.errors import BadRequestError, DeliveryError
 from janus_hsm.provider import KeyHandle
 
-SEND_TIMEOUT = 10.0
+SEND_TIMEOUT = 10.0  # for the whole delivery: connecting, sending, the answer's status
 
 
 def send_message(handle: KeyHandle, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -38,14 +39,25 @@ def send_message(handle: KeyHandle, request: Mapping[str, Any]) -> dict[str, Any
     )
     envelope = pack_anoncrypt(message, [to])
     try:
-        response = httpx.post(
+        # httpx's timeout bounds each step, not the whole exchange: a receiver that
+        # trickles its answer could hold this thread as long as it liked.  wait_for
+        # bounds all of it, and the answer's body is never read (only its status).
+        status = asyncio.run(asyncio.wait_for(_deliver(endpoint, envelope), SEND_TIMEOUT))
+    except (httpx.HTTPError, TimeoutError) as exc:
+        raise DeliveryError(f"could not deliver to {endpoint}: {type(exc).__name__}") from None
+    if status >= 300:
+        raise DeliveryError(f"{endpoint} answered {status}")
+    return {"sent": message.id, "status": status}
+
+
+async def _deliver(endpoint: str, envelope: str) -> int:
+    async with (
+        httpx.AsyncClient(timeout=SEND_TIMEOUT, follow_redirects=False) as client,
+        client.stream(
+            "POST",
             endpoint,
             content=envelope.encode(),
-            timeout=SEND_TIMEOUT,
             headers={"content-type": "application/didcomm-encrypted+json"},
-        )
-    except httpx.HTTPError as exc:
-        raise DeliveryError(f"could not deliver to {endpoint}: {type(exc).__name__}") from None
-    if response.status_code >= 300:
-        raise DeliveryError(f"{endpoint} answered {response.status_code}")
-    return {"sent": message.id, "status": response.status_code}
+        ) as response,
+    ):
+        return response.status_code

@@ -178,6 +178,17 @@ class CloudAgent:
         now = time.time() if now is None else now
         record = self._live(grant_id)
         bundle = Bundle.parse(bundle_text)
+        if record.status == ACTIVE:
+            # A retried install of the same capability is answered; another one is not
+            # taken: anyone holding a delegable capability from the owner could otherwise
+            # swap a narrower chain in under the owner's grant (or end it early).
+            installed = Bundle.parse(record.bundle) if record.bundle is not None else None
+            same = installed is not None and [c.id for c in installed.chain] == [
+                c.id for c in bundle.chain
+            ]
+            if same:
+                return record
+            raise ConflictError(f"grant {grant_id} already has its capability installed")
         chain = self.verifier.verify_chain(bundle, now=now, root=self.config.owner)
         if chain.leaf.audience != record.did:
             raise BadRequestError(
@@ -189,7 +200,8 @@ class CloudAgent:
             raise RevokedError(
                 f"capability {revoked} is revoked", link=list(chain.ids).index(revoked)
             )
-        self.store.activate(grant_id, bundle.to_json(), chain.leaf.id, chain.leaf.expires)
+        if not self.store.activate(grant_id, bundle.to_json(), chain.leaf.id, chain.leaf.expires):
+            raise ConflictError(f"grant {grant_id} is no longer waiting for its capability")
         self.ledger.record_grant(
             chain.leaf.id,
             {

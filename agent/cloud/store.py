@@ -8,6 +8,7 @@ Messages are held until the owner acknowledges them (pickup 3.0: never deleted b
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, NotFoundError
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS cloud_grants (
@@ -71,6 +74,7 @@ class CloudStore:
         if url.startswith(("postgresql://", "postgres://")):
             import psycopg
 
+            self._url = url
             self._pg: Any = psycopg.connect(url, autocommit=True)
             self._sqlite: sqlite3.Connection | None = None
             self._mark = "%s"
@@ -94,12 +98,18 @@ class CloudStore:
                 if self._sqlite is not None:
                     yield self._sqlite.cursor()
                 else:
+                    if self._pg.closed:  # the server restarted or dropped us: reconnect
+                        import psycopg
+
+                        self._pg = psycopg.connect(self._url, autocommit=True)
                     with self._pg.cursor() as cur:
                         yield cur
             except AgentError:
                 raise
             except Exception as exc:
-                raise AgentError(f"state store failed: {type(exc).__name__}: {exc}") from None
+                # The database's text may name hosts, tables or values: the log has it.
+                log.error("state store failed: %s: %s", type(exc).__name__, exc)
+                raise AgentError(f"state store failed ({type(exc).__name__})") from None
 
     def _sql(self, text: str) -> str:
         return text.replace("?", self._mark)
@@ -143,15 +153,17 @@ class CloudStore:
             cur.execute(self._sql(query + " ORDER BY created_at"), args)
             return [GrantRecord(*row) for row in cur.fetchall()]
 
-    def activate(self, grant_id: str, bundle: str, leaf_id: str, expires_at: float) -> None:
+    def activate(self, grant_id: str, bundle: str, leaf_id: str, expires_at: float) -> bool:
+        """Install a pending grant's capability; False if it is not pending (any more)."""
         with self._cursor() as cur:
             cur.execute(
                 self._sql(
                     "UPDATE cloud_grants SET status = ?, bundle = ?, leaf_id = ?, expires_at = ?"
-                    " WHERE grant_id = ? AND status IN (?, ?)"
+                    " WHERE grant_id = ? AND status = ?"
                 ),
-                (ACTIVE, bundle, leaf_id, expires_at, grant_id, PENDING, ACTIVE),
+                (ACTIVE, bundle, leaf_id, expires_at, grant_id, PENDING),
             )
+            return bool(cur.rowcount == 1)
 
     def destroy(self, grant_id: str, reason: str) -> None:
         with self._cursor() as cur:

@@ -33,7 +33,18 @@ def test_pin_source_forms(tmp_path: Path) -> None:
     assert pin_source_path(f"file://{path}") == path
     assert pin_source_path(str(path)) == path
     assert pin_source_path("file:/a%20b/pin") == Path("/a b/pin")
-    for bad in ("relative/pin", "|/bin/echo 1234", "https://example.com/pin", "env:X", "file://[x"):
+    for bad in (
+        "relative/pin",
+        "|/bin/echo 1234",
+        "https://example.com/pin",
+        "env:X",
+        "file://[x",
+        "file:relative/pin",  # a file: URI whose path is not absolute
+        "file:/tmp/a%00b",  # a NUL after percent-decoding
+        "/tmp/a\x00b",
+        "file:/tmp/pin?x=1",  # a query or fragment would be dropped silently
+        "file:/tmp/pin#frag",
+    ):
         with pytest.raises(UriError, match="not supported"):
             pin_source_path(bad)
 
@@ -83,3 +94,12 @@ def test_world_readable_pin_file_is_warned_about_without_the_pin(
         assert read_pin_file(path) == "98765432"
     assert "readable by other users" in caplog.text
     assert "98765432" not in caplog.text
+
+
+def test_a_pin_from_the_environment_that_is_not_utf8_is_refused_unechoed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("JANUS_PIN", "S3cret\udcffPass")  # how Python shows a stray 0xff
+    with pytest.raises(PinUnavailableError) as refused:
+        resolve_pin_source(None, prompt="")()
+    assert "S3cret" not in repr(refused.value) and "S3cret" not in str(refused.value)

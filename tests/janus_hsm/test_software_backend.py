@@ -450,6 +450,26 @@ def test_a_renamed_or_linked_file_is_refused(store: SoftwareProvider, keystore: 
     assert [h.uri.rsplit("=", 1)[1] for h in store.list_keys()] == ["a"]
 
 
+def test_a_fifo_under_a_keys_name_does_not_hang(store: SoftwareProvider, keystore: Path) -> None:
+    store.generate("soft:object=real", Algorithm.EdDSA)  # the directory exists
+    os.mkfifo(keystore / "pipe.jkey", 0o600)  # opening it for reading would block
+    with pytest.raises(KeystoreError):
+        store.lookup("soft:object=pipe")
+    assert [h.uri.rsplit("=", 1)[1] for h in store.list_keys()] == ["real"]
+
+
+def test_scrypt_costs_beyond_128_mib_are_refused_before_any_work(
+    store: SoftwareProvider, keystore: Path
+) -> None:
+    store.generate("soft:object=k", Algorithm.EdDSA)
+    path = keystore / "k.jkey"
+    data = path.read_bytes()
+    assert data.count(b'"n":32768') == 1 and b'"r":8' in data
+    path.write_bytes(data.replace(b'"n":32768', b'"n":1048576'))  # 1 GiB: was accepted
+    with pytest.raises(KeystoreError, match="out of bounds"):
+        store.lookup("soft:object=k").unlock()
+
+
 def test_a_corrupt_file_is_skipped_by_listing(store: SoftwareProvider, keystore: Path) -> None:
     store.generate("soft:object=good", Algorithm.EdDSA)
     (keystore / "bad.jkey").write_bytes(b"{not json")

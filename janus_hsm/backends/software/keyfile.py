@@ -90,7 +90,7 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 SALT_SIZE = 16
 NONCE_SIZE = 12
-_SCRYPT_MAX_MEMORY = 1 << 30
+_SCRYPT_MAX_MEMORY = 1 << 27  # 128 MiB: 4x what new files use; more would be an OOM risk
 # HKDF info for the ECDH-ES mode; the header digest is appended, binding the KEK to it.
 HKDF_INFO = b"janus-software-key/1 ECDH-ES HKDF-SHA256 A256GCM\x00"
 # HKDF info for the fido2-hmac-secret mode; the digest of the recipient's binding
@@ -835,7 +835,9 @@ def read_key_file(directory: Path, name: str) -> KeyFile | None:
     """The parsed file for ``name``, or None if there is none. Symlinks are refused."""
     path = key_path(directory, name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted under a key's name must not hang the open (the
+        # descriptor is checked to be a regular file before anything is read).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:

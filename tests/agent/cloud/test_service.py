@@ -202,6 +202,62 @@ def test_an_expired_grant_acts_not_even_within_the_verifiers_skew(
         cloud.keys.find(key_uri)
 
 
+def test_without_an_owner_no_one_can_claim_anothers_mailbox(tmp_path: Path) -> None:
+    """An agent anyone may grant to takes a root's word only for the root's own DID:
+    a stranger naming the victim's key-agreement DID in its evidence gets no mail."""
+    from agent.cloud.inbound import receive_forward
+    from agent.didcomm import Message, pack_anoncrypt, wrap_forward
+    from agent.errors import NotFoundError
+
+    keys = software_keys(tmp_path / "k", {"mallory": Algorithm.EdDSA, "victim-x": Algorithm.X25519})
+    mallory, victim = keys["mallory"], keys["victim-x"]
+    open_agent = CloudAgent(
+        CloudConfig(state_dir=tmp_path / "cloud", passphrase_source=lambda: "cloud pass")
+    )
+    try:
+        record = open_agent.create_grant(None)
+        bundle = grant(
+            mallory,
+            audience=record.did,
+            abilities=[Ability("janus:mailbox", "msg/receive")],
+            ttl_seconds=600,
+            uses=10,
+            evidence={"keyAgreement": [victim.did]},
+            now=int(time.time()),
+        )
+        open_agent.install(record.grant_id, bundle.to_json())
+        inner = pack_anoncrypt(Message(id="m1", type="t", body={}, to=(victim.did,)), [victim.did])
+        forward = wrap_forward(inner, to=victim.did, routing_keys=[open_agent.routing_key.did])
+        with pytest.raises(NotFoundError, match="no mailbox grant"):
+            receive_forward(open_agent, forward.encode())
+        # The root's own DID still has its mailbox.
+        own = wrap_forward(inner, to=mallory.did, routing_keys=[open_agent.routing_key.did])
+        assert receive_forward(open_agent, own.encode())["for"] == mallory.did
+    finally:
+        open_agent.close()
+
+
+def test_an_installed_capability_is_not_replaced(cloud: CloudAgent, owner: KeyHandle) -> None:
+    """Anyone holding a delegable capability from the owner could otherwise swap a
+    narrower chain in under the owner's grant; a retry of the same one is answered."""
+    from agent.errors import ConflictError
+
+    grant_id, bundle = new_grant(cloud, owner, depth=1)
+    assert cloud.install(grant_id, bundle.to_json()).status == "active"  # the same: fine
+    record = cloud.store.grant(grant_id)
+    narrower = grant(
+        owner,
+        audience=record.did,
+        abilities=[PAYMENTS],
+        ttl_seconds=60,
+        uses=1,
+        now=int(time.time()),
+    )
+    with pytest.raises(ConflictError, match="already has its capability"):
+        cloud.install(grant_id, narrower.to_json())
+    assert cloud.store.grant(grant_id).bundle == record.bundle
+
+
 def test_a_grant_ended_by_another_instance_is_reported_inactive(
     cloud: CloudAgent, owner: KeyHandle, tmp_path: Path
 ) -> None:
