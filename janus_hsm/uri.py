@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import unquote
 
 from janus_hsm.errors import UriError
 
@@ -114,8 +115,8 @@ class Pkcs11Uri:
                 raise UriError(f"attribute {name!r} appears twice (at {part!r})")
             if name in QUERY_ATTRIBUTES or name == "pin-value":
                 raise UriError(f"{name!r} is a query attribute; put it after '?' (at {part!r})")
-            if name not in PATH_ATTRIBUTES:
-                raise UriError(f"unknown PKCS#11 URI path attribute {name!r} (at {part!r})")
+            if name not in PATH_ATTRIBUTES:  # (its value is not repeated: it may be secret)
+                raise UriError(f"unknown PKCS#11 URI path attribute {name[:40]!r}")
             raw = percent_decode(value, PATH_SAFE, part)
             path[name] = raw if name == "id" else utf8_text(raw, part)
         for part in query_text.split("&") if query_text else []:
@@ -128,7 +129,9 @@ class Pkcs11Uri:
         try:
             return cls(path, query)
         except UriError as exc:
-            raise UriError(f"{exc} in {shortened(text)!r}") from None
+            # The path names the key; the query is not repeated (a misspelt attribute
+            # there may hold a secret).
+            raise UriError(f"{exc} in {shortened(scheme + ':' + path_text)!r}") from None
 
     def __str__(self) -> str:
         parts = []
@@ -206,7 +209,8 @@ def _split_attribute(part: str) -> tuple[str, str]:
         raise UriError(f"attribute without '=' at {part!r}")
     if not name:
         raise UriError(f"attribute without a name at {part!r}")
-    if name == "pin-value":
+    # Any spelling (PIN-VALUE, pin%2Dvalue): refused, and never quoted with its value.
+    if unquote(name).lower() == "pin-value":
         raise UriError(
             "pin-value is refused: a PIN inside a URI leaks into shell history and process "
             "lists. Use pin-source=file:/path/to/pin-file or the JANUS_PIN variable"
@@ -239,9 +243,11 @@ def _validate_path_value(name: str, value: Any) -> None:
 
 def _validate_query(name: str, value: str) -> None:
     if name not in QUERY_ATTRIBUTES:
-        raise UriError(f"unknown PKCS#11 URI query attribute {name!r}")
+        raise UriError(f"unknown PKCS#11 URI query attribute {name[:40]!r}")
     if not isinstance(value, str):
         raise UriError(f"{name} must be text")
+    if "\x00" in value:  # a path or name with a NUL cannot be opened
+        raise UriError(f"{name} contains a NUL character")
     if name == "module-path" and not value.startswith("/"):
         raise UriError(f"module-path={value!r} must be an absolute path")
     if name == "module-name" and ("/" in value or not value):

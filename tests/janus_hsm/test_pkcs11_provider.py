@@ -432,3 +432,42 @@ def test_no_initialised_token_at_all_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "initialised tokens: none" in result.stdout
     assert "SOFTHSM2_CONF" in result.stdout
+
+
+def test_a_handle_refuses_a_key_replaced_under_its_id(
+    pkcs11_provider: Pkcs11Provider, key_name: str
+) -> None:
+    """Whoever has the PIN can delete a key and make another, extractable one under the
+    same id and label; a handle opened on the first must not sign with the second."""
+    from pkcs11 import Attribute, KeyType
+
+    uri = f"pkcs11:object={key_name}"
+    handle = pkcs11_provider.generate(uri, Algorithm.ES256)
+    handle.sign(b"before")
+    pkcs11_provider.delete(uri)
+
+    def extractable_twin(session: Any) -> bytes:
+        p256 = bytes.fromhex("06082a8648ce3d030107")
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: p256}, local=True
+        )
+        _, private = params.generate_keypair(
+            store=True,
+            id=handle.key_id,
+            label=key_name,
+            private_template={
+                Attribute.SENSITIVE: False,
+                Attribute.EXTRACTABLE: True,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SIGN: True,
+            },
+        )
+        return bytes(private[Attribute.VALUE])
+
+    assert pkcs11_provider.token_session.run(extractable_twin, what="twin")  # readable
+    try:
+        with pytest.raises(KeyNotFoundError, match="replaced"):
+            handle.sign(b"after")
+    finally:
+        pkcs11_provider.delete(uri)

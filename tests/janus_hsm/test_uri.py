@@ -68,8 +68,8 @@ def test_scheme_is_case_insensitive_and_printed_lowercase() -> None:
     [
         ("http://example.com", "pkcs11:"),
         ("pkcs11:token=a;token=b", "token=b"),
-        ("pkcs11:foo=bar", "foo=bar"),
-        ("pkcs11:x-vendor=1", "x-vendor=1"),
+        ("pkcs11:foo=bar", "'foo'"),  # the name only: a value may be a secret
+        ("pkcs11:x-vendor=1", "'x-vendor'"),
         ("pkcs11:token", "token"),
         ("pkcs11:=x", "=x"),
         ("pkcs11:token=a b", "token=a b"),
@@ -92,6 +92,28 @@ def test_malformed_uris_are_refused_showing_the_offending_part(text: str, shows:
     with pytest.raises(UriError) as info:
         Pkcs11Uri.parse(text)
     assert shows in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pkcs11:token=x;PIN-VALUE=123456",
+        "pkcs11:token=x?Pin-Value=123456",
+        "pkcs11:token=x?pin%2Dvalue=123456",
+        "pkcs11:token=x;pinvalue=123456",  # misspelt: unknown, and not repeated either
+        "pkcs11:token=x?pinvalue=123456",
+    ],
+)
+def test_a_pin_in_any_spelling_is_refused_and_never_echoed(text: str) -> None:
+    with pytest.raises(UriError) as info:
+        Pkcs11Uri.parse(text)
+    assert "123456" not in str(info.value)
+
+
+@pytest.mark.parametrize("attribute", ["module-path=/tmp/a%00b", "module-name=a%00b"])
+def test_a_nul_in_a_module_attribute_is_a_uri_error(attribute: str) -> None:
+    with pytest.raises(UriError, match="NUL"):
+        Pkcs11Uri.parse(f"pkcs11:token=x?{attribute}")
 
 
 def test_pin_value_is_refused_with_advice() -> None:
@@ -126,9 +148,9 @@ def uris(draw: st.DrawFn) -> Pkcs11Uri:
             path[name] = draw(_text_values)
     query: dict[str, str] = {}
     if draw(st.booleans()):
-        query["pin-source"] = "file:/" + draw(_text_values)
+        query["pin-source"] = "file:/" + draw(_text_values).replace("\x00", "")
     if draw(st.booleans()):
-        query["module-path"] = "/" + draw(_text_values)
+        query["module-path"] = "/" + draw(_text_values).replace("\x00", "")  # refused
     return Pkcs11Uri(path, query)
 
 

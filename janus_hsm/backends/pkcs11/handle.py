@@ -9,6 +9,7 @@ from pkcs11 import KDF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11._pkcs11 import DeriveMixin  # type: ignore[attr-defined]
 
 from janus_hsm.algorithms import Algorithm
+from janus_hsm.errors import KeyNotFoundError
 from janus_hsm.provider import KeyHandle, KeyProperties
 from janus_hsm.public_keys import PublicKey, PublicKeyFormatError, raw_public_bytes
 
@@ -57,7 +58,29 @@ class Pkcs11KeyHandle(KeyHandle):
         return self._public_key
 
     def _private(self, session: Any) -> Any:
-        return self._ts.object(session, ObjectClass.PRIVATE_KEY, self.key_id, self.label)
+        return self._ts.object(
+            session, ObjectClass.PRIVATE_KEY, self.key_id, self.label, self._same_custody
+        )
+
+    def _same_custody(self, found: Any) -> None:
+        """Refuse a key found anew whose custody is not what this handle was made with.
+
+        Whoever has the PIN can delete the key and create another under the same id and
+        label, e.g. an extractable one; the handle's checks ran on the first key's flags.
+        """
+        props = self._properties
+        expected = {
+            Attribute.SENSITIVE: props.sensitive,
+            Attribute.EXTRACTABLE: props.extractable,
+            Attribute.ALWAYS_SENSITIVE: props.always_sensitive,
+            Attribute.NEVER_EXTRACTABLE: props.never_extractable,
+            Attribute.LOCAL: props.local,
+        }
+        if any(bool(found[attribute]) != value for attribute, value in expected.items()):
+            raise KeyNotFoundError(
+                f"the key behind {self._uri} was replaced by one with other custody "
+                "attributes since it was opened; open it again"
+            )
 
     def _sign_ecdsa_digest(self, digest: bytes) -> bytes:
         return bytes(

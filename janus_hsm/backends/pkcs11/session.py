@@ -195,8 +195,20 @@ class TokenSession:
                 f"{self.module.path}, {self._describe_safely()}: {what} failed: {detail}"
             ) from None
 
-    def object(self, session: Any, object_class: ObjectClass, key_id: bytes, label: str) -> Any:
-        """A cached object handle, looked up by id (or label when the id is empty)."""
+    def object(
+        self,
+        session: Any,
+        object_class: ObjectClass,
+        key_id: bytes,
+        label: str,
+        check: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """A cached object handle, looked up by id (or label when the id is empty).
+
+        ``check`` sees each object found by a new lookup (after the cache was dropped or
+        the session reopened), before it is used or cached: the object under that id
+        may have been replaced since the handle was made.
+        """
         cache_key = (int(object_class), key_id, label if not key_id else "")
         found = self._objects.get(cache_key)
         if found is None:
@@ -212,6 +224,8 @@ class TokenSession:
                     f"{label!r}; it was deleted or duplicated since it was opened"
                 )
             found = objects[0]
+            if check is not None:
+                check(found)
             self._objects[cache_key] = found
         return found
 
