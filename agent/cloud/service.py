@@ -182,11 +182,9 @@ class CloudAgent:
             # A retried install of the same capability is answered; another one is not
             # taken: anyone holding a delegable capability from the owner could otherwise
             # swap a narrower chain in under the owner's grant (or end it early).
-            installed = Bundle.parse(record.bundle) if record.bundle is not None else None
-            same = installed is not None and [c.id for c in installed.chain] == [
-                c.id for c in bundle.chain
-            ]
-            if same:
+            # The leaf's id is a hash of its text, which names its parent's id: one
+            # leaf id, one chain.
+            if record.leaf_id == bundle.leaf.id:
                 return record
             raise ConflictError(f"grant {grant_id} already has its capability installed")
         chain = self.verifier.verify_chain(bundle, now=now, root=self.config.owner)
