@@ -9,13 +9,21 @@ PY     := $(VENV)/bin/python
 STATE  := .state
 EXTRAS := dev,postgres,server,fido2,piv
 
+# The SoftHSM container tests: podman with runc (crun fails on these hosts' cgroups),
+# mmdebstrap to build the image from Debian packages; meson, ninja, pkg-config and
+# libffi-dev build p11-kit 0.25.5 from Debian's source into .state (bookworm's 0.24
+# cannot carry ECDH over its RPC); p11-kit-modules is bookworm's own 0.24 client, which
+# a test drives to check that its ECDH refusal is typed.
+CONTAINER_PACKAGES := podman runc mmdebstrap p11-kit p11-kit-modules \
+	meson ninja-build pkg-config libffi-dev curl xz-utils
 # pcscd + vsmartcard-vpcd: the virtual PIV card and the FIDO2 authenticator appear as
 # real cards in PC/SC; gcc, python3-dev, swig, libpcsclite-dev build pyscard;
 # ykcs11 and yubico-piv-tool cross-check the virtual card as independent clients.
 SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates postgresql \
-	pcscd vsmartcard-vpcd libpcsclite-dev gcc python3-dev swig ykcs11 yubico-piv-tool
+	pcscd vsmartcard-vpcd libpcsclite-dev gcc python3-dev swig ykcs11 yubico-piv-tool \
+	$(CONTAINER_PACKAGES)
 
-.PHONY: setup system venv demo test lint bench clean
+.PHONY: setup system venv demo test fuzz container-image lint bench clean
 
 setup: system venv
 
@@ -33,8 +41,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(PY) -m agent.demo --state-dir $(STATE)/demo
 
-test: setup
+test: setup container-image
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every parser of outside input, FUZZ_CASES generated and mutated inputs in all; prints
+# the cases run per target (docs/fuzzing.md).  A short run is part of `make test`.
+FUZZ_CASES ?= 100000
+fuzz: setup
+	$(PY) -m tests.fuzz.driver --cases $(FUZZ_CASES)
+
+# The SoftHSM + p11-kit server image the container tests run (hardware/container/);
+# built from Debian packages, with p11-kit 0.25.5 built from Debian's source (host client
+# and container server), when missing or outdated; instant otherwise.
+container-image: system
+	@bash hardware/container/build-image.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -43,7 +63,7 @@ lint: venv
 
 bench: setup
 	@bash hardware/install-system-packages.sh wrk  # load generator of cloud_http.py
-	for b in pkcs11_provider piv_provider capabilities ledger didcomm cloud_http; do \
+	for b in pkcs11_provider pkcs11_remote piv_provider capabilities ledger didcomm cloud_http; do \
 		test ! -f benchmarks/$$b.py || $(PY) benchmarks/$$b.py || exit 1; \
 	done
 

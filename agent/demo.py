@@ -25,16 +25,33 @@ import httpx
 from agent.cloud.process import CloudProcess
 from agent.didcomm import Message, pack_anoncrypt, wrap_forward
 from agent.edge.agent import EdgeAgent
+from agent.errors import AgentError
 from hardware.softhsm import ensure_token
 from janus_hsm.backends.pkcs11.export_probe import probe_export
+from janus_hsm.errors import JanusHSMError
 from policies.abilities import Ability
 from policies.caveats import parse_caveats
+from policies.errors import PolicyError
 
 PAYMENTS_CAVEATS = '[{"field": "amount", "le": 10000}, {"field": "currency", "eq": "EUR"}]'
 
 
 class DemoFailure(Exception):
     pass
+
+
+# What a step can raise besides a failed check: each says what went wrong (the edge
+# agent's refusals carry the cloud agent's HTTP status and error code).
+TYPED_ERRORS = (AgentError, PolicyError, JanusHSMError, httpx.HTTPError)
+
+
+def describe(exc: Exception) -> str:
+    if isinstance(exc, DemoFailure):
+        return str(exc)
+    # The edge agent sets ``status`` on the error it raises for a cloud agent's refusal.
+    status = vars(exc).get("status")
+    answered = f" (the cloud agent answered HTTP {status})" if status is not None else ""
+    return f"{type(exc).__name__}: {exc}{answered}"
 
 
 def step(n: int, text: str) -> None:
@@ -45,6 +62,35 @@ def check(condition: bool, what: str) -> None:
     if not condition:
         raise DemoFailure(what)
     print(f"    ok: {what}", flush=True)
+
+
+def check_answer(
+    response: httpx.Response, statuses: int | tuple[int, ...], what: str, *, code: str = ""
+) -> None:
+    """``check`` for an HTTP answer: a failure says what the agent answered, not only
+    that the step failed (the status, and the body that carries the error's code)."""
+    expected = (statuses,) if isinstance(statuses, int) else statuses
+    answered = response.status_code in expected and (not code or _code(response) == code)
+    if not answered:
+        raise DemoFailure(
+            f"{what}: the cloud agent answered HTTP {response.status_code} {_body(response)}"
+        )
+    print(f"    ok: {what}", flush=True)
+
+
+def _code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def _body(response: httpx.Response, limit: int = 2000) -> str:
+    text = response.text
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def pay(cloud_url: str, grant_id: str, amount_cents: int) -> httpx.Response:
@@ -83,9 +129,9 @@ def run(state_dir: Path) -> None:
     try:
         agent_did = httpx.get(f"{cloud.url}/v1/did").json()["did"]
         print(f"    cloud agent {agent_did} at {cloud.url} (pid {cloud.process.pid})")
-        check(httpx.get(f"{cloud.url}/healthz").status_code == 200, "the cloud agent is up")
+        check_answer(httpx.get(f"{cloud.url}/healthz"), 200, "the cloud agent is up")
         _story(cloud, edge, state_dir)
-    except DemoFailure:
+    except (DemoFailure, *TYPED_ERRORS):
         print("\n--- cloud agent log ---\n" + cloud.output(), file=sys.stderr)
         raise
     finally:
@@ -108,21 +154,23 @@ def _story(cloud: CloudProcess, edge: EdgeAgent, state_dir: Path) -> None:
     evidence = None
     for n, amount in enumerate((1250, 4999, 10000, 800), start=1):
         response = pay(cloud.url, grant_id, amount)
-        check(response.status_code == 200, f"payment {n} of {amount / 100:.2f} EUR signed")
+        check_answer(response, 200, f"payment {n} of {amount / 100:.2f} EUR signed")
         evidence = response.json()["evidence"]
     big = pay(cloud.url, grant_id, 20000)
-    code = big.json().get("error", {}).get("code")
-    check(
-        big.status_code == 403 and code == "caveat_failed",
-        f"a payment of 200.00 EUR is refused ({code}: amount over the caveat)",
+    check_answer(
+        big,
+        403,
+        f"a payment of 200.00 EUR is refused ({_code(big)}: amount over the caveat)",
+        code="caveat_failed",
     )
     fifth = pay(cloud.url, grant_id, 4200)
-    check(fifth.status_code == 200, "payment 5 of 42.00 EUR signed")
+    check_answer(fifth, 200, "payment 5 of 42.00 EUR signed")
     evidence = fifth.json()["evidence"]
     sixth = pay(cloud.url, grant_id, 100)
-    code = sixth.json().get("error", {}).get("code")
-    check(sixth.status_code in (410, 429), f"a 6th payment is refused ({code}: uses exhausted)")
-    status = httpx.get(f"{cloud.url}/v1/grants/{grant_id}").json()
+    check_answer(sixth, (410, 429), f"a 6th payment is refused ({_code(sixth)}: uses exhausted)")
+    shown = httpx.get(f"{cloud.url}/v1/grants/{grant_id}")
+    check_answer(shown, 200, "the grant's state is shown")
+    status = shown.json()
     check(
         status["status"] == "destroyed",
         f"the grant's key was destroyed by the cloud agent ({status['reason']})",
@@ -180,9 +228,8 @@ def _story(cloud: CloudProcess, edge: EdgeAgent, state_dir: Path) -> None:
         content=envelope.encode(),
         headers={"content-type": "application/didcomm-encrypted+json"},
     )
-    check(
-        posted.status_code == 202,
-        "a sender's DIDComm message (encrypted to the owner's token key) is held",
+    check_answer(
+        posted, 202, "a sender's DIDComm message (encrypted to the owner's token key) is held"
     )
     picked = edge.pickup(cloud.url)
     texts = [m["message"]["body"].get("text") for m in picked if "message" in m]
@@ -192,14 +239,14 @@ def _story(cloud: CloudProcess, edge: EdgeAgent, state_dir: Path) -> None:
 
     step(8, "Revocation stops the cloud agent at once")
     second = edge.grant(cloud.url, [payments], ttl_seconds=600, uses=5)
-    check(pay(cloud.url, second["grant_id"], 500).status_code == 200, "a new grant signs a payment")
+    check_answer(pay(cloud.url, second["grant_id"], 500), 200, "a new grant signs a payment")
     revoked = edge.revoke(second["grant_id"], reason="demo")
     check(
         second["grant_id"] in revoked["destroyed"],
         "the token signed a revocation; the cloud agent destroyed the grant's key",
     )
     after = pay(cloud.url, second["grant_id"], 500)
-    check(after.status_code == 410, "the next payment is refused immediately")
+    check_answer(after, 410, "the next payment is refused immediately")
 
     print("\nDone: hardware-rooted delegation worked as stated, and every limit held.")
 
@@ -210,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args.state_dir.resolve())
-    except DemoFailure as exc:
-        print(f"\nDEMO FAILED: {exc}", file=sys.stderr)
+    except (DemoFailure, *TYPED_ERRORS) as exc:
+        print(f"\nDEMO FAILED: {describe(exc)}", file=sys.stderr)
         return 1
     return 0
 

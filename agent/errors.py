@@ -49,3 +49,21 @@ class DeliveryError(AgentError):
 
     code = "delivery_failed"
     status = 502
+
+
+class NoUsableGrantError(GrantInactiveError):
+    """Every grant that could serve the request has ended (expired, used up, revoked)."""
+
+    code = "no_usable_grant"
+
+
+class ConfigurationError(AgentError):
+    """A service was started with a configuration it cannot work with."""
+
+    code = "bad_configuration"
+
+
+class AddressInUseError(ConfigurationError):
+    """The address a service was asked to listen on is taken by another process."""
+
+    code = "address_in_use"

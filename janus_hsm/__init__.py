@@ -44,8 +44,11 @@ def uri_scheme(uri: str) -> str:
     scheme, colon, _ = uri.partition(":")
     scheme = scheme.lower()
     if not colon or scheme not in SCHEMES:
+        from janus_hsm.uri_grammar import shown_scheme
+
+        # Only the scheme is named: the rest may be a secret pasted in the wrong place.
         raise UriError(
-            f"unsupported key URI {uri[:40]!r}: expected one of "
+            f"unsupported key URI ({shown_scheme(uri)}): expected one of "
             + ", ".join(f"{s}:…" for s in SCHEMES)
         )
     return scheme

@@ -17,14 +17,23 @@ import tempfile
 from pathlib import Path
 
 
-def replace_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
+def replace_file(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    temp_prefix: str | None = None,
+) -> None:
     """Atomically make ``path`` hold ``data`` with permissions ``mode``.
 
-    Raises OSError (the caller words it); the temporary file is removed on any failure.
+    ``temp_prefix`` names the temporary file (default ``.<name>.``), for a directory
+    whose owner recognises and cleans up its own leftovers.  Raises OSError (the
+    caller words it); the temporary file is removed on any failure.
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    prefix = f".{target.name}." if temp_prefix is None else temp_prefix
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             if mode != 0o600:
@@ -37,8 +46,13 @@ def replace_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Make the directory's entries (a new, renamed or removed name) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)

@@ -163,3 +163,9 @@ class AttestationKeyMismatchError(AttestationError):
     """The attested public key is not the key it was presented for."""
 
     code = "attestation_key_mismatch"
+
+
+class SubjectError(JanusHSMError, ValueError):
+    """An X.509 subject name (RFC 4514) for a key's certificate request is malformed."""
+
+    code = "bad_subject"

@@ -29,8 +29,9 @@ PinSource = Callable[[], str]
 
 def pin_source_path(source: str) -> Path:
     """RFC 7512 says pin-source is a URI; accept ``file:`` URIs and absolute paths."""
+    # The value is not repeated: a PIN typed here by mistake must not reach a log.
     unsupported = UriError(
-        f"pin-source {source!r} is not supported: give file:/absolute/path or an absolute path"
+        "this pin-source is not supported: give file:/absolute/path or an absolute path"
     )
     if source.startswith("/"):
         path = source

@@ -8,8 +8,6 @@ from outside and is refused with a :class:`PublicKeyFormatError` when anything i
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import hashlib
 import json
@@ -19,6 +17,7 @@ import base58
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 
+from janus_hsm import b64url
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.errors import JanusHSMError
 from janus_hsm.strictjson import canonical_json
@@ -40,24 +39,12 @@ class PublicKeyFormatError(JanusHSMError, ValueError):
     code = "bad_public_key"
 
 
-def b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+b64url_encode = b64url.encode
 
 
 def b64url_decode(text: str) -> bytes:
-    """Strict base64url without padding, as JOSE uses it."""
-    if not isinstance(text, str) or "=" in text or any(c in text for c in "+/ \n\t"):
-        raise PublicKeyFormatError("not unpadded base64url")
-    try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise PublicKeyFormatError(f"not base64url: {exc}") from None
-    # Refuse non-canonical spellings (stray bits in the last character): otherwise two
-    # different strings would decode to the same bytes and a signed token could be
-    # altered without breaking its signature.
-    if b64url_encode(data) != text:
-        raise PublicKeyFormatError("not canonical base64url")
-    return data
+    """Strict, canonical base64url without padding, as JOSE uses it (janus_hsm.b64url)."""
+    return b64url.decode(text, "the value", error=PublicKeyFormatError)
 
 
 def algorithm_of(public_key: PublicKey) -> Algorithm:

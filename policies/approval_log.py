@@ -17,10 +17,11 @@ threat-model.md, scenario 17).
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
+from janus_hsm.atomic_file import fsync_directory
+from janus_hsm.file_lock import locked_file
 from policies.errors import ReplayError
 
 FILE_NAME = "used-approvals"
@@ -43,9 +44,7 @@ class UsedApprovals:
         line = challenge.hex()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked_file(self.path, flags=os.O_APPEND) as fd:
             with os.fdopen(os.dup(fd), "rb") as reader:
                 text = reader.read().decode("ascii", errors="replace")
             if line in text.split("\n"):
@@ -56,15 +55,5 @@ class UsedApprovals:
             prefix = "\n" if text and not text.endswith("\n") else ""  # a torn last line
             os.write(fd, f"{prefix}{line}\n".encode("ascii"))
             os.fsync(fd)
-        finally:
-            os.close(fd)  # releases the lock
         if created:
-            _fsync_directory(self.path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_directory(self.path.parent)

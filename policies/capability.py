@@ -207,8 +207,16 @@ class Bundle:
     def root(self) -> Capability:
         return self.chain[0]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The bundle as a JSON object (``to_json`` is this, rendered).
+
+        For callers that embed a bundle in a larger JSON document (evidence, HTTP
+        bodies): they need not render it to text and parse that text back.
+        """
+        return {"typ": BUNDLE_TYP, "chain": [c.compact for c in self.chain]}
+
     def to_json(self) -> str:
-        return json.dumps({"typ": BUNDLE_TYP, "chain": [c.compact for c in self.chain]}, indent=1)
+        return json.dumps(self.to_dict(), indent=1)
 
     def extend(self, capability: Capability) -> Bundle:
         return Bundle((*self.chain, capability))
@@ -226,10 +234,28 @@ class Bundle:
         data = text.encode() if isinstance(text, str) else bytes(text)
         if len(data) > MAX_BUNDLE_BYTES:
             raise ChainLimitError(f"bundle is {len(data)} bytes; at most {MAX_BUNDLE_BYTES}")
-        obj = strict_json(data, "bundle")
-        if obj.get("typ") != BUNDLE_TYP or set(obj) != {"typ", "chain"}:
-            raise FormatError(f"not a Janus bundle (expected typ {BUNDLE_TYP!r}, chain)")
-        chain = obj["chain"]
-        if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
-            raise FormatError("bundle 'chain' must be a list of compact JWS strings")
+        return cls.from_compacts(_chain_of(strict_json(data, "bundle")))
+
+    @classmethod
+    def from_dict(cls, obj: object) -> Bundle:
+        """The bundle from its JSON object (``to_dict``), e.g. a member of a larger JSON
+        body already parsed from outside input: the checks and refusals of ``parse``.
+
+        With no text to measure, the size limit applies to the bundle as ``to_json``
+        renders it.
+        """
+        chain = _chain_of(obj)
+        size = len(json.dumps({"typ": BUNDLE_TYP, "chain": chain}, indent=1).encode())
+        if size > MAX_BUNDLE_BYTES:
+            raise ChainLimitError(f"bundle is {size} bytes; at most {MAX_BUNDLE_BYTES}")
         return cls.from_compacts(chain)
+
+
+def _chain_of(obj: object) -> list[str]:
+    """The compact links of a bundle's JSON object, refusing anything else in it."""
+    if not isinstance(obj, dict) or obj.get("typ") != BUNDLE_TYP or set(obj) != {"typ", "chain"}:
+        raise FormatError(f"not a Janus bundle (expected typ {BUNDLE_TYP!r}, chain)")
+    chain = obj["chain"]
+    if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
+        raise FormatError("bundle 'chain' must be a list of compact JWS strings")
+    return chain

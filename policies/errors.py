@@ -131,6 +131,16 @@ class LedgerError(PolicyError):
     code = "ledger_error"
 
 
+class LedgerNotFoundError(LedgerError):
+    """A command that only reads a ledger was pointed at one that does not exist.
+
+    Opening it would create an empty ledger, in which nothing is revoked and the audit
+    log is empty: a mistyped path must not read as a clean record.
+    """
+
+    code = "ledger_not_found"
+
+
 class AuditError(PolicyError):
     """The audit log does not verify; the message names the first broken entry."""
 

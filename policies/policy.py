@@ -24,6 +24,7 @@ Two properties matter more than convenience:
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -567,3 +568,15 @@ class _Loader:
                 raise self.error(where, f"require: {item!r} is listed twice")
             names.add(item)
         return frozenset(names)
+
+
+def naming_policy_file(
+    error: PolicyViolationError, policy_file: str | PathLike[str]
+) -> PolicyViolationError:
+    """``error`` saying which file to edit: whoever is refused a grant is told where the
+    policy that refused it lives, not only which rule did."""
+    return PolicyViolationError(
+        f"{error} (issuance policy {os.path.abspath(policy_file)}: edit it to allow this "
+        "grant, see docs/policy.md)",
+        rule=error.rule,
+    )

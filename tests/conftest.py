@@ -27,8 +27,15 @@ settings.load_profile("janus")
 _STATE = Path(tempfile.mkdtemp(prefix="janus-tests-"))
 
 
-# The PC/SC fixtures (pcsc_readers, pcsc_reader) for every test package.
-pytest_plugins = ("tests.pcsc",)
+# The PC/SC fixtures (pcsc_readers, pcsc_reader) for every test package, and the
+# SoftHSM-in-a-container ones (token_container, container_tokens).
+pytest_plugins = ("tests.pcsc", "tests.containers")
+
+# Where the PKCS#11 tests can run: SoftHSM loaded into the test process, and SoftHSM in
+# a container reached through p11-kit-client.so. Modules marked `pkcs11_targets` run
+# every test that uses the token fixtures below once on each.
+PKCS11_TARGETS = ("softhsm", "container")
+_TOKEN_FIXTURES = frozenset({"softhsm_token", "pin_test_token", "pkcs11_provider"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,6 +65,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_STATE, ignore_errors=True)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    definition = metafunc.definition
+    if (
+        definition.get_closest_marker("pkcs11_targets") is None
+        or definition.get_closest_marker("local_softhsm") is not None
+        or not _TOKEN_FIXTURES & set(metafunc.fixturenames)
+    ):
+        return
+    metafunc.parametrize("pkcs11_target", PKCS11_TARGETS, indirect=True, scope="session")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--device"):
         return
@@ -68,15 +86,101 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def softhsm_token() -> SoftHSMToken:
-    """The session's SoftHSM token, its PIN in a 0600 file the URI points at."""
-    return _tokens["janus-test"]
+def pkcs11_target(request: pytest.FixtureRequest) -> str:
+    """Which SoftHSM the token fixtures give: local unless the test is parametrised."""
+    return str(getattr(request, "param", "softhsm"))
+
+
+def _token(request: pytest.FixtureRequest, target: str, label: str) -> SoftHSMToken:
+    if target == "container":
+        tokens: dict[str, SoftHSMToken] = request.getfixturevalue("container_tokens")
+        return tokens[label]
+    return _tokens[label]
+
+
+@pytest.fixture(autouse=True)
+def _pkcs11_default_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On the container target, URIs without module-path reach the container too.
+
+    That is how a deployment selects a remote token for every URI at once, and it lets
+    tests that name a token by label alone run unchanged on both targets.
+    """
+    if "pkcs11_target" not in request.fixturenames:
+        yield
+        return
+    token: SoftHSMToken = request.getfixturevalue("softhsm_token")
+    if request.getfixturevalue("pkcs11_target") != "container":
+        yield
+        return
+    _skip_unless_mechanisms(request)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JANUS_PKCS11_MODULE", token.module_path)
+        yield
+
+
+# What generating and using a key of each algorithm asks of the token.
+_ALGORITHM_MECHANISMS = {
+    "ES256": ("EC_KEY_PAIR_GEN", "ECDSA"),
+    "ES384": ("EC_KEY_PAIR_GEN", "ECDSA"),
+    "EdDSA": ("EC_EDWARDS_KEY_PAIR_GEN", "EDDSA"),
+    "X25519": ("EC_EDWARDS_KEY_PAIR_GEN", "ECDH1_DERIVE"),
+}
+_offered: dict[str, frozenset[str]] = {}
+
+
+# Why a token reached over p11-kit's RPC may lack a mechanism SoftHSM itself offers: the
+# RPC carries only mechanisms whose parameters it can serialise (p11-kit/rpc-message.c).
+_RPC_GAPS = {
+    "ECDH1_DERIVE": "p11-kit before 0.25 (Debian bookworm's 0.24.1) cannot carry it",
+    "EC_EDWARDS_KEY_PAIR_GEN": "p11-kit's RPC (0.25.5 too) carries no Edwards-curve mechanism",
+    "EDDSA": "p11-kit's RPC (0.25.5 too) carries no Edwards-curve mechanism",
+    "AES_KEY_WRAP_PAD": "p11-kit's RPC (0.25.5 too) carries no AES key wrap",
+}
+
+
+def _skip_unless_mechanisms(request: pytest.FixtureRequest) -> None:
+    """Skip a test whose mechanisms the token does not offer (its `alg` parameter and
+    its `pkcs11_mechanisms` marker say which), naming them and why they are missing.
+
+    The container target is built with p11-kit 0.25.5, which carries ECDH; Ed25519,
+    X25519 and AES key wrapping still cannot cross p11-kit's RPC at all.
+    """
+    wanted: list[str] = []
+    callspec = getattr(request.node, "callspec", None)
+    alg = callspec.params.get("alg") if callspec is not None else None
+    if alg is not None:
+        wanted += _ALGORITHM_MECHANISMS[getattr(alg, "value", str(alg))]
+    marker = request.node.get_closest_marker("pkcs11_mechanisms")
+    if marker is not None:
+        wanted += marker.args
+    if not wanted:
+        return
+    token: SoftHSMToken = request.getfixturevalue("softhsm_token")
+    if token.module_path not in _offered:
+        import pkcs11
+
+        slot = pkcs11.lib(token.module_path).get_token(token_label=token.label).slot
+        names = (getattr(m, "name", str(m)) for m in slot.get_mechanisms())
+        _offered[token.module_path] = frozenset(names)
+    missing = sorted(set(wanted) - _offered[token.module_path])
+    if missing:
+        why = sorted({_RPC_GAPS.get(m, "the token does not offer it") for m in missing})
+        pytest.skip(
+            f"the token behind {token.module_path} does not offer CKM_{', CKM_'.join(missing)}"
+            f" ({'; '.join(why)})"
+        )
 
 
 @pytest.fixture(scope="session")
-def pin_test_token() -> SoftHSMToken:
+def softhsm_token(request: pytest.FixtureRequest, pkcs11_target: str) -> SoftHSMToken:
+    """The session's SoftHSM token, its PIN in a 0600 file the URI points at."""
+    return _token(request, pkcs11_target, "janus-test")
+
+
+@pytest.fixture(scope="session")
+def pin_test_token(request: pytest.FixtureRequest, pkcs11_target: str) -> SoftHSMToken:
     """A token for wrong-PIN tests, so they never disturb the main token."""
-    return _tokens["pin-test"]
+    return _token(request, pkcs11_target, "pin-test")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from typing import Any
 
@@ -20,16 +21,18 @@ from agent.cli.output import (
     touch_prompt,
 )
 from janus_hsm import open_key
+from janus_hsm.errors import JanusHSMError
 from policies.abilities import Ability
+from policies.approval_collection import collect_approvals
 from policies.capability import Bundle
 from policies.durations import parse_duration
-from policies.errors import FormatError, PolicyError, VerificationError
+from policies.errors import PolicyError, PolicyViolationError
 from policies.invocation import invoke
 from policies.issue import grant, prepare_grant
 from policies.jws import strict_json
-from policies.ledger import open_ledger
+from policies.ledger import Ledger, open_ledger
 from policies.ledger.base import Rate
-from policies.policy import IssuancePolicy
+from policies.policy import IssuancePolicy, naming_policy_file
 from policies.revocation import Revocation, sign_revocation
 from policies.verify import Verifier
 
@@ -38,6 +41,21 @@ _RATE = re.compile(r"([0-9]+)/(.+)")
 
 def _bundle(path: str) -> Bundle:
     return Bundle.parse(read_input(path))
+
+
+def _recording_ledger(url: str) -> Ledger:
+    """The ledger a command records in: created if missing, and then said so on stderr
+    (a mistyped path must not silently start a second, empty ledger)."""
+    ledger = open_ledger(url, create=True)
+    if ledger.created:
+        print(f"janus: created ledger {ledger.location}", file=sys.stderr)
+    return ledger
+
+
+def _reading_ledger(url: str) -> Ledger:
+    """The ledger a command only reads: it must exist (LedgerNotFoundError otherwise),
+    since an empty one would say "nothing revoked" and "no audit entries"."""
+    return open_ledger(url, create=False)
 
 
 def parse_caveat_args(values: list[str]) -> tuple[Any, ...]:
@@ -89,12 +107,21 @@ def cmd_grant(args: argparse.Namespace) -> int:
     }
     # Prepared first (signing nothing): the policy says whether approvals are needed,
     # and approvals are over exactly these claims.  A request fixes the time and jti.
-    draft = prepare_grant(
-        issuer,
-        **arguments,
-        now=int(request.claims["iat"]) if request else None,
-        jti=str(request.claims["jti"]) if request else None,
-    )
+    try:
+        draft = prepare_grant(
+            issuer,
+            **arguments,
+            now=int(request.claims["iat"]) if request else None,
+            jti=str(request.claims["jti"]) if request else None,
+        )
+    except PolicyViolationError as exc:
+        if args.policy:
+            raise naming_policy_file(exc, args.policy) from None
+        raise PolicyViolationError(
+            f"{exc} (no --policy given, so the built-in permissive policy applies: write "
+            "an issuance policy and pass --policy FILE, see docs/policy.md)",
+            rule=exc.rule,
+        ) from None
     if request is not None and not request.same_claims(draft.claims):
         raise CommandError(
             f"{args.approval_request} was prepared for other grant arguments (or another "
@@ -104,7 +131,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     if draft.decision.approvals:
         if args.approval_request_out:
             return fido2_cli.write_request(args, draft)
-        approval_arguments = fido2_cli.grant_approvals(args, draft, request)
+        approval_arguments = collect_approvals(draft, fido2_cli.approval_sources(args), request)
     elif args.approval_request_out or args.approvals or args.approval_request:
         raise CommandError(f"rule {draft.decision.rule!r} requires no approvals")
     bundle = grant(
@@ -118,7 +145,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     )
     leaf = bundle.leaf
     if args.ledger:
-        with open_ledger(args.ledger) as ledger:
+        with _recording_ledger(args.ledger) as ledger:
             ledger.record_grant(
                 leaf.id,
                 {
@@ -161,8 +188,10 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     now = args.at if args.at is not None else time.time()
-    ledger = open_ledger(args.ledger) if args.ledger else None
+    ledger: Ledger | None = None
     try:
+        # Every failure, a missing ledger or an unreadable bundle too, is a verdict.
+        ledger = _reading_ledger(args.ledger) if args.ledger else None
         verifier = Verifier(revocations=ledger, **attestation_cli.verifier_options(args))
         if args.invocation:
             invocation = read_input(args.invocation).decode("ascii", "replace").strip()
@@ -179,7 +208,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             chain = verifier.verify_chain(
                 _bundle(args.bundle), now=now, skew=args.skew, root=args.root
             )
-    except (VerificationError, FormatError) as exc:
+    except (PolicyError, JanusHSMError, CommandError) as exc:
         return report_invalid(exc, as_json=args.json, link=getattr(exc, "link", None))
     finally:
         if ledger is not None:
@@ -217,7 +246,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     record.verify(bundle)  # refuse to emit a record no verifier would accept
     stored = None
     if args.ledger:
-        with open_ledger(args.ledger) as ledger:
+        with _recording_ledger(args.ledger) as ledger:
             stored = ledger.revoke(
                 target.id,
                 record=compact,
@@ -233,11 +262,11 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    with open_ledger(args.ledger) as ledger:
-        try:
+    try:
+        with _reading_ledger(args.ledger) as ledger:
             count = ledger.verify_audit()
-        except PolicyError as exc:
-            return report_invalid(exc, as_json=args.json, entry=getattr(exc, "entry", None))
+    except PolicyError as exc:  # damaged or missing ledger, broken chain: all "not valid"
+        return report_invalid(exc, as_json=args.json, entry=getattr(exc, "entry", None))
     return emit(
         {"valid": True, "entries": count}, f"audit log valid: {count} entries", as_json=args.json
     )

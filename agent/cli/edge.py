@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,8 @@ def cmd_grant(args: argparse.Namespace) -> int:
     edge = _open(args)
     if args.uses <= 0:
         raise CommandError("--uses must be a positive integer")
-    abilities = [Ability(args.resource, args.action, parse_caveat_args(args.caveat or []))]
+    caveats = parse_caveat_args(args.caveat or [])
+    abilities = [Ability(args.resource, action, caveats) for action in args.action]
     result = edge.grant(
         args.cloud.rstrip("/"),
         abilities,
@@ -86,10 +88,82 @@ def cmd_grant(args: argparse.Namespace) -> int:
         uses=args.uses,
         depth=args.depth,
         satisfied=args.satisfied or (),
-        approve=lambda draft: fido2_cli.grant_approvals(args, draft, None),
+        approvals=fido2_cli.approval_sources(args),
         attest=args.attach_attestation,
     )
     return emit(result, f"granted {result['grant_id']} to {result['key']}", as_json=args.json)
+
+
+def cmd_act(args: argparse.Namespace) -> int:
+    request = strict_json(read_input(args.payload), "payload")
+    api_token = None
+    if args.api_token_file:
+        api_token = read_input(args.api_token_file).decode("utf-8", "replace").strip()
+    edge = _open(args)
+    answer = edge.act(args.grant, args.action, request, resource=args.resource, api_token=api_token)
+    _print_product(args, answer)
+    uses = answer.get("uses")
+    used = uses.get(edge.granted(args.grant)["capability"]) if isinstance(uses, dict) else None
+    if not args.json and isinstance(used, int):
+        print(f"janus: {args.action} done: use {used} of grant {args.grant}", file=sys.stderr)
+    return 0
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    from agent.edge.agent import invoke_delegated
+    from janus_hsm import open_key
+    from policies.capability import Bundle
+
+    request = strict_json(read_input(args.payload), "payload")
+    bundle = Bundle.parse(read_input(args.bundle))
+    holder = open_key(args.key, allow_extractable=args.allow_extractable, on_touch=touch_prompt)
+    answer = invoke_delegated(
+        args.cloud.rstrip("/"), bundle, holder, args.action, request, resource=args.resource
+    )
+    _print_product(args, answer)
+    return 0
+
+
+def _print_product(args: argparse.Namespace, answer: dict[str, Any]) -> None:
+    """What an action produced, in the form the next command reads: evidence for `janus
+    edge verify`, a bundle for `janus verify` / `janus invoke`, else the answer itself;
+    to --out if given, and on stdout without --out or with --json."""
+    if "evidence" in answer:
+        product = answer["evidence"]
+    elif "bundle" in answer:
+        product = answer["bundle"]
+    else:
+        product = {k: v for k, v in answer.items() if k != "uses"}
+    text = json.dumps(product, indent=2, sort_keys=True) + "\n"
+    if args.out:
+        write_output(args.out, text.encode())
+    if args.json or not args.out:
+        sys.stdout.write(text)
+    else:
+        print(f"wrote {args.out}")
+
+
+def cmd_grants(args: argparse.Namespace) -> int:
+    edge = _open(args)
+    listed = edge.grants(refresh=args.refresh)
+    if args.json:
+        print_json(listed)
+        return 0
+    for g in listed:
+        if g["state"] == "unreadable":
+            print(f"{g['grant_id']}  unreadable record")
+            continue
+        abilities = ", ".join(f"{a['can']} on {a['with']}" for a in g["abilities"])
+        uses = g["uses"]
+        used = "?" if uses["used"] is None else uses["used"]
+        limit = "unlimited" if uses["limit"] is None else uses["limit"]
+        expires = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(g["expires"]))
+        print(
+            f"{g['grant_id']}  {g['state']:8}  {abilities}  uses {used}/{limit}  "
+            f"expires {expires}  {g['cloud']}"
+        )
+    print(f"{len(listed)} grant(s)", file=sys.stderr)
+    return 0
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
@@ -182,6 +256,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     common = common_options()
+    keyed = common_options(
+        json_output=False, allow_extractable="accept a holder key that is or was extractable"
+    )
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument(
         "--state-dir",
@@ -237,7 +314,15 @@ def register(commands: Any) -> None:
         help="get a fresh key from a cloud agent and grant it a capability",
     )
     p.add_argument("--cloud", required=True, metavar="URL")
-    p.add_argument("--can", dest="action", required=True, metavar="ACTION")
+    p.add_argument(
+        "--can",
+        dest="action",
+        action="append",
+        required=True,
+        metavar="ACTION",
+        help="repeatable: several actions on the one resource (e.g. sign/payment and "
+        "cap/delegate); caveats apply to each",
+    )
     p.add_argument("--with", dest="resource", required=True, metavar="RESOURCE")
     p.add_argument("--caveat", action="append", metavar="JSON")
     p.add_argument("--ttl", required=True, metavar="DURATION")
@@ -249,6 +334,62 @@ def register(commands: Any) -> None:
     fido2_cli.add_approval_options(p, offline=False)
     attestation_cli.add_attach_option(p)
     p.set_defaults(handler=cmd_grant, approvals=None)
+
+    p = sub.add_parser(
+        "act",
+        parents=[common, state],
+        help="have the cloud agent act under a grant (sign, send, redelegate…); prints "
+        "the evidence for `janus edge verify`",
+    )
+    p.add_argument("--grant", required=True, metavar="GRANT_ID")
+    p.add_argument(
+        "--action",
+        required=True,
+        metavar="ACTION",
+        help="sign/<purpose>, msg/send, msg/receive or cap/delegate (docs/cloud-agent.md)",
+    )
+    p.add_argument(
+        "--payload",
+        required=True,
+        metavar="FILE",
+        help="the request (JSON object; '-' for stdin): what to sign, the message, …",
+    )
+    p.add_argument(
+        "--resource",
+        metavar="RESOURCE",
+        help="default: the grant's resource, when it has exactly one",
+    )
+    p.add_argument("--out", metavar="FILE", help="write the evidence (or bundle) here")
+    p.add_argument(
+        "--api-token-file",
+        metavar="FILE",
+        help="the cloud agent's API token, if it was started with one",
+    )
+    p.set_defaults(handler=cmd_act)
+
+    p = sub.add_parser(
+        "invoke",
+        parents=[common, keyed],
+        help="as the holder of a capability a cloud agent delegated, have that agent act",
+    )
+    p.add_argument("--cloud", required=True, metavar="URL")
+    p.add_argument(
+        "--bundle", required=True, metavar="BUNDLE", help="from `edge act … cap/delegate`"
+    )
+    p.add_argument("--key", required=True, metavar="KEY_URI", help="the holder (audience) key")
+    p.add_argument("--action", required=True, metavar="ACTION")
+    p.add_argument("--payload", required=True, metavar="FILE", help="the request (JSON object)")
+    p.add_argument(
+        "--resource", metavar="RESOURCE", help="default: the bundle's resource, if only one"
+    )
+    p.add_argument("--out", metavar="FILE", help="write the evidence here")
+    p.set_defaults(handler=cmd_invoke)
+
+    p = sub.add_parser("grants", parents=[common, state], help="list the grants this owner issued")
+    p.add_argument(
+        "--refresh", action="store_true", help="also ask each cloud agent for the grant's status"
+    )
+    p.set_defaults(handler=cmd_grants)
 
     p = sub.add_parser("revoke", parents=[common, state], help="revoke a grant at once")
     p.add_argument("--grant", required=True, metavar="GRANT_ID")

@@ -12,14 +12,11 @@ passphrase or PIV PIN of ``janus grant``): see janus_hsm.fido2.pins.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,14 +30,9 @@ from agent.cli.output import (
     write_output,
 )
 from janus_hsm.backends.software.keyfile import HmacSecretRecipient
-from janus_hsm.fido2.devices import (
-    Fido2Device,
-    list_devices,
-    require_real_device,
-    select_device,
-)
-from janus_hsm.fido2.errors import Fido2Error, NoDeviceError, UnknownCredentialError
-from janus_hsm.fido2.pins import DevicePins, device_identity
+from janus_hsm.fido2.devices import list_devices, require_real_device, select_device
+from janus_hsm.fido2.errors import Fido2Error, UnknownCredentialError
+from janus_hsm.fido2.pins import DevicePins
 from janus_hsm.fido2.registry import (
     KEYSTORE_RP_ID,
     CredentialRegistry,
@@ -48,25 +40,21 @@ from janus_hsm.fido2.registry import (
     default_directory,
 )
 from janus_hsm.public_keys import b64url_encode
-from policies.approval_log import FILE_NAME as USED_APPROVALS
-from policies.approval_log import UsedApprovals
-from policies.approval_requests import ApprovalRequest, approval_file, load_approval_file
-from policies.approvals import (
-    Approval,
-    ApprovalRequestError,
-    Approver,
-    ApproverSet,
-    request_approval,
+from policies.approval_collection import (
+    APPROVAL_RP_ID,
+    APPROVERS_FILE,
+    CREDENTIALS_FILE,
+    ApprovalSources,
+    approval_request,
+    load_approvers,
+    open_authenticator,
+    registry_lock,
+    save_approvers,
 )
-from policies.errors import PolicyViolationError
+from policies.approval_requests import ApprovalRequest, approval_file
+from policies.approvals import ApprovalRequestError, Approver, request_approval
 from policies.issue import GrantDraft
 from policies.policy import APPROVAL
-
-#: The default RP ID of approval credentials: a reserved name (RFC 2606 ``.invalid``)
-#: no website can own, so no web page can ask for an approval assertion.
-APPROVAL_RP_ID = "approvals.janus.invalid"
-APPROVERS_FILE = "approvers.json"
-CREDENTIALS_FILE = "credentials.json"
 
 
 class MalformedRequestError(CommandError):
@@ -85,19 +73,6 @@ if TYPE_CHECKING:
     from janus_hsm.fido2.authenticator import Authenticator
 
 
-def _open_authenticator(device: Fido2Device, **options: Any) -> Authenticator:
-    # Imported on use: python-fido2's client adds ~0.15 s to every `janus` command.
-    from janus_hsm.fido2.authenticator import Authenticator
-
-    return Authenticator(device, **options)
-
-
-def _origin_for(rp_id: str) -> str:
-    from janus_hsm.fido2.authenticator import origin_for
-
-    return origin_for(rp_id)
-
-
 def registry_dir(args: argparse.Namespace) -> Path:
     return Path(args.registry_dir) if getattr(args, "registry_dir", None) else default_directory()
 
@@ -106,37 +81,6 @@ def approvers_path(args: argparse.Namespace) -> Path:
     if getattr(args, "approvers", None):
         return Path(args.approvers)
     return registry_dir(args) / APPROVERS_FILE
-
-
-def _load_approvers(path: Path) -> ApproverSet:
-    return ApproverSet.load(path) if path.exists() else ApproverSet()
-
-
-def _save_approvers(approvers: ApproverSet, path: Path) -> None:
-    """Atomic replace (ApproverSet.save), creating the registry directory 0700 first."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        approvers.save(path)
-    except OSError as exc:
-        raise CommandError(f"cannot write {path}: {exc.strerror}") from None
-
-
-@contextlib.contextmanager
-def _registry_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock (flock on ``<registry>.lock``) held across a registry's
-    read-modify-write, so two registrations (each waiting for a touch) or a removal
-    cannot overwrite each other's change."""
-    lock = path.with_name(path.name + ".lock")
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise CommandError(f"cannot lock {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _pin(args: argparse.Namespace) -> DevicePins:
@@ -152,14 +96,14 @@ def _say(message: str) -> None:
 def _authenticator(args: argparse.Namespace, doing: str) -> Authenticator:
     chosen = select_device(list_devices(), getattr(args, "device", None))
     require_real_device(chosen, doing)
-    return _open_authenticator(chosen, pin=_pin(args), on_touch=_say)
+    return open_authenticator(chosen, pin=_pin(args), on_touch=_say)
 
 
 # ------------------------------------------------------------------ janus fido2 list
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    approvers = _load_approvers(approvers_path(args))
+    approvers = load_approvers(approvers_path(args))
     keystore = CredentialRegistry.load(registry_dir(args) / CREDENTIALS_FILE)
     registered: list[dict[str, Any]] = [
         {
@@ -184,7 +128,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     devices = []
     for device in list_devices():
         try:
-            auth = _open_authenticator(device)
+            auth = open_authenticator(device)
             info = auth.describe()
             # Which registered credentials this key holds: an up=false pre-flight, no touch.
             info["holds"] = [
@@ -231,8 +175,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     auth = _authenticator(args, f"registering {args.name!r}")
     if args.purpose == "approval":
         path = approvers_path(args)
-        with _registry_lock(path):
-            approvers = _load_approvers(path)
+        with registry_lock(path):
+            approvers = load_approvers(path)
             rp_id = args.rp_id or APPROVAL_RP_ID
             if approvers.get(args.name) is not None:
                 raise CommandError(f"approver {args.name!r} is already registered in {path}")
@@ -240,7 +184,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             _say(f"registering approver {args.name!r} on {auth.name}")
             created = auth.make_credential(rp_id, args.name, exclude=exclude)
             approver = Approver(args.name, created.credential_id, created.public_key, rp_id)
-            _save_approvers(approvers.with_approver(approver), path)
+            save_approvers(approvers.with_approver(approver), path)
         result: dict[str, Any] = {
             "purpose": "approval",
             "registry": str(path),
@@ -248,7 +192,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         }
     else:
         path = registry_dir(args) / CREDENTIALS_FILE
-        with _registry_lock(path):
+        with registry_lock(path):
             registry = CredentialRegistry.load(path)
             rp_id = args.rp_id or KEYSTORE_RP_ID
             if registry.get(args.name) is not None:
@@ -271,14 +215,14 @@ def cmd_remove(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     if args.purpose in (None, "approval"):
         path = approvers_path(args)
-        with _registry_lock(path):
-            approvers = _load_approvers(path)
+        with registry_lock(path):
+            approvers = load_approvers(path)
             if approvers.get(args.name) is not None:
-                _save_approvers(approvers.without(args.name), path)
+                save_approvers(approvers.without(args.name), path)
                 removed.append({"purpose": "approval", "registry": str(path)})
     if args.purpose in (None, "keystore"):
         path = registry_dir(args) / CREDENTIALS_FILE
-        with _registry_lock(path):
+        with registry_lock(path):
             registry = CredentialRegistry.load(path)
             if registry.get(args.name) is not None:
                 registry.without(args.name).save(path)
@@ -304,151 +248,23 @@ def cmd_remove(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ approvals
 
 
-def approvals_from_devices(
-    claims: dict[str, Any],
-    approvers: ApproverSet,
-    *,
-    rp_id: str,
-    origin: str,
-    needed: int,
-    already: Sequence[str],
-    pin: DevicePins,
-    require_uv: bool,
-) -> list[Approval]:
-    """Approvals from the connected keys of registered approvers, up to ``needed``.
-
-    A refusal at any key (presence denied, timeout, PIN blocked…) is raised as its typed
-    error: the grant is refused, not silently short of an approval.  Each approver's key
-    gets its own PIN (``pin`` prompts per key); one fixed PIN for several keys is refused
-    before any key is asked.
-    """
-    collected: list[Approval] = []
-    done = set(already)
-    devices = list_devices()
-    for device in devices:
-        require_real_device(device, "collecting approvals")
-    if require_uv and pin.fixed:
-        pin.check_one_device(
-            _approving_devices(devices, approvers, rp_id=rp_id, needed=needed, done=done),
-            "collecting approvals",
-        )
-    for device in devices:
-        if len(collected) >= needed:
-            break
-        candidates = [a for a in approvers if a.rp_id == rp_id and a.id not in done]
-        if not candidates:
-            break
-        auth = _open_authenticator(device, pin=pin, on_touch=_say)
-        held = auth.holds(rp_id, [a.credential_id for a in candidates])
-        if held is None:
-            continue
-        approver = next(a for a in candidates if a.credential_id == held)
-        try:
-            approval = request_approval(
-                auth.client(origin),
-                approver,
-                claims,
-                rp_id=rp_id,
-                origin=origin,
-                user_verification="required" if require_uv else "discouraged",
-                prompt=_approval_prompt(device.name),
-            )
-        except ApprovalRequestError as exc:
-            cause = exc.__cause__ or exc
-            raise auth.map_error(cause, f"approval by {approver.id!r}") from None
-        collected.append(approval)
-        done.add(approver.id)
-    if not devices and needed:
-        raise NoDeviceError("no FIDO2 authenticator is connected to collect approvals from")
-    return collected
-
-
-def _approving_devices(
-    devices: Sequence[Fido2Device],
-    approvers: ApproverSet,
-    *,
-    rp_id: str,
-    needed: int,
-    done: set[str],
-) -> set[str]:
-    """The identities of the devices :func:`approvals_from_devices` would ask (touch-free)."""
-    asked: set[str] = set()
-    done = set(done)
-    for device in devices:
-        if len(asked) >= needed:
-            break
-        candidates = [a for a in approvers if a.rp_id == rp_id and a.id not in done]
-        if not candidates:
-            break
-        held = _open_authenticator(device).holds(rp_id, [a.credential_id for a in candidates])
-        if held is None:
-            continue
-        done.add(next(a.id for a in candidates if a.credential_id == held))
-        asked.add(device_identity(device))
-    return asked
-
-
-def _approval_prompt(device_name: str) -> Any:
-    def prompt(approver: Approver) -> None:
-        _say(f"approver {approver.id!r} ({device_name}): approve this grant")
-
-    return prompt
-
-
-def grant_approvals(
-    args: argparse.Namespace, draft: GrantDraft, request: ApprovalRequest | None
-) -> dict[str, Any]:
-    """The approval arguments of :func:`policies.issue.grant` for a draft that needs them."""
-    required = draft.decision.approvals
-    rp_id = request.rp_id if request else args.approval_rp_id
-    origin = request.origin if request else _origin_for(rp_id)
-    approvers = _load_approvers(approvers_path(args))
-    approvals = [
-        load_approval_file(read_input(name), name, challenge=draft.challenge)
-        for name in args.approvals or []
-    ]
-    if args.approver_device:
-        approvals += approvals_from_devices(
-            draft.claims,
-            approvers,
-            rp_id=rp_id,
-            origin=origin,
-            needed=max(required - len({a.approver_id for a in approvals}), 0),
-            already=[a.approver_id for a in approvals],
-            pin=_pin(args),
-            require_uv=args.approval_require_uv,
-        )
-    if not approvals:
-        raise PolicyViolationError(
-            f"rule {draft.decision.rule!r} requires {required} approval(s) before the key "
-            "signs, and none were given: approve with connected keys (--approver-device), or "
-            "prepare a request (--approval-request-out FILE), have each approver run "
-            "`janus fido2 approve --request FILE`, and grant with --approval-request FILE "
-            "--approvals FILE… (docs/fido2.md)",
-            rule=draft.decision.rule,
-        )
-    return {
-        "approvals": approvals,
-        "approvers": approvers,
-        "approval_origin": origin,
-        "approval_rp_id": rp_id,
-        "approval_require_uv": args.approval_require_uv,
-        # In the issuer's registry directory: each approval is good for one capability.
-        "used_approvals": UsedApprovals(registry_dir(args) / USED_APPROVALS),
-    }
+def approval_sources(args: argparse.Namespace) -> ApprovalSources:
+    """The approval options of a grant command, for :func:`collect_approvals`."""
+    return ApprovalSources(
+        registry_dir=registry_dir(args),
+        approvers_file=approvers_path(args),
+        files=[(name, read_input(name)) for name in getattr(args, "approvals", None) or []],
+        from_devices=bool(getattr(args, "approver_device", False)),
+        rp_id=args.approval_rp_id,
+        require_uv=bool(args.approval_require_uv),
+        pin=_pin(args),
+        say=_say,
+    )
 
 
 def write_request(args: argparse.Namespace, draft: GrantDraft) -> int:
     """Write the approval request for ``draft`` (nothing is signed)."""
-    rp_id = args.approval_rp_id
-    request = ApprovalRequest.create(
-        draft.claims,
-        rp_id=rp_id,
-        origin=_origin_for(rp_id),
-        required=draft.decision.approvals,
-        rule=draft.decision.rule,
-        approvers=_load_approvers(approvers_path(args)),
-    )
+    request = approval_request(draft, approval_sources(args))
     write_output(args.approval_request_out, request.to_bytes(), mode=0o644)
     result = {
         "request": args.approval_request_out,

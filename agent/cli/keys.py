@@ -22,8 +22,10 @@ from agent.cli.output import (
 )
 from janus_hsm import open_provider
 from janus_hsm.algorithms import Algorithm
+from janus_hsm.errors import SubjectError
 from janus_hsm.provider import KeyHandle, SignatureFormat
 from janus_hsm.public_keys import b64url_encode
+from janus_hsm.x509_names import parse_subject
 
 
 def describe(handle: KeyHandle) -> dict[str, Any]:
@@ -256,13 +258,11 @@ def _check_rewrap_pins(current: list[Any], add: list[Any]) -> None:
 
 
 def _name(subject: str) -> x509.Name:
+    """The --subject name, checked before the device is opened (no PIN for a typo)."""
     try:
-        name = x509.Name.from_rfc4514_string(subject)
-    except ValueError as exc:
-        raise CommandError(f"--subject {subject!r} is not an RFC 4514 name: {exc}") from None
-    if not list(name):
-        raise CommandError("--subject must not be empty, e.g. --subject 'CN=edge-root'")
-    return name
+        return parse_subject(subject)
+    except SubjectError as exc:
+        raise SubjectError(f"--subject: {exc}") from None
 
 
 def _signing_hash(handle: KeyHandle) -> hashes.HashAlgorithm | None:
@@ -270,9 +270,10 @@ def _signing_hash(handle: KeyHandle) -> hashes.HashAlgorithm | None:
 
 
 def cmd_csr(args: argparse.Namespace) -> int:
+    subject = _name(args.subject)
     with _provider(args) as provider:
         handle = provider.find(args.uri)
-        builder = x509.CertificateSigningRequestBuilder().subject_name(_name(args.subject))
+        builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
         csr = builder.sign(handle.as_cryptography_key(), _signing_hash(handle))  # type: ignore[arg-type]
     pem = csr.public_bytes(serialization.Encoding.PEM)
     return _emit_pem(args, pem, "csr")
@@ -281,10 +282,10 @@ def cmd_csr(args: argparse.Namespace) -> int:
 def cmd_cert(args: argparse.Namespace) -> int:
     if not 1 <= args.days <= 36500:
         raise CommandError("--days must be between 1 and 36500")
+    name = _name(args.subject)
     with _provider(args) as provider:
         handle = provider.find(args.uri)
         key = handle.as_cryptography_key()
-        name = _name(args.subject)
         now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()

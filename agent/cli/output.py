@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.errors import BadRequestError
 from janus_hsm.atomic_file import replace_file
 
 
-class CommandError(Exception):
-    """A usage problem the argument parser could not catch (bad file, bad subject…)."""
+class CommandError(BadRequestError):
+    """A usage problem the argument parser could not catch (bad file, bad subject…).
 
-    code = "bad_request"
+    A bad request made on the command line: one meaning, one code (``bad_request``).
+    """
 
 
 def touch_prompt(message: str) -> None:
@@ -62,20 +64,29 @@ def emit_written(out: str | None, data: bytes, result: Any, *, as_json: bool) ->
 
 
 def report_invalid(exc: Exception, *, as_json: bool, **error: Any) -> int:
-    """Say why something did not verify (``error`` adds to the ``--json`` error); status 1."""
-    if as_json:
-        code = getattr(exc, "code", "error")
-        print_json({"valid": False, "error": {"code": code, **error, "message": str(exc)}})
-    print(f"janus: invalid: {exc}", file=sys.stderr)
+    """Say why something did not verify, as every failure is said; exit status 1.
+
+    The same line as any failure (``janus: error: …``), and with ``--json`` the same
+    error object plus ``"valid": false`` (``error`` adds fields to it, e.g. ``link``),
+    so a script tells "did not verify" from "could not run" by the code alone.
+    """
+    emit_error(exc, as_json=as_json, verdict=True, **error)
     return 1
 
 
-def emit_error(exc: Exception, *, as_json: bool) -> None:
+def emit_error(exc: Exception, *, as_json: bool, verdict: bool = False, **extra: Any) -> None:
+    """The one way a failure is reported: one line on stderr, the error object on stdout
+    for ``--json`` (with ``"valid": false`` when the command gives a verdict)."""
     message = " ".join(str(exc).split()) or type(exc).__name__
     code = getattr(exc, "code", "error")
     print(f"janus: error: {message}", file=sys.stderr)
     if as_json:
-        print_json({"error": {"code": code, "type": type(exc).__name__, "message": message}})
+        document: dict[str, Any] = {
+            "error": {"code": code, "type": type(exc).__name__, **extra, "message": message}
+        }
+        if verdict:
+            document["valid"] = False
+        print_json(document)
 
 
 def read_input(path: str) -> bytes:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -62,6 +63,20 @@ def _status(exc: Exception) -> int:
     if isinstance(exc, VerificationError | PolicyViolationError):
         return 403
     return 500
+
+
+# Starlette's own refusals (no such route, wrong method), in the API's error format.
+_HTTP_CODES = {404: "no_route", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": {"code": code, "message": exc.detail}},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 def error_response(exc: Exception) -> JSONResponse:
@@ -119,6 +134,14 @@ async def _body(request: Request) -> bytes:
             raise BadRequestError(f"request body larger than {MAX_BODY} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _text(request: Request) -> str:
+    data = await _body(request)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequestError("request body is not UTF-8 text") from None
 
 
 async def _json(request: Request) -> dict[str, Any]:
@@ -189,10 +212,8 @@ def build_app(agent: CloudAgent) -> Starlette:
         )
 
     async def install(request: Request) -> dict[str, Any]:
-        data = await _body(request)
-        record = await threaded(
-            agent.install, request.path_params["grant_id"], data.decode("utf-8", "replace")
-        )
+        text = await _text(request)
+        record = await threaded(agent.install, request.path_params["grant_id"], text)
         return {
             "grant_id": record.grant_id,
             "did": record.did,
@@ -210,6 +231,8 @@ def build_app(agent: CloudAgent) -> Starlette:
             "expires": record.expires_at,
         }
 
+    uses: dict[str, Any] = {}  # action -> its labelled use counter
+
     async def act(request: Request) -> Response:
         _check_bearer(request, agent.config.api_token)
         body = await _json(request)
@@ -220,7 +243,10 @@ def build_app(agent: CloudAgent) -> Starlette:
         result = await agent.act_async(
             spender, request.path_params["grant_id"], action, resource, payload
         )
-        metrics.uses.labels(result.action).inc()
+        counter = uses.get(result.action)
+        if counter is None:  # labels() takes a lock and builds a tuple: once per action
+            counter = uses[result.action] = metrics.uses.labels(result.action)
+        counter.inc()
         return Response(result.to_json(), media_type="application/json")
 
     async def invoke_external(request: Request) -> dict[str, Any]:
@@ -238,7 +264,7 @@ def build_app(agent: CloudAgent) -> Starlette:
             raise BadRequestError(
                 "body must be {'bundle': object, 'invocation': str, 'request': object}"
             )
-        result = await threaded(agent.invoke_external, json.dumps(bundle), invocation, payload)
+        result = await threaded(agent.invoke_external, bundle, invocation, payload)
         metrics.uses.labels(result.action).inc()
         return {"action": result.action, "grant_id": result.grant_id, **result.result}
 
@@ -254,7 +280,12 @@ def build_app(agent: CloudAgent) -> Starlette:
         body = await _json(request)
         signed = body.get("request")
         limit = body.get("limit", 100)
-        if not isinstance(signed, str) or not isinstance(limit, int) or not 0 < limit <= 1000:
+        if (
+            not isinstance(signed, str)
+            or not isinstance(limit, int)
+            or isinstance(limit, bool)  # JSON true is no count
+            or not 0 < limit <= 1000
+        ):
             raise BadRequestError("body must be {'request': <owner-signed JWS>, 'limit': 1-1000}")
         result: dict[str, Any] = await threaded(agent.pickup, signed, limit=limit)
         return result
@@ -277,6 +308,10 @@ def build_app(agent: CloudAgent) -> Starlette:
                 except Exception:
                     log.exception("sweep failed")
 
+        # What exists now (modules, keys, the app) lives as long as the process: moved
+        # out of the collector's generations, it is not walked again by every full
+        # collection, which a use's short-lived objects trigger every few seconds.
+        gc.freeze()
         task = asyncio.create_task(sweeper())
         try:
             yield
@@ -285,6 +320,10 @@ def build_app(agent: CloudAgent) -> Starlette:
             spender.close()
 
     routes = [
+        # First: the route of every use (Starlette tries the routes in order).
+        Route(
+            "/v1/grants/{grant_id}/actions/{action:path}", endpoint("act", act), methods=["POST"]
+        ),
         Route("/healthz", endpoint("healthz", healthz), methods=["GET"]),
         Route("/metrics", endpoint("metrics", metrics_endpoint), methods=["GET"]),
         Route("/openapi.json", endpoint("openapi", openapi), methods=["GET"]),
@@ -292,12 +331,11 @@ def build_app(agent: CloudAgent) -> Starlette:
         Route("/v1/grants", endpoint("create_grant", create_grant), methods=["POST"]),
         Route("/v1/grants/{grant_id}", endpoint("show_grant", show_grant), methods=["GET"]),
         Route("/v1/grants/{grant_id}/bundle", endpoint("install", install), methods=["PUT"]),
-        Route(
-            "/v1/grants/{grant_id}/actions/{action:path}", endpoint("act", act), methods=["POST"]
-        ),
         Route("/v1/invoke", endpoint("invoke", invoke_external), methods=["POST"]),
         Route("/v1/didcomm", endpoint("didcomm", didcomm_inbound), methods=["POST"]),
         Route("/v1/pickup", endpoint("pickup", pickup), methods=["POST"]),
         Route("/v1/revocations", endpoint("revoke", revoke), methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
+    )

@@ -9,15 +9,22 @@ the agent opens only that outer layer, and holding the inner envelope is a
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from agent.cloud.service import CloudAgent
 from agent.cloud.store import ACTIVE
 from agent.didcomm import unwrap_forward
 from agent.didcomm.keys import did_of
-from agent.errors import NotFoundError
+from agent.errors import GrantInactiveError, NotFoundError, NoUsableGrantError
 from policies.capability import Bundle
-from policies.errors import LimitExceededError, VerificationError
+from policies.errors import (
+    ExpiredError,
+    LimitExceededError,
+    PolicyError,
+    RevokedError,
+    VerificationError,
+)
 
 MAILBOX = "janus:mailbox"
 RECEIVE = "msg/receive"
@@ -27,6 +34,7 @@ def receive_forward(agent: CloudAgent, envelope: bytes) -> dict[str, Any]:
     forward, _ = unwrap_forward(envelope, [agent.routing_key])
     owner = did_of(forward.next) if "#" in forward.next else forward.next
     inner = json.loads(forward.payload)
+    now = time.time()
     candidates = [
         g
         for g in agent.store.grants(ACTIVE)
@@ -34,16 +42,29 @@ def receive_forward(agent: CloudAgent, envelope: bytes) -> dict[str, Any]:
     ]
     if not candidates:
         raise NotFoundError(f"this agent holds no mailbox grant for {owner}")
-    last_error: Exception | None = None
-    for record in candidates:
+    # The store may still list as active a grant that ended (expired while the agent
+    # was stopped, until the sweep retires it; used up or revoked by another instance):
+    # skip those, so one stale grant never hides a valid one.
+    live = [g for g in candidates if g.expires_at is None or g.expires_at > now]
+    live_ids = {g.grant_id for g in live}
+    ended = [f"{g.grant_id}: expired" for g in candidates if g.grant_id not in live_ids]
+    refusal: PolicyError | None = None
+    for record in live:
         try:
             result = agent.act(record.grant_id, RECEIVE, MAILBOX, {"message": inner})
-        except (LimitExceededError, VerificationError) as exc:
-            last_error = exc  # that grant is used up or expired: try the next one
+        except (GrantInactiveError, LimitExceededError, ExpiredError, RevokedError) as exc:
+            ended.append(f"{record.grant_id}: {exc.code}")  # that grant is over: next one
+            continue
+        except VerificationError as exc:
+            refusal = exc  # this grant refuses this message (a caveat…): another may not
             continue
         return {"held": result.result["held"], "for": owner}
-    assert last_error is not None
-    raise last_error
+    if refusal is not None:
+        raise refusal
+    raise NoUsableGrantError(
+        f"every mailbox grant this agent holds for {owner} has ended ({'; '.join(ended)}): "
+        "the owner must grant a new one"
+    )
 
 
 def _receives_for(bundle: Bundle, recipient: str, agent_owner: str | None) -> bool:

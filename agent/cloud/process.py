@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import socket
@@ -23,14 +25,22 @@ class ServerProcess:
     """An HTTP server started as a subprocess, logging to a file, ready once /healthz is 200.
 
     Shared by the cloud agent below and the benchmarks' bare comparison server, so both
-    are started, awaited and stopped the same way.
+    are started, awaited and stopped the same way.  With ``port=None`` the server picks
+    a free port itself and announces its URL as a JSON line ``{"url": …}`` in its
+    output (``janus cloud serve --port 0 --json``): no other process can take the port
+    between choosing it and binding it.
     """
 
     def __init__(
-        self, argv: list[str], *, port: int, log_path: Path, env: dict[str, str] | None = None
+        self,
+        argv: list[str],
+        *,
+        port: int | None,
+        log_path: Path,
+        env: dict[str, str] | None = None,
     ) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = port or 0
+        self.url = f"http://127.0.0.1:{port}" if port else ""
         self.log_path = log_path
         self.log = log_path.open("wb")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -45,12 +55,26 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.log_path.name}: the server exited: {self.output()}")
+            if not self.url and not self._announced():
+                time.sleep(0.05)
+                continue
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.log_path.name}: the server did not start: {self.output()}")
+
+    def _announced(self) -> bool:
+        """Take the URL from the server's announcement, once it has printed it."""
+        self.log.flush()
+        for line in self.log_path.read_text(errors="replace")[:4000].splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    url = str(json.loads(line)["url"])
+                    self.url, self.port = url, int(url.rsplit(":", 1)[1])
+                    return True
+        return False
 
     def output(self) -> str:
         self.log.flush()
@@ -79,7 +103,6 @@ class CloudProcess(ServerProcess):
         api_token_file: Path | None = None,
     ) -> None:
         self.state_dir = state_dir
-        port = port or free_port()
         state_dir.mkdir(parents=True, exist_ok=True)
         passphrase = state_dir / "passphrase"
         if not passphrase.exists():
@@ -95,7 +118,8 @@ class CloudProcess(ServerProcess):
             "--state-dir",
             str(state_dir),
             "--port",
-            str(port),
+            str(port or 0),
+            "--json",  # announces the URL, with the port it bound
             "--passphrase-file",
             str(passphrase),
         ]
@@ -106,4 +130,5 @@ class CloudProcess(ServerProcess):
         if api_token_file:
             args += ["--api-token-file", str(api_token_file)]
         env = {k: v for k, v in os.environ.items() if k != "JANUS_PIN"}
-        super().__init__(args, port=port, log_path=state_dir / f"server-{port}.log", env=env)
+        log_path = state_dir / f"server-{port or secrets.token_hex(4)}.log"
+        super().__init__(args, port=port, log_path=log_path, env=env)

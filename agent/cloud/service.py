@@ -25,8 +25,10 @@ from typing import Any
 
 from agent.cloud.store import ACTIVE, PENDING, CloudStore, GrantRecord
 from agent.errors import BadRequestError, ConflictError, GrantInactiveError, NotFoundError
+from agent.protocol import KEYREQ_TYP, PICKUP_TYP, check_signed_request
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.backends.software import SoftwareKeyHandle, SoftwareProvider
+from janus_hsm.database_url import sqlite_url
 from janus_hsm.errors import KeyExistsError, KeyNotFoundError
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import b64url_encode
@@ -37,7 +39,7 @@ from policies.durations import parse_duration
 from policies.errors import FormatError, PolicyError, RevokedError, VerificationError
 from policies.invocation import Invocation, invoke_local
 from policies.issue import grant
-from policies.jws import canonical_json, parse_compact, public_key_for, verify_signature
+from policies.jws import canonical_json
 from policies.ledger import open_ledger
 from policies.ledger.aio import AsyncSpender
 from policies.ledger.base import SpendReceipt
@@ -47,8 +49,6 @@ from policies.verify import Verifier
 
 log = logging.getLogger(__name__)
 
-KEYREQ_TYP = "janus-keyreq+jws"
-PICKUP_TYP = "janus-pickup+jws"
 PENDING_TTL = 3600
 MAX_PENDING = 1000
 
@@ -67,7 +67,7 @@ class CloudConfig:
 
     @property
     def database_url(self) -> str:
-        return self.ledger_url or f"sqlite:///{self.state_dir.resolve() / 'cloud.db'}"
+        return self.ledger_url or sqlite_url(self.state_dir.resolve() / "cloud.db")
 
 
 # As Starlette's JSONResponse renders a body (one encoder, not one per json.dumps call).
@@ -245,7 +245,7 @@ class CloudAgent:
         except KeyNotFoundError:  # another instance destroyed it a moment ago
             raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
         bundle = Bundle.parse(record.bundle)
-        bundle_json = json.loads(bundle.to_json())
+        bundle_json = bundle.to_dict()
         unlocked = _Unlocked(record, bundle, found, bundle_json, _json_text(bundle_json))
         with self._lock:
             return self._unlocked.setdefault(grant_id, unlocked)
@@ -382,23 +382,27 @@ class CloudAgent:
 
     def invoke_external(
         self,
-        bundle_text: str,
+        bundle: str | Mapping[str, Any],
         invocation: str,
         request: Mapping[str, Any],
         *,
         now: float | None = None,
     ) -> ActionResult:
-        """A holder of a capability this agent delegated invokes it with its own key."""
+        """A holder of a capability this agent delegated invokes it with its own key.
+
+        ``bundle`` is its text or its JSON object (as an HTTP body carries it), parsed
+        here once.
+        """
         now = time.time() if now is None else now
-        bundle = Bundle.parse(bundle_text)
+        parsed = Bundle.parse(bundle) if isinstance(bundle, str) else Bundle.from_dict(bundle)
         active = {g.did: g for g in self.store.grants(ACTIVE)}
-        anchor = next((active[c.audience] for c in bundle.chain if c.audience in active), None)
+        anchor = next((active[c.audience] for c in parsed.chain if c.audience in active), None)
         if anchor is None:
             raise NotFoundError("the chain passes through none of this agent's active grants")
         with self._in_flight(anchor.grant_id) as flight:
             grant_ = self._active(anchor.grant_id)
             self._check_unexpired(grant_, now=now)
-            return self._perform(grant_, bundle, invocation, request, flight, now=now)
+            return self._perform(grant_, parsed, invocation, request, flight, now=now)
 
     def _perform(
         self,
@@ -500,7 +504,7 @@ class CloudAgent:
                 "alg": handle.algorithm.value,
                 "signature": b64url_encode(signature),
                 "invocation": invocation.compact,
-                "bundle": bundle_json if bundle_json is not None else json.loads(bundle.to_json()),
+                "bundle": bundle_json if bundle_json is not None else bundle.to_dict(),
             }
         }
 
@@ -542,7 +546,7 @@ class CloudAgent:
             policy=self.config.delegation_policy,
             now=int(now),
         )
-        return {"bundle": json.loads(child.to_json())}
+        return {"bundle": child.to_dict()}
 
     # --- mailbox --------------------------------------------------------------------
 
@@ -571,26 +575,42 @@ class CloudAgent:
         now = time.time() if now is None else now
         record = Revocation.parse(record_text)
         affected = [
-            g
-            for g in self.store.grants(ACTIVE)
-            if g.bundle is not None
-            and record.revoked_id in [c.id for c in Bundle.parse(g.bundle).chain]
+            (g, bundle)
+            for g, bundle in self._active_bundles()
+            if record.revoked_id in [c.id for c in bundle.chain]
         ]
         if not affected:
             raise NotFoundError("no active grant here contains the revoked capability")
-        record.verify(Bundle.parse(affected[0].bundle or ""))
+        record.verify(affected[0][1])
         newly = self.ledger.revoke(
             record.revoked_id,
             record=record.compact,
             data={"issuer": record.issuer, "reason": record.reason},
         )
-        for g in affected:
+        for g, _ in affected:
             self._destroy(g, "revoked")
         return {
             "revoked": record.revoked_id,
             "newly_revoked": newly,
-            "destroyed": [g.grant_id for g in affected],
+            "destroyed": [g.grant_id for g, _ in affected],
         }
+
+    def _active_bundles(self) -> Iterator[tuple[GrantRecord, Bundle]]:
+        """Each active grant with its capability, parsed once (or taken from the cache)."""
+        for g in self.store.grants(ACTIVE):
+            if g.bundle is not None:
+                yield g, self._bundle_of(g)
+
+    def _bundle_of(self, record: GrantRecord) -> Bundle:
+        """The grant's installed bundle: this process's parsed copy if it has one.
+
+        An installed capability is never replaced, so the cached copy of an unlocked
+        grant is the stored one.
+        """
+        cached = self._cached(record.grant_id)
+        if cached is not None and cached.record.bundle == record.bundle:
+            return cached.bundle
+        return Bundle.parse(record.bundle or "")
 
     def sweep(self, *, now: float | None = None) -> list[str]:
         """Destroy the keys of grants that expired, were used up or were revoked.
@@ -608,7 +628,7 @@ class CloudAgent:
             if g.status == PENDING and now - g.created_at > PENDING_TTL:
                 reason = "never received a capability"
             elif g.status == ACTIVE and g.bundle is not None:
-                reason = self._spent_reason(g, Bundle.parse(g.bundle), now=now)
+                reason = self._spent_reason(g, self._bundle_of(g), now=now)
             if reason is not None:
                 self._destroy(g, reason)
                 destroyed.append(g.grant_id)
@@ -650,8 +670,6 @@ class CloudAgent:
         return last and users.check
 
     def _retire_if_spent(self, grant_id: str, *, now: float) -> None:
-        with self._lock:
-            cached = self._unlocked.get(grant_id)
         try:
             record = self.store.grant(grant_id)
         except NotFoundError:
@@ -660,8 +678,7 @@ class CloudAgent:
             if record.status != ACTIVE:
                 self._forget(grant_id)
             return
-        bundle = cached.bundle if cached is not None else Bundle.parse(record.bundle)
-        reason = self._spent_reason(record, bundle, now=now)
+        reason = self._spent_reason(record, self._bundle_of(record), now=now)
         if reason is not None:
             self._destroy(record, reason)
 
@@ -689,44 +706,18 @@ class CloudAgent:
 
     def _check_signed_request(self, compact: str | None, typ: str, *, now: float) -> dict[str, Any]:
         """A short-lived request signed by the owner's key (key requests, pickups)."""
-        if not compact:
-            raise VerificationError("this request must be signed by the owner's key")
-        parsed = parse_compact(compact, typ=typ, what="signed request")
-        claims = parsed.payload
-        issuer = claims.get("iss")
-        if self.config.owner is not None and issuer != self.config.owner:
-            raise VerificationError("the request is not signed by this agent's owner")
-        verify_signature(parsed, public_key_for(issuer, "request iss"), what="signed request")
-        if claims.get("aud") != self.did:
-            raise VerificationError("the request is addressed to another agent")
-        iat, exp, nonce = claims.get("iat"), claims.get("exp"), claims.get("nonce")
-        if not isinstance(iat, int) or not isinstance(exp, int) or not isinstance(nonce, str):
-            raise FormatError("signed request needs integer iat, exp and a string nonce")
-        if not (iat - 60 <= now < exp + 60 and 0 < exp - iat <= 300):
-            raise VerificationError("the signed request is expired or not yet valid")
+        claims = check_signed_request(
+            compact, typ, owner=self.config.owner, audience=self.did, now=now
+        )
+        nonce = claims["nonce"]
         with self._lock:
             self._seen_requests = {n: t for n, t in self._seen_requests.items() if t > now}
             if nonce in self._seen_requests:
                 raise VerificationError("the signed request was replayed")
-            self._seen_requests[nonce] = exp + 60
+            self._seen_requests[nonce] = claims["exp"] + 60
         return claims
 
     def close(self) -> None:
         self.store.close()
         self.ledger.close()
         self.keys.close()
-
-
-def sign_request(key: KeyHandle, *, typ: str, audience: str, now: int, **claims: Any) -> str:
-    """The owner side of _check_signed_request."""
-    from policies.jws import sign_compact
-
-    payload = {
-        "iss": key.did,
-        "aud": audience,
-        "nonce": b64url_encode(os.urandom(16)),
-        "iat": now,
-        "exp": now + 120,
-        **claims,
-    }
-    return sign_compact(key, {"typ": typ}, payload)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError, NotFoundError
+from agent.errors import AgentError, ConfigurationError, NotFoundError
+from janus_hsm.database_url import DatabaseURLError, parse_database_url
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,11 @@ class CloudStore:
 
     def __init__(self, url: str) -> None:
         self._lock = threading.Lock()
-        if url.startswith(("postgresql://", "postgres://")):
+        try:  # the ledger reads the same URL the same way: both open one database
+            where = parse_database_url(url)
+        except DatabaseURLError as exc:
+            raise ConfigurationError(f"state store: {exc}") from None
+        if not where.is_sqlite:
             import psycopg
 
             self._url = url
@@ -79,7 +84,7 @@ class CloudStore:
             self._sqlite: sqlite3.Connection | None = None
             self._mark = "%s"
         else:
-            path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
+            path = where.target
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._sqlite = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._sqlite.execute("PRAGMA journal_mode=WAL")

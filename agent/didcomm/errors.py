@@ -15,16 +15,20 @@ Key-custody failures (wrong PIN, token removed) are not wrapped: they arrive as 
 them is the same as everywhere else in Janus.
 
 Every class has a stable ``code`` for ``--json`` output and logs; messages are for
-people and may change.
+people and may change.  They are agent errors, so each also has the HTTP ``status`` an
+agent answers when a request causes one: 4xx, as a request's content caused them all.
 """
 
 from __future__ import annotations
 
+from agent.errors import AgentError
 
-class DIDCommError(Exception):
+
+class DIDCommError(AgentError):
     """Base class of every DIDComm messaging error."""
 
     code = "didcomm_error"
+    status = 400
 
 
 # --- the caller's mistakes ------------------------------------------------------------
@@ -46,6 +50,7 @@ class UnusableKeyError(DIDCommError, ValueError):
     """A local key cannot do what the envelope needs (e.g. an Ed25519 key asked for ECDH)."""
 
     code = "unusable_key"
+    status = 422  # well-formed, but names a key that cannot do what is asked
 
 
 class MessageError(DIDCommError, ValueError):
@@ -79,6 +84,7 @@ class EnvelopeTooLargeError(EnvelopeError):
     """The envelope is larger than the configured limit (1 MiB unless said otherwise)."""
 
     code = "envelope_too_large"
+    status = 413
 
 
 class UnsupportedAlgorithmError(EnvelopeError):
@@ -108,7 +114,7 @@ class DecryptionError(EnvelopeError):
 class SignatureError(EnvelopeError):
     """A JWS signature does not verify with the key its ``kid`` names."""
 
-    code = "bad_signature"
+    code = "bad_envelope_signature"
 
 
 class UnknownSenderError(EnvelopeError):

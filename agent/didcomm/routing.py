@@ -98,13 +98,12 @@ def parse_forward(message: Message) -> Forward:
 
 
 def _base64_payload(text: str) -> str:
-    import base64
-    import binascii
+    from janus_hsm import b64url
 
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise MessageFormatError("forward attachment base64 is invalid") from None
+    # Attachments may be padded (DIDComm allows it); nothing else is accepted.
+    raw = b64url.decode(
+        text, "forward attachment base64", error=MessageFormatError, allow_padding=True
+    )
     try:
         return dumps(load_object(raw, "forwarded envelope"))
     except EnvelopeError as exc:

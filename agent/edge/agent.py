@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 
-from agent.cloud.service import KEYREQ_TYP, PICKUP_TYP, sign_request
 from agent.edge.identity import did_document
 from agent.errors import (
     AgentError,
@@ -29,16 +28,25 @@ from agent.errors import (
     DeliveryError,
     NotFoundError,
 )
+from agent.protocol import (
+    KEYREQ_TYP,
+    PICKUP_TYP,
+    action_body,
+    action_path,
+    sign_request,
+)
 from janus_hsm import open_key, open_provider
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.atomic_file import replace_file
 from janus_hsm.errors import KeyNotFoundError, MechanismUnsupportedError
 from janus_hsm.provider import KeyHandle, KeyProvider
 from policies.abilities import Ability
+from policies.approval_collection import ApprovalSources, collect_approvals
 from policies.attestation import attestation_evidence
 from policies.capability import Bundle
-from policies.issue import GrantDraft, grant, prepare_grant
-from policies.policy import IssuancePolicy
+from policies.errors import PolicyError, PolicyViolationError
+from policies.issue import grant, prepare_grant
+from policies.policy import IssuancePolicy, naming_policy_file
 from policies.revocation import sign_revocation
 
 HTTP_TIMEOUT = 30.0
@@ -312,6 +320,77 @@ def _init_warnings(provider: KeyProvider) -> list[str]:
     ]
 
 
+def call_cloud(method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+    """One request to a cloud agent: its JSON object, or its refusal as an AgentError
+    carrying the agent's own code and status."""
+    try:
+        response = httpx.request(method, url, timeout=HTTP_TIMEOUT, **kwargs)
+    except httpx.HTTPError as exc:
+        raise DeliveryError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        raise DeliveryError(f"{url} answered {response.status_code} without JSON") from None
+    if not isinstance(body, dict):
+        raise BadCloudAnswerError(f"{url} answered {response.status_code} with no object")
+    if response.status_code >= 300:
+        error = body.get("error")
+        error = error if isinstance(error, dict) else {}
+        err = AgentError(f"cloud agent refused: {error.get('code')}: {error.get('message')}")
+        err.code = str(error.get("code", "refused"))
+        err.status = response.status_code
+        raise err
+    return body
+
+
+def invoke_delegated(
+    cloud: str,
+    bundle: Bundle,
+    holder: KeyHandle,
+    action: str,
+    request: dict[str, Any],
+    *,
+    resource: str | None = None,
+) -> dict[str, Any]:
+    """Have a cloud agent act for the holder of a capability it delegated (``cap/delegate``).
+
+    The holder signs an invocation addressed to that agent (so it cannot be replayed at
+    another verifier); the agent checks the whole chain and counts the use.
+    """
+    from policies.invocation import invoke
+
+    agent_did = str(call_cloud("GET", f"{cloud}/v1/did")["did"])
+    resource = _only_resource(bundle) if resource is None else resource
+    invocation = invoke(
+        holder,
+        capability_id=bundle.leaf.id,
+        action=action,
+        resource=resource,
+        request=request,
+        now=int(time.time()),
+        audience=agent_did,
+    )
+    body = {"bundle": json.loads(bundle.to_json()), "invocation": invocation, "request": request}
+    answer = call_cloud("POST", f"{cloud}/v1/invoke", json=body)
+    if action.startswith("sign/") and not isinstance(answer.get("evidence"), dict):
+        raise BadCloudAnswerError(f"the cloud agent answered {action} without evidence")
+    return answer
+
+
+def _record_bundle(record: dict[str, Any]) -> Bundle:
+    return Bundle.parse(json.dumps(record["bundle"]))
+
+
+def _only_resource(bundle: Bundle) -> str:
+    """The one concrete resource a grant names, for an action that does not name one."""
+    resources = sorted({a.resource for a in bundle.leaf.abilities})
+    if len(resources) == 1 and "*" not in resources[0]:
+        return resources[0]
+    raise BadRequestError(
+        f"the grant covers {', '.join(resources)}: name the resource to act on (--resource)"
+    )
+
+
 class EdgeAgent:
     def __init__(self, config: EdgeConfig, root: KeyHandle, agreement: KeyHandle) -> None:
         self.config = config
@@ -400,21 +479,7 @@ class EdgeAgent:
     # --- talking to a cloud agent ---------------------------------------------------
 
     def _call(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
-        try:
-            response = httpx.request(method, url, timeout=HTTP_TIMEOUT, **kwargs)
-        except httpx.HTTPError as exc:
-            raise DeliveryError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from None
-        try:
-            body: dict[str, Any] = response.json()
-        except ValueError:
-            raise DeliveryError(f"{url} answered {response.status_code} without JSON") from None
-        if response.status_code >= 300:
-            error = body.get("error", {})
-            err = AgentError(f"cloud agent refused: {error.get('code')}: {error.get('message')}")
-            err.code = str(error.get("code", "refused"))
-            err.status = response.status_code
-            raise err
-        return body
+        return call_cloud(method, url, **kwargs)
 
     def cloud_did(self, cloud: str) -> str:
         return str(self._call("GET", f"{cloud}/v1/did")["did"])
@@ -428,7 +493,7 @@ class EdgeAgent:
         uses: int,
         depth: int = 0,
         satisfied: Sequence[str] = (),
-        approve: Callable[[GrantDraft], dict[str, Any]] | None = None,
+        approvals: ApprovalSources | None = None,
         attest: bool = False,
     ) -> dict[str, Any]:
         """Ask the cloud agent for a fresh key, sign a capability for it, install it.
@@ -437,9 +502,10 @@ class EdgeAgent:
         policies/attestation.py); it is read before the cloud agent is asked for a key,
         so a root without attestation (e.g. SoftHSM) costs nothing there.
 
-        ``approve`` collects the approvals the policy requires: it gets the prepared
-        draft and returns :func:`policies.issue.grant`'s approval arguments; a refusal
-        (an exception) means nothing is signed and no bundle is installed.
+        ``approvals`` says where the approvals a policy rule requires come from
+        (:func:`policies.approval_collection.collect_approvals`); a refusal means
+        nothing is signed and no bundle is installed.  A refusal by the issuance policy
+        names the policy file to edit.
         """
         # Lets a mediator recognise messages addressed to the X25519 key's did:key.
         evidence: dict[str, Any] = {"keyAgreement": [self.agreement.did]}
@@ -460,9 +526,12 @@ class EdgeAgent:
             "now": now,
         }
         approval_arguments: dict[str, Any] = {}
-        draft = prepare_grant(self.root, **arguments)
-        if draft.decision.approvals and approve is not None:
-            approval_arguments = approve(draft)
+        try:
+            draft = prepare_grant(self.root, **arguments)
+        except PolicyViolationError as exc:
+            raise naming_policy_file(exc, self.config.policy_file) from None
+        if draft.decision.approvals and approvals is not None:
+            approval_arguments = collect_approvals(draft, approvals)
         bundle = grant(
             self.root,
             **arguments,
@@ -543,11 +612,109 @@ class EdgeAgent:
 
     def revoke(self, grant_id: str, *, reason: str = "") -> dict[str, Any]:
         record = self.granted(grant_id)
-        bundle = Bundle.parse(json.dumps(record["bundle"]))
-        revocation = sign_revocation(
-            self.root, revoked_id=bundle.leaf.id, now=int(time.time()), reason=reason
+        bundle = _record_bundle(record)
+        now = int(time.time())
+        revocation = sign_revocation(self.root, revoked_id=bundle.leaf.id, now=now, reason=reason)
+        answer = self._call(
+            "POST", f"{record['cloud']}/v1/revocations", json={"record": revocation}
         )
-        return self._call("POST", f"{record['cloud']}/v1/revocations", json={"record": revocation})
+        self._update_record(grant_id, revoked={"at": now, "reason": reason})
+        return answer
+
+    def act(
+        self,
+        grant_id: str,
+        action: str,
+        request: dict[str, Any],
+        *,
+        resource: str | None = None,
+        api_token: str | None = None,
+    ) -> dict[str, Any]:
+        """Have the cloud agent perform ``action`` under one of this owner's grants.
+
+        ``resource`` defaults to the grant's resource when it names exactly one (no
+        wildcard).  For ``sign/…`` actions the answer's ``evidence`` is what ``janus
+        edge verify`` checks; it is checked here to be there before it is handed on.
+        The uses the cloud agent reports are kept in the grant's record
+        (:meth:`grants`).
+        """
+        record = self.granted(grant_id)
+        bundle = _record_bundle(record)
+        if resource is None:
+            resource = _only_resource(bundle)
+        headers = {"authorization": f"Bearer {api_token}"} if api_token is not None else {}
+        answer = self._call(
+            "POST",
+            f"{record['cloud']}{action_path(grant_id, action)}",
+            json=action_body(resource, request),
+            headers=headers,
+        )
+        if action.startswith("sign/") and not isinstance(answer.get("evidence"), dict):
+            raise BadCloudAnswerError(f"the cloud agent answered {action} without evidence")
+        uses = answer.get("uses")
+        used = uses.get(bundle.leaf.id) if isinstance(uses, dict) else None
+        if isinstance(used, int) and not isinstance(used, bool):
+            self._update_record(grant_id, used=used, last_used=int(time.time()))
+        return answer
+
+    def grants(self, *, refresh: bool = False, now: float | None = None) -> list[dict[str, Any]]:
+        """Every grant this edge agent issued, with its state as far as it knows.
+
+        The state is ``revoked`` (revoked from here), ``expired``, ``used up`` (by the
+        uses last reported to ``act``) or ``active``.  With ``refresh`` each cloud agent
+        is asked too, and a grant it has ended takes the reason it gives; a cloud agent
+        that cannot be reached leaves the local state and says why under ``cloud``.
+        """
+        now = time.time() if now is None else now
+        listed = []
+        for record in self._grant_records():
+            grant_id = record.get("grant_id")
+            if not isinstance(grant_id, str) or not _GRANT_ID.fullmatch(grant_id):
+                continue
+            try:
+                leaf = _record_bundle(record).leaf
+            except (PolicyError, KeyError, TypeError, ValueError):
+                listed.append({"grant_id": grant_id, "state": "unreadable"})
+                continue
+            used = record.get("used")
+            limit = leaf.limits.uses
+            if record.get("revoked"):
+                state = "revoked"
+            elif now >= leaf.expires:
+                state = "expired"
+            elif isinstance(used, int) and limit is not None and used >= limit:
+                state = "used up"
+            else:
+                state = "active"
+            entry: dict[str, Any] = {
+                "grant_id": grant_id,
+                "cloud": record.get("cloud"),
+                "key": leaf.audience,
+                "capability": leaf.id,
+                "abilities": [a.to_json() for a in leaf.abilities],
+                "expires": leaf.expires,
+                "uses": {"limit": limit, "used": used if isinstance(used, int) else None},
+                "state": state,
+            }
+            if refresh and isinstance(record.get("cloud"), str):
+                entry["cloud_status"] = self._cloud_status(record["cloud"], grant_id)
+                status = entry["cloud_status"].get("status")
+                if status not in (None, "active", "pending") and state == "active":
+                    entry["state"] = str(entry["cloud_status"].get("reason") or status)
+            listed.append(entry)
+        return listed
+
+    def _cloud_status(self, cloud: str, grant_id: str) -> dict[str, Any]:
+        try:
+            answer = self._call("GET", f"{cloud}/v1/grants/{grant_id}")
+        except AgentError as exc:
+            return {"error": exc.code, "message": str(exc)}
+        return {"status": answer.get("status"), "reason": answer.get("reason")}
+
+    def _update_record(self, grant_id: str, **changes: Any) -> None:
+        record = self.granted(grant_id)
+        record.update(changes)
+        _write_atomic(self._grant_path(grant_id), json.dumps(record, indent=1))
 
     def pickup(self, cloud: str, *, limit: int = 100) -> list[dict[str, Any]]:
         """Fetch held messages, decrypt them with the token, then acknowledge them."""

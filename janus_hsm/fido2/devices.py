@@ -12,8 +12,8 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
 
 from fido2.ctap import CtapDevice
 
@@ -26,11 +26,17 @@ PCSC = "pcsc"
 IN_PROCESS = "in-process"
 
 #: TEST ONLY.  A list of state files (separated by ``os.pathsep``) of software
-#: authenticators (hardware/fido2_authenticator.py) that discovery adds to the real
-#: devices, so CLI tests run without USB or pcscd.  Never set in production: the state
-#: file holds the credential keys in the clear.  Honoured only with
-#: :data:`INSECURE_TESTING_ENV` ``=1`` as well; without it discovery refuses to run.
+#: authenticators that discovery adds to the real devices, so CLI tests run without USB
+#: or pcscd.  Never set in production: the state file holds the credential keys in the
+#: clear.  Honoured only with :data:`INSECURE_TESTING_ENV` ``=1`` as well; without it
+#: discovery refuses to run.
 SOFTWARE_AUTHENTICATOR_ENV = "JANUS_FIDO2_SOFTWARE_AUTHENTICATOR"
+#: The entry-point group that provides the software authenticator: one callable
+#: ``(state_path, presence) -> CtapDevice``.  The test-only implementation lives outside
+#: this package (hardware/fido2_software_devices.py, registered in pyproject.toml), so
+#: janus_hsm imports nothing of ``hardware`` and an install without it works unchanged.
+SOFTWARE_AUTHENTICATOR_GROUP = "janus.fido2_software_authenticators"
+_PRESENCE_ANSWERS = ("approve", "deny", "timeout")
 #: TEST ONLY: what the software authenticators' "person" does: approve, deny or timeout.
 SOFTWARE_PRESENCE_ENV = "JANUS_FIDO2_SOFTWARE_PRESENCE"
 #: TEST ONLY.  ``1`` marks a test run: the only way software authenticators are found
@@ -117,16 +123,37 @@ def _software_devices() -> list[Fido2Device]:
             f"{SOFTWARE_AUTHENTICATOR_ENV}"
         )
     log.warning("%s is set: using software authenticators (test only)", SOFTWARE_AUTHENTICATOR_ENV)
-    from hardware.fido2_authenticator import Presence, ScriptedPresence, SoftwareAuthenticator
-
-    answer = Presence(os.environ.get(SOFTWARE_PRESENCE_ENV, "approve"))
+    answer = os.environ.get(SOFTWARE_PRESENCE_ENV, "approve")
+    if answer not in _PRESENCE_ANSWERS:
+        raise SoftwareDeviceRefusedError(
+            f"{SOFTWARE_PRESENCE_ENV} must be one of {', '.join(_PRESENCE_ANSWERS)}"
+        )
+    factory = _software_authenticator_factory()
     devices = []
     for path in spec.split(os.pathsep):
-        device: Any = SoftwareAuthenticator(
-            presence=ScriptedPresence(default=answer), presence_timeout=0.2, state_path=path
-        )
+        device = factory(path, answer)
         devices.append(Fido2Device(device, IN_PROCESS, f"software authenticator {Path(path).name}"))
     return devices
+
+
+def _software_authenticator_factory() -> Callable[[str, str], CtapDevice]:
+    """The one registered software authenticator (see :data:`SOFTWARE_AUTHENTICATOR_GROUP`)."""
+    found = list(entry_points(group=SOFTWARE_AUTHENTICATOR_GROUP))
+    if len(found) != 1:
+        raise SoftwareDeviceRefusedError(
+            f"{SOFTWARE_AUTHENTICATOR_ENV} is set, but {len(found)} software authenticators "
+            f"are registered (entry-point group {SOFTWARE_AUTHENTICATOR_GROUP}); exactly one "
+            "must be: install the package from a source checkout, which registers the "
+            "test authenticator"
+        )
+    try:
+        factory: Callable[[str, str], CtapDevice] = found[0].load()
+    except ImportError as exc:
+        raise SoftwareDeviceRefusedError(
+            f"the software authenticator {found[0].value} cannot be imported ({exc.name}): "
+            "it ships with the source checkout only"
+        ) from None
+    return factory
 
 
 #: The discovery functions, in order; tests may replace them.
@@ -174,6 +201,7 @@ __all__ = [
     "IN_PROCESS",
     "PCSC",
     "SOFTWARE_AUTHENTICATOR_ENV",
+    "SOFTWARE_AUTHENTICATOR_GROUP",
     "SOFTWARE_PRESENCE_ENV",
     "Fido2Device",
     "insecure_testing",

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from janus_hsm.errors import JanusHSMError, KeystoreError, PinIncorrectError, PinLockedError
+from janus_hsm.errors import (
+    JanusHSMError,
+    KeystoreError,
+    PinIncorrectError,
+    PinLockedError,
+    UserPresenceTimeoutError,
+)
 
 
 class Fido2Error(JanusHSMError):
@@ -64,8 +70,8 @@ class Fido2SharedPinError(Fido2PinRequiredError):
     code = "shared_pin_refused"
 
 
-class PresenceTimeoutError(Fido2Error):
-    """Nobody touched the authenticator in time."""
+class PresenceTimeoutError(Fido2Error, UserPresenceTimeoutError):
+    """Nobody touched the authenticator in time (the FIDO2 case of the custody error)."""
 
     code = "presence_timeout"
 

@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# Re-exported: DSN redaction lives with the parsing of database URLs.
+from janus_hsm.database_url import redact_dsn as redact_dsn
 from janus_hsm.strictjson import canonical_text
-from policies.errors import FormatError, LimitExceededError, RateLimitedError
-from policies.ledger.base import AuditEntry, LinkLimit
+from policies.errors import FormatError, LedgerError, LimitExceededError, RateLimitedError
+from policies.ledger.base import LinkLimit
 
 # Audit entries are read back in pages, so a long log is never held in memory and
 # no lock is held while the caller looks at an entry.
@@ -172,40 +174,6 @@ def entry_hash(prefix: str, prev: str, seq: int) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
-def entry_from_row(
-    seq: int, at: float, kind: str, cap_id: str, data: str, prev: str, hash_: str
-) -> AuditEntry:
-    """An audit entry as stored; a row whose data is not JSON still reads (and fails)."""
-    try:
-        loaded = json.loads(data)
-    except ValueError:
-        loaded = {"_unreadable": data}
-    if not isinstance(loaded, dict):
-        loaded = {"_unreadable": data}
-    return AuditEntry(
-        seq=int(seq),
-        at=float(at),
-        kind=kind,
-        cap_id=cap_id,
-        data=loaded,
-        prev=prev,
-        hash=hash_,
-    )
-
-
-_URI_PASSWORD = re.compile(r"(://[^:/@?#]*:)([^@/?#]*)(@)")
-_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)([^&#]*)")
-_KV_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ``***``, fit for error messages and logs."""
-    if "://" in dsn:
-        dsn = _URI_PASSWORD.sub(r"\1***\3", dsn)
-        return _QUERY_PASSWORD.sub(r"\1***", dsn)
-    return _KV_PASSWORD.sub(r"\1***", dsn)
-
-
 def audit_prefix(at: float, kind: str, cap_id: str, data_text: str) -> str:
     """The canonical JSON of an entry's body up to the value of ``prev``.
 
@@ -223,3 +191,22 @@ def audit_prefix(at: float, kind: str, cap_id: str, data_text: str) -> str:
         f'{{"at":{float(at)!r},"cap_id":{canonical_text(cap_id)},'
         f'"data":{data_text},"kind":{canonical_text(kind)},"prev":'
     )
+
+
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+
+
+def schema_version(value: object, where: str, known: int) -> int:
+    """The stored ``schema_version``, checked: LedgerError for anything but a version
+    this Janus knows (a newer one asks for an upgrade; anything else is damage)."""
+    text = value if isinstance(value, str) else None
+    if text is None or not _VERSION.fullmatch(text):
+        raise LedgerError(f"{where}: the ledger's schema_version is damaged (not a version)")
+    version = int(text)
+    if version > known:
+        raise LedgerError(
+            f"{where} has ledger schema {version}; this Janus knows only {known}: upgrade Janus"
+        )
+    if version != known:
+        raise LedgerError(f"{where}: unknown ledger schema {version} (expected {known})")
+    return version

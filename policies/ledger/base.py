@@ -10,12 +10,16 @@ spent twice.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from janus_hsm.strictjson import canonical_json
+from janus_hsm.strictjson import canonical_json, canonical_text
+
+if TYPE_CHECKING:
+    from policies.ledger.audit import AuditRow
 
 GENESIS = "0" * 64
 
@@ -91,6 +95,15 @@ class Ledger(abc.ABC):
     Every method is safe to call from several threads and several processes (and,
     for PostgreSQL, several hosts) at once.
     """
+
+    # True when opening this ledger created it (its file, or its tables): a command
+    # that records says so, since a mistyped location would otherwise pass unnoticed.
+    created = False
+
+    @property
+    def location(self) -> str:
+        """Where the ledger lives, fit for messages (never a password)."""
+        return repr(self)
 
     @abc.abstractmethod
     def spend(
@@ -171,32 +184,35 @@ class Ledger(abc.ABC):
         """Forget nonces whose invocations have expired; returns how many."""
 
     def verify_audit(self) -> int:
-        """Check the hash chain from its start; return the number of entries.
+        """Check every stored audit row, the hash chain from its start, and its end.
 
-        Raises AuditError naming the first entry whose sequence, link or hash is wrong.
+        Returns the number of entries.  Raises AuditError naming the first entry whose
+        stored types, sequence, link or hash is wrong (see policies.ledger.audit).
         """
-        from policies.errors import AuditError
+        from policies.ledger.audit import verify_rows
 
-        prev = GENESIS
-        count = 0
-        for expected_seq, entry in enumerate(self.audit_entries(), start=1):
-            if entry.seq != expected_seq:
-                raise AuditError(
-                    f"audit entry {expected_seq} is missing (found {entry.seq} instead)",
-                    entry=expected_seq,
+        with self.audit_snapshot() as (rows, head):
+            return verify_rows(rows, head)
+
+    @contextlib.contextmanager
+    def audit_snapshot(self) -> Iterator[tuple[Iterator[AuditRow], tuple[int, str] | None]]:
+        """Every stored audit row in seq order, and the head recorded with the last
+        append (None if the store records none), read from one consistent state.
+
+        This default rebuilds rows from ``audit_entries`` and records no head; the
+        backends read their rows as stored.
+        """
+        from policies.ledger.audit import AuditRow
+
+        yield (
+            (
+                AuditRow(
+                    e.seq, e.at, e.kind, e.cap_id, canonical_text(dict(e.data)), e.prev, e.hash
                 )
-            if entry.prev != prev:
-                raise AuditError(
-                    f"audit entry {entry.seq} does not link to entry {entry.seq - 1}",
-                    entry=entry.seq,
-                )
-            if entry.compute_hash() != entry.hash:
-                raise AuditError(
-                    f"audit entry {entry.seq} was altered (hash mismatch)", entry=entry.seq
-                )
-            prev = entry.hash
-            count = entry.seq
-        return count
+                for e in self.audit_entries()
+            ),
+            None,
+        )
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from policies.errors import (
     LedgerError,
+    LedgerNotFoundError,
     LimitExceededError,
     RateLimitedError,
     ReplayError,
@@ -52,11 +53,12 @@ from policies.ledger._common import (
     audit_prefix,
     check_key,
     check_spend_args,
-    entry_from_row,
     normalise_data,
     rate_window,
     redact_dsn,
+    schema_version,
 )
+from policies.ledger.audit import MAX_SEQ, MIN_SEQ, AuditRow, stored_row
 from policies.ledger.base import GENESIS, AuditEntry, Ledger, LinkLimit, SpendReceipt
 
 if TYPE_CHECKING:
@@ -247,10 +249,14 @@ class PostgresLedger(Ledger):
     ``host=… dbname=…``); add ``options=-csearch_path=NAME`` to keep the tables in a
     schema of their own.  Connections are pooled per ledger object (``max_idle`` kept
     open), so several threads can spend at once.  The tables and functions are
-    created on first use if missing (the role then needs CREATE on the schema).
+    created on first use if missing (the role then needs CREATE on the schema), unless
+    ``create=False``: then a database without them raises LedgerNotFoundError.
+    ``created`` says whether this object created them.
     """
 
-    def __init__(self, dsn: str, *, connect_timeout: int = 10, max_idle: int = 4) -> None:
+    def __init__(
+        self, dsn: str, *, create: bool = True, connect_timeout: int = 10, max_idle: int = 4
+    ) -> None:
         self._pg = import_psycopg()
         self._dsn = dsn
         self.redacted_dsn = redact_dsn(dsn)
@@ -260,11 +266,16 @@ class PostgresLedger(Ledger):
         self._lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
+        self.created = False
         with self._connection() as conn:
-            self._ensure_schema(conn)
+            self._ensure_schema(conn, create=create)
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.redacted_dsn!r})"
+
+    @property
+    def location(self) -> str:
+        return self.redacted_dsn
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -322,11 +333,16 @@ class PostgresLedger(Ledger):
     def _fail(self, exc: Exception, doing: str) -> NoReturn:
         raise LedgerError(f"PostgreSQL ledger {self.redacted_dsn}: {doing}: {exc}") from exc
 
-    def _ensure_schema(self, conn: Connection) -> None:
+    def _ensure_schema(self, conn: Connection, *, create: bool) -> None:
         try:
             with conn.transaction():
                 if self._schema_version(conn) == SCHEMA_VERSION:
                     return
+                if not create:
+                    raise LedgerNotFoundError(
+                        f"no ledger in {self.redacted_dsn} (no ledger tables): check the URL"
+                        " (only commands that record create a ledger)"
+                    )
                 encoding = conn.execute("SHOW server_encoding").fetchone()
                 if encoding is None or encoding[0] != "UTF8":
                     raise LedgerError(
@@ -334,13 +350,7 @@ class PostgresLedger(Ledger):
                         f" hash is over UTF-8 text), not {encoding and encoding[0]}"
                     )
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
-                version = self._schema_version(conn)
-                if version is not None and version > SCHEMA_VERSION:
-                    raise LedgerError(
-                        f"{self.redacted_dsn} has ledger schema {version}; this Janus knows"
-                        f" only {SCHEMA_VERSION}: upgrade Janus"
-                    )
-                if version == SCHEMA_VERSION:
+                if self._schema_version(conn) == SCHEMA_VERSION:
                     return  # another instance created it while we waited for the lock
                 for statement in SCHEMA:
                     conn.execute(statement.encode())
@@ -354,16 +364,20 @@ class PostgresLedger(Ledger):
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(SCHEMA_VERSION),),
                 )
+                self.created = True
         except self._pg.Error as exc:
             self._fail(exc, "creating the ledger tables")
 
-    @staticmethod
-    def _schema_version(conn: Connection) -> int | None:
+    def _schema_version(self, conn: Connection) -> int | None:
+        """The stored version (checked: LedgerError if damaged or unknown), None if the
+        ledger's tables do not exist yet."""
         exists = conn.execute("SELECT to_regclass('janus_meta')").fetchone()
         if exists is None or exists[0] is None:
             return None
         row = conn.execute("SELECT value FROM janus_meta WHERE key = 'schema_version'").fetchone()
-        return None if row is None else int(row[0])
+        if row is None:
+            return None
+        return schema_version(row[0], self.redacted_dsn, SCHEMA_VERSION)
 
     def _refusal(self, exc: Exception, limits: Sequence[LinkLimit], nonce: str) -> Exception:
         """The Janus error for a refusal raised by janus_spend, or None if it is not one."""
@@ -495,22 +509,55 @@ class PostgresLedger(Ledger):
         return next((cap_id for cap_id in cap_ids if cap_id in found), None)
 
     def audit_entries(self) -> Iterator[AuditEntry]:
-        last = 0
+        last = MIN_SEQ
         while True:
             with self._connection() as conn:
-                try:
-                    rows = conn.execute(
-                        "SELECT seq, at, kind, cap_id, data, prev, hash FROM janus_audit"
-                        " WHERE seq > %s ORDER BY seq LIMIT %s",
-                        (last, AUDIT_PAGE),
-                    ).fetchall()
-                except self._pg.Error as exc:
-                    self._fail(exc, "reading the audit log")
+                rows = self._audit_page(conn, last)
             for row in rows:
-                yield entry_from_row(*row)
-            if len(rows) < AUDIT_PAGE:
+                yield row.entry()
+            if len(rows) < AUDIT_PAGE or rows[-1].seq >= MAX_SEQ:
                 return
-            last = int(rows[-1][0])
+            last = rows[-1].seq + 1
+
+    @contextlib.contextmanager
+    def audit_snapshot(self) -> Iterator[tuple[Iterator[AuditRow], tuple[int, str] | None]]:
+        """Rows and head from one REPEATABLE READ transaction (one snapshot)."""
+        with self._connection() as conn:
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    row = conn.execute(
+                        "SELECT seq, hash FROM janus_audit_head WHERE id = 1"
+                    ).fetchone()
+                    if row is None:
+                        raise LedgerError(
+                            f"{self!r}: the audit head row (janus_audit_head) is missing"
+                        )
+                    yield self._snapshot_rows(conn), (int(row[0]), str(row[1]))
+            except self._pg.Error as exc:
+                self._fail(exc, "reading the audit log")
+
+    def _snapshot_rows(self, conn: Connection) -> Iterator[AuditRow]:
+        last = MIN_SEQ
+        while True:
+            rows = self._audit_page(conn, last)
+            yield from rows
+            if len(rows) < AUDIT_PAGE or rows[-1].seq >= MAX_SEQ:
+                return
+            last = rows[-1].seq + 1
+
+    def _audit_page(self, conn: Connection, first: int) -> list[AuditRow]:
+        """Up to AUDIT_PAGE rows from seq ``first`` on (the columns' types are enforced
+        by PostgreSQL; stored_row checks them all the same)."""
+        try:
+            rows = conn.execute(
+                "SELECT seq, at, kind, cap_id, data, prev, hash FROM janus_audit"
+                " WHERE seq >= %s ORDER BY seq LIMIT %s",
+                (first, AUDIT_PAGE),
+            ).fetchall()
+        except self._pg.Error as exc:
+            self._fail(exc, "reading the audit log")
+        return [stored_row(row[0], tuple(row[1:])) for row in rows]
 
     def audit_head(self) -> tuple[int, str] | None:
         """(seq, hash) of the last audit entry, to anchor elsewhere; None if empty."""

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from policies.errors import FormatError, LedgerError, PolicyError, ReplayError, RevokedError
+from janus_hsm.atomic_file import fsync_directory
+from policies.errors import (
+    AuditError,
+    FormatError,
+    LedgerError,
+    LedgerNotFoundError,
+    PolicyError,
+    ReplayError,
+    RevokedError,
+)
 from policies.ledger._common import (
     AUDIT_PAGE,
     LinkRow,
@@ -32,10 +41,11 @@ from policies.ledger._common import (
     check_key,
     check_spend_args,
     decide_spend,
-    entry_from_row,
     entry_hash,
     normalise_data,
+    schema_version,
 )
+from policies.ledger.audit import MAX_SEQ, MIN_SEQ, AuditRow, parse_head, stored_row
 from policies.ledger.base import (
     GENESIS,
     AuditEntry,
@@ -82,6 +92,27 @@ CREATE TABLE IF NOT EXISTS janus_audit (
 
 _READ_HEAD = "SELECT seq, hash FROM janus_audit ORDER BY seq DESC LIMIT 1"
 
+# The head ("<seq>:<hash>") is recorded with every append, in the same transaction, so
+# that verification sees entries removed from or added at the end of the log.
+_HEAD_KEY = "audit_head"
+_SET_HEAD = (
+    "INSERT INTO janus_meta (key, value) VALUES ('audit_head', ?)"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
+# Audit rows as stored: each column's storage class next to its value, and text read as
+# bytes, so a value of the wrong type or text that is not UTF-8 is named, not a crash.
+_TEXT_COLUMNS = ("kind", "cap_id", "data", "prev", "hash")
+_READ_AUDIT = (
+    "SELECT seq, typeof(seq), typeof(at), at,"
+    " typeof(kind), CAST(kind AS BLOB), typeof(cap_id), CAST(cap_id AS BLOB),"
+    " typeof(data), CAST(data AS BLOB), typeof(prev), CAST(prev AS BLOB),"
+    " typeof(hash), CAST(hash AS BLOB)"
+    " FROM janus_audit WHERE seq >= ? ORDER BY seq LIMIT ?"
+)
+# Stand-ins of each other storage class, for stored_row's messages.
+_STAND_IN: dict[str, object] = {"null": None, "integer": 0, "real": 0.0, "blob": b""}
+
 # Everything a group of spends needs to decide, in one statement: the row of every link
 # named (kind 0), which of them are revoked (1), which nonces are taken (2), and the
 # audit head (3).  Bound as two JSON arrays (cap_ids, nonces): no SQL is built from data.
@@ -117,8 +148,9 @@ _SELECT_REVOKED = (
 )
 
 
-def _create_private(path: Path) -> None:
-    """Create the database file 0600 (and make its name durable) if it does not exist.
+def _create_private(path: Path) -> bool:
+    """Create the database file 0600 (and make its name durable) if it does not exist;
+    True if it was created here.
 
     SQLite gives its -wal and -shm files the database file's mode, so this one call
     keeps all three private.  The directory is fsynced so that a crash right after the
@@ -127,19 +159,16 @@ def _create_private(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
-        return
+        return False
     except OSError as exc:
-        raise LedgerError(f"cannot create the SQLite ledger {path}: {exc}") from exc
+        raise LedgerError(f"cannot create the SQLite ledger {path}: {exc.strerror}") from exc
     try:
         os.fchmod(fd, 0o600)
         os.fsync(fd)
     finally:
         os.close(fd)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(path.parent)
+    return True
 
 
 @dataclass(eq=False)
@@ -194,12 +223,21 @@ class SqliteLedger(Ledger):
     Processes each open their own ledger and queue on SQLite's write lock for up to
     ``busy_timeout`` seconds.  Do not carry an open ledger across ``fork()``: open
     one in each process.
+
+    With ``create=False`` the file must already hold a ledger (LedgerNotFoundError
+    otherwise), and opening it writes nothing; ``created`` says whether this object
+    created the file.
     """
 
     batches_spends = True  # spend_many shares one COMMIT (one fsync) between spends
 
     def __init__(
-        self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, max_batch: int = 64
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        busy_timeout: float = 30.0,
+        max_batch: int = 64,
     ) -> None:
         self.path = Path(path)
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
@@ -212,13 +250,24 @@ class SqliteLedger(Ledger):
         self._closed = False
         self._read_lock = threading.Lock()
         self.commits = 0  # write transactions committed (tests check batching with it)
-        _create_private(self.path)
+        if create:
+            self.created = _create_private(self.path)
+        elif not self.path.is_file():
+            raise LedgerNotFoundError(
+                f"no ledger at {self.path}: check the path (only commands that record"
+                " create a ledger)"
+            )
+        else:
+            self.created = False
         self._writer = self._open(busy_timeout)
         try:
+            if not create:
+                self._check_schema(self._writer)  # before anything could write to it
             mode = self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise LedgerError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
-            self._write(self._create_schema)
+            if create:
+                self._write(self._create_schema)
             self._reader = self._open(busy_timeout)
         except sqlite3.Error as exc:
             self._writer.close()
@@ -229,6 +278,10 @@ class SqliteLedger(Ledger):
 
     def __repr__(self) -> str:
         return f"SqliteLedger({str(self.path)!r})"
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -260,11 +313,23 @@ class SqliteLedger(Ledger):
                 "INSERT INTO janus_meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise LedgerError(
-                f"{self.path} has ledger schema {row[0]}; this Janus knows only "
-                f"{SCHEMA_VERSION}: upgrade Janus"
-            )
+        else:
+            schema_version(row[0], str(self.path), SCHEMA_VERSION)
+        if c.execute("SELECT 1 FROM janus_meta WHERE key = ?", (_HEAD_KEY,)).fetchone() is None:
+            # A new ledger, or one written before heads were recorded: its head is its
+            # last entry as it stands.
+            last = c.execute(_READ_HEAD).fetchone()
+            c.execute(_SET_HEAD, ("0:" + GENESIS if last is None else f"{last[0]}:{last[1]}",))
+
+    def _check_schema(self, c: sqlite3.Connection) -> None:
+        """Refuse a file that holds no ledger (or one of another version), writing nothing."""
+        tables = {
+            str(r[0]) for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if not {"janus_meta", "janus_audit", "janus_revocations"} <= tables:
+            raise LedgerNotFoundError(f"{self.path} is not a Janus ledger (no ledger tables)")
+        row = c.execute("SELECT value FROM janus_meta WHERE key = 'schema_version'").fetchone()
+        schema_version(None if row is None else row[0], str(self.path), SCHEMA_VERSION)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -460,6 +525,8 @@ class SqliteLedger(Ledger):
             _UPSERT_LINKS[1],
         )
         _insert_rows(c, _INSERT_AUDIT, entries)
+        assert head is not None
+        c.execute(_SET_HEAD, (f"{head[0]}:{head[1]}",))
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -496,6 +563,7 @@ class SqliteLedger(Ledger):
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (seq, at, kind, cap_id, data, prev, digest),
         )
+        c.execute(_SET_HEAD, (f"{seq}:{digest}",))
         return seq
 
     # -- the Ledger interface ------------------------------------------------------
@@ -593,19 +661,63 @@ class SqliteLedger(Ledger):
         return next((cap_id for cap_id in cap_ids if cap_id in found), None)
 
     def audit_entries(self) -> Iterator[AuditEntry]:
-        last = 0
+        last = MIN_SEQ
         while True:
             with self._reading() as c:
-                rows = c.execute(
-                    "SELECT seq, at, kind, cap_id, data, prev, hash FROM janus_audit"
-                    " WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (last, AUDIT_PAGE),
-                ).fetchall()
+                rows = self._audit_page(c, last)
             for row in rows:
-                yield entry_from_row(*row)
-            if len(rows) < AUDIT_PAGE:
+                yield row.entry()
+            if len(rows) < AUDIT_PAGE or rows[-1].seq >= MAX_SEQ:
                 return
-            last = int(rows[-1][0])
+            last = rows[-1].seq + 1
+
+    @contextlib.contextmanager
+    def audit_snapshot(self) -> Iterator[tuple[Iterator[AuditRow], tuple[int, str] | None]]:
+        """Rows and head from one read transaction (a WAL snapshot): appends made while
+        the log is checked are not seen, neither in the rows nor in the head."""
+        with self._reading() as c:
+            c.execute("BEGIN")
+            try:
+                row = c.execute(
+                    "SELECT value FROM janus_meta WHERE key = ?", (_HEAD_KEY,)
+                ).fetchone()
+                head = None if row is None else parse_head(row[0])
+                yield self._snapshot_rows(c), head
+            finally:
+                c.execute("COMMIT")
+
+    def _snapshot_rows(self, c: sqlite3.Connection) -> Iterator[AuditRow]:
+        last = MIN_SEQ
+        while True:
+            try:
+                rows = self._audit_page(c, last)
+            except sqlite3.Error as exc:
+                raise LedgerError(f"{self.path}: {exc}") from exc
+            yield from rows
+            if len(rows) < AUDIT_PAGE or rows[-1].seq >= MAX_SEQ:
+                return
+            last = rows[-1].seq + 1
+
+    @staticmethod
+    def _audit_page(c: sqlite3.Connection, first: int) -> list[AuditRow]:
+        """Up to AUDIT_PAGE rows from seq ``first`` on, each stored type checked."""
+        rows: list[AuditRow] = []
+        for seq, seq_type, at_type, at, *texts in c.execute(_READ_AUDIT, (first, AUDIT_PAGE)):
+            if seq_type != "integer":
+                raise AuditError(f"an audit entry's seq is stored as {seq_type}, not an integer")
+            values: list[object] = [at if at_type == "real" else _STAND_IN.get(at_type)]
+            for column, kind, raw in zip(_TEXT_COLUMNS, texts[::2], texts[1::2], strict=True):
+                if kind != "text":
+                    values.append(_STAND_IN.get(kind))
+                    continue
+                try:
+                    values.append(bytes(raw).decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise AuditError(
+                        f"audit entry {seq}: {column} is not UTF-8 text", entry=seq
+                    ) from None
+            rows.append(stored_row(seq, tuple(values)))
+        return rows
 
     def audit_head(self) -> tuple[int, str] | None:
         """(seq, hash) of the last audit entry, to anchor elsewhere; None if empty."""

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from hardware.softhsm import SoftHSMToken
 from janus_hsm.public_keys import from_did_key, from_jwk
+from janus_hsm.uri import Pkcs11Uri
 
 SHOW_FIELDS = {"uri", "alg", "did", "jwk", "properties"}
 PROPERTY_FIELDS = {"sensitive", "extractable", "always_sensitive", "never_extractable", "local"}
@@ -184,7 +185,34 @@ def test_csr_and_cert(cli_token: SoftHSMToken, key_uri: str, tmp_path: Path) -> 
 
     bad = janus(cli_token, "keys", "csr", key_uri, "--subject", "not a name", "--json")
     assert bad.returncode == 1
-    assert json.loads(bad.stdout)["error"]["code"] == "bad_request"
+    assert json.loads(bad.stdout)["error"]["code"] == "bad_subject"
+
+
+@pytest.mark.parametrize(
+    ("subject", "says"),
+    [
+        ("not a name", "RDN 1 ('not a name') has no '='"),
+        ("CN=edge, O=Janus", "attribute type ' O' has spaces"),
+        ("CN=edge;O=Janus", "does not separate RDNs in RFC 4514: use ','"),
+        ("CN=edge,,O=Janus", "RDN 2 is empty"),
+        ("FOO=bar", "unknown attribute type 'FOO': use one of CN"),
+        ("CN=a\\", "escapes nothing"),
+        ('CN="edge"', "unescaped '\"'"),
+        ("CN=", "CN= has an empty value"),
+        ("CN=edge,C=USA", "RDN 2 ('C=USA') is not valid: Attribute's length must be >= 2"),
+    ],
+)
+def test_a_bad_subject_says_what_is_wrong(
+    cli_token: SoftHSMToken, key_uri: str, subject: str, says: str
+) -> None:
+    for command in ("csr", "cert"):
+        result = janus(cli_token, "keys", command, key_uri, "--subject", subject)
+        assert result.returncode == 1
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("janus: error: --subject: ")
+        assert says in lines[0]
+        assert "expected TYPE=value pairs joined by ','" in lines[0]
 
 
 def test_errors_are_one_line_with_exit_1(cli_token: SoftHSMToken, tmp_path: Path) -> None:
@@ -212,6 +240,58 @@ def test_errors_are_one_line_with_exit_1(cli_token: SoftHSMToken, tmp_path: Path
         assert len(lines) == 1, lines
         assert lines[0].startswith("janus: error: ")
         assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "soft:object=x;PIN-VALUE=hunter2",
+        "soft:object=x?pin%2Dvalue=hunter2",
+        "soft:object=x;colour=hunter2",
+        "soft:object=x?pin-source=hunter2",
+        "piv:slot=9c;pin%2Dvalue=hunter2",
+        "piv:slot=9c;PIN=hunter2",
+        "piv:slot=hunter2",
+        "piv:slot=9c?pin-source=hunter2",
+        "pkcs11:token=cli;object=x;PIN-VALUE=hunter2",
+        "pkcs11:token=cli;object=x?pin_value=hunter2",
+        "pkcs11:token=cli;object=x;type=hunter2",
+        "pkcs11:token=cli;object=x?pin-source=hunter2",
+        "pkcs11:token=cli;vendor=hunter2",
+        "hunter2",
+    ],
+)
+def test_uri_errors_never_print_a_value(cli_token: SoftHSMToken, uri: str) -> None:
+    for json_flag in ((), ("--json",)):
+        result = janus(cli_token, "keys", "show", uri, *json_flag)
+        assert result.returncode == 1, result.stderr
+        assert b"hunter2" not in result.stdout + result.stderr
+        assert b"Traceback" not in result.stderr
+        if not json_flag:
+            assert result.stderr.decode().startswith("janus: error: ")
+
+
+def test_ids_are_printed_percent_encoded_and_hex_ids_get_a_hint(
+    cli_token: SoftHSMToken, key_name: str
+) -> None:
+    uri = str(Pkcs11Uri.parse(cli_token.uri(object=key_name)).with_path(id=b"\x0a\x1b\x2c"))
+    generated = ok_json(janus(cli_token, "keys", "generate", uri, "--alg", "ES256", "--json"))
+    assert "id=%0A%1B%2C" in generated["uri"]
+    listed = ok_json(janus(cli_token, "keys", "list", cli_token.uri(), "--json"))
+    assert any(f"object={key_name};type=private;id=%0A%1B%2C" in k["uri"] for k in listed)
+    human = janus(cli_token, "keys", "list", cli_token.uri())
+    assert f"object={key_name};type=private;id=%0A%1B%2C" in human.stdout.decode()
+    for hex_id in ("0a1b2c", "0x0a1b2c"):
+        hinted = janus(cli_token, "keys", "show", f"pkcs11:token=cli;id={hex_id}", "--json")
+        assert hinted.returncode == 1
+        error = json.loads(hinted.stdout)["error"]
+        assert error["code"] == "bad_uri"
+        assert "write id=%0A%1B%2C" in error["message"]
+    pin = {"JANUS_PIN": cli_token.pin_file.read_text().strip()}
+    found = janus(cli_token, "keys", "show", "pkcs11:token=cli;id=%0a%1b%2c", "--json", env=pin)
+    assert ok_json(found)["did"] == generated["did"]
+    absent = janus(cli_token, "keys", "show", "pkcs11:token=cli;id=%FF%FE", "--json", env=pin)
+    assert "no private key id=%FF%FE" in json.loads(absent.stdout)["error"]["message"]
 
 
 def test_usage_errors_exit_2(cli_token: SoftHSMToken) -> None:

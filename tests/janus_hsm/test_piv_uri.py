@@ -50,23 +50,51 @@ def test_all_24_key_slots() -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("piv:serial=1;slot=f9", "slot='f9'"),
-        ("piv:serial=1;slot=96", "slot='96'"),
-        ("piv:serial=1;slot=81", "slot='81'"),
-        ("piv:serial=abc;slot=9a", "serial='abc'"),
-        ("piv:serial=1;label=x", "label=x"),
-        ("piv:serial=1?module-path=/x", "module-path=/x"),
-        ("piv:serial=1;slot=9a;slot=9c", "slot=9c"),
-        ("piv:serial=1;pin-source=/x", "pin-source=/x"),
-        ("piv:serial=1?slot=9a", "slot=9a"),
-        ("piv:serial", "serial"),
-        ("pkcs11:token=x", "pkcs11:token=x"),
+        ("piv:serial=1;slot=f9", "slot= is not a PIV key slot"),
+        ("piv:serial=1;slot=96", "slot= is not a PIV key slot"),
+        ("piv:serial=1;slot=81", "slot= is not a PIV key slot"),
+        ("piv:serial=abc;slot=9a", "serial= must be a decimal number"),
+        ("piv:serial=1;label=x", "unknown piv: URI path attribute 'label'"),
+        ("piv:serial=1?module-path=/x", "unknown piv: URI query attribute 'module-path'"),
+        ("piv:serial=1;slot=9a;slot=9c", "'slot' appears twice"),
+        ("piv:serial=1;pin-source=/x", "'pin-source' is a query attribute"),
+        ("piv:serial=1?slot=9a", "'slot' is a path attribute"),
+        ("piv:serial", "'serial' without '='"),
+        ("piv:serial=1?pin-source=relative", "pin-source"),
+        ("piv:serial=1?management-key-source=https://x", "pin-source"),
+        ("pkcs11:token=x", "'pkcs11:'"),
     ],
 )
-def test_refusals_name_the_offending_part(text: str, fragment: str) -> None:
+def test_refusals_name_the_offending_attribute(text: str, fragment: str) -> None:
     with pytest.raises(UriError) as info:
         PivUri.parse(text)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "piv:slot=9c;pin%2Dvalue=hunter2",
+        "piv:slot=9c;PIN-VALUE=hunter2",
+        "piv:slot=9c?Management_Key=hunter2",
+        "piv:slot=hunter2",
+        "piv:serial=hunter2",
+        "piv:reader=hunter2;reader=hunter2",
+        "piv:slot=9c;hunter2=hunter2x",
+        "piv:slot=9c?pin-source=hunter2",
+    ],
+)
+def test_refusals_never_repeat_a_value(text: str) -> None:
+    with pytest.raises(UriError) as info:
+        PivUri.parse(text)
+    assert "hunter2x" not in str(info.value)
+    assert "=hunter2" not in str(info.value)
+
+
+def test_slot_errors_do_not_repeat_the_value() -> None:
+    with pytest.raises(UriError) as info:
+        parse_slot("hunter2")
+    assert "hunter2" not in str(info.value)
 
 
 @pytest.mark.parametrize("secret", ["pin-value=123456", "pin=123456", "management-key=01"])

@@ -106,6 +106,7 @@ class PivCard:
             self._connection = None
             with contextlib.suppress(Exception):
                 connection.close()
+            _release_pcsc_context(connection)
 
     def close(self) -> None:
         """Drop the session (and a discovered card's connection); reopened on next use."""
@@ -194,3 +195,22 @@ class PivCard:
                 # The card forgot a PIN verified earlier: verify again and retry once.
                 self._pin_verified = False
         raise AssertionError("unreachable")
+
+
+def _release_pcsc_context(connection: SmartCardConnection) -> None:
+    """Release pyscard's PC/SC context now, and forget it if the daemon is gone.
+
+    yubikit's ``close`` disconnects before it releases, so when pcscd has died the
+    disconnect raises and the context is never released; pyscard then retries in
+    ``__del__``, which raises again (the handle belonged to the dead daemon) and Python
+    prints a traceback on stderr at some later garbage collection.  The handle is
+    worthless once its daemon is gone, so it is dropped whatever release answers.
+    """
+    inner: object | None = getattr(connection, "connection", None)  # pyscard's, inside
+    while inner is not None:
+        if getattr(inner, "hcontext", None) is not None:
+            with contextlib.suppress(Exception):
+                inner.release()  # type: ignore[attr-defined]
+            with contextlib.suppress(Exception):
+                inner.hcontext = None  # type: ignore[attr-defined]
+        inner = getattr(inner, "component", None)  # a CardConnectionDecorator's target

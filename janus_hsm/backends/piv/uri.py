@@ -12,8 +12,9 @@ Grammar, in the spirit of RFC 7512 (same character classes and percent-encoding)
 Examples: ``piv:serial=12345678;slot=9c``,
 ``piv:reader=Yubico%20YubiKey%20OTP%2BFIDO%2BCCID%2000%2000;slot=9a``.
 
-Strict for the same reason as :mod:`janus_hsm.uri`: an attribute Janus does not know is
-refused with the offending part, never ignored.  A PIN or management key itself is never
+The attributes are split, decoded and refused by the grammar all key URIs share
+(:mod:`janus_hsm.uri_grammar`): an attribute Janus does not know is refused by name,
+never ignored, and no error repeats a value.  A PIN or management key itself is never
 accepted in the URI (it would leak into shell history and process lists).
 """
 
@@ -24,14 +25,8 @@ from dataclasses import dataclass
 from yubikit.piv import SLOT
 
 from janus_hsm.errors import UriError
-from janus_hsm.uri import (
-    PATH_SAFE,
-    QUERY_SAFE,
-    percent_decode,
-    percent_encode,
-    shortened,
-    utf8_text,
-)
+from janus_hsm.pin import pin_source_path
+from janus_hsm.uri_grammar import PATH_SAFE, QUERY_SAFE, Grammar, percent_encode
 
 SCHEME = "piv"
 PATH_ATTRIBUTES = ("serial", "reader", "slot")
@@ -45,7 +40,13 @@ KEY_SLOTS: tuple[SLOT, ...] = (
     SLOT.CARD_AUTH,
     *(SLOT(s) for s in range(0x82, 0x96)),
 )
-_SECRET_NAMES = ("pin-value", "pin", "management-key", "puk")
+GRAMMAR = Grammar(
+    SCHEME,
+    PATH_ATTRIBUTES,
+    QUERY_ATTRIBUTES,
+    advice="Use pin-source=file:/path (or JANUS_PIN) for the PIN and "
+    "management-key-source=file:/path (or JANUS_PIV_MANAGEMENT_KEY) for the management key",
+)
 #: A YubiKey reports its serial in four bytes.
 MAX_SERIAL = 0xFFFFFFFF
 
@@ -73,7 +74,8 @@ def parse_slot(text: str) -> SLOT:
     except ValueError:
         number = -1
     if number not in {int(s) for s in KEY_SLOTS}:
-        raise UriError(f"slot={text!r} is not a PIV key slot: use 9a, 9c, 9d, 9e or 82..95 (hex)")
+        # The value is not repeated: see janus_hsm.uri_grammar.
+        raise UriError("slot= is not a PIV key slot: use 9a, 9c, 9d, 9e or 82..95 (hex)")
     return SLOT(number)
 
 
@@ -89,55 +91,26 @@ class PivUri:
 
     @classmethod
     def parse(cls, text: str) -> PivUri:
-        if not isinstance(text, str):
-            raise UriError("a piv: URI must be a string")
-        if len(text) > 4096:
-            raise UriError("piv: URI is longer than 4096 characters")
-        scheme, colon, rest = text.partition(":")
-        if not colon or scheme.lower() != SCHEME:
-            raise UriError(f"not a PIV URI (must start with 'piv:'): {shortened(text)!r}")
-        path_text, _, query_text = rest.partition("?")
-        values: dict[str, str] = {}
-        for part in path_text.split(";") if path_text else []:
-            name, value = _split(part)
-            if name in QUERY_ATTRIBUTES:
-                raise UriError(f"{name!r} is a query attribute; put it after '?' (at {part!r})")
-            if name not in PATH_ATTRIBUTES:
-                raise UriError(
-                    f"unknown piv: URI attribute {name!r} (at {part!r}); "
-                    f"known: {', '.join(PATH_ATTRIBUTES)}"
-                )
-            if name in values:
-                raise UriError(f"attribute {name!r} appears twice (at {part!r})")
-            values[name] = utf8_text(percent_decode(value, PATH_SAFE, part), part)
-        for part in query_text.split("&") if query_text else []:
-            name, value = _split(part)
-            if name in PATH_ATTRIBUTES:
-                raise UriError(f"{name!r} is a path attribute; put it before '?' (at {part!r})")
-            if name not in QUERY_ATTRIBUTES:
-                raise UriError(
-                    f"unknown piv: URI query attribute {name!r} (at {part!r}); "
-                    f"known: {', '.join(QUERY_ATTRIBUTES)}"
-                )
-            if name in values:
-                raise UriError(f"attribute {name!r} appears twice (at {part!r})")
-            values[name] = utf8_text(percent_decode(value, QUERY_SAFE, part), part)
-        serial = values.get("serial")
+        attributes = GRAMMAR.parse(text)
+        serial = attributes.text("serial")
         if serial is not None and not _valid_serial(serial):
             raise UriError(
-                f"serial={serial!r} must be a decimal number (ASCII digits 0-9, at most "
-                f"{MAX_SERIAL}) (at {shortened(text)!r})"
+                f"serial= must be a decimal number (ASCII digits 0-9, at most {MAX_SERIAL})"
             )
-        reader = values.get("reader")
+        reader = attributes.text("reader")
         if reader is not None and not reader:
             raise UriError("reader= must not be empty")
-        slot = values.get("slot")
+        for source in ("pin-source", "management-key-source"):
+            value = attributes.text(source)
+            if value is not None:
+                pin_source_path(value)  # a file: URI or an absolute path, else UriError
+        slot = attributes.text("slot")
         return cls(
             serial=int(serial) if serial is not None else None,
             reader=reader,
             slot=parse_slot(slot) if slot is not None else None,
-            pin_source=values.get("pin-source"),
-            management_key_source=values.get("management-key-source"),
+            pin_source=attributes.text("pin-source"),
+            management_key_source=attributes.text("management-key-source"),
         )
 
     def __str__(self) -> str:
@@ -173,17 +146,3 @@ class PivUri:
 
 # Reader names contain spaces and '+'; encode those, keep the rest readable.
 _READER_SAFE = frozenset(PATH_SAFE - {"+", "&", "="})
-
-
-def _split(part: str) -> tuple[str, str]:
-    name, eq, value = part.partition("=")
-    if not eq or not name:
-        raise UriError(f"attribute must be name=value, at {part!r}")
-    if name.lower() in _SECRET_NAMES:
-        raise UriError(
-            f"{name} is refused: secrets in a URI leak into shell history and process "
-            "lists. Use pin-source=file:/path (or JANUS_PIN) for the PIN and "
-            "management-key-source=file:/path (or JANUS_PIV_MANAGEMENT_KEY) for the "
-            "management key"
-        )
-    return name, value

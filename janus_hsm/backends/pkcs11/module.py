@@ -9,6 +9,7 @@ own module instance and session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from typing import Any
 
 import pkcs11
 
-from janus_hsm.errors import BackendError, ModuleLoadError
+from janus_hsm.errors import BackendError, ModuleLoadError, TokenLostError
+
+from .remote import check_server, is_remote_client
 
 MODULE_ENV = "JANUS_PKCS11_MODULE"
 
@@ -101,6 +104,28 @@ class LoadedModule:
     pid: int = field(default_factory=os.getpid)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
+    # Counts re-initialisations, so sessions opened before one know they are gone.
+    generation: int = 0
+
+    def reinitialize(self) -> None:
+        """C_Finalize then C_Initialize: how a module reconnects to a device it lost.
+
+        p11-kit-client, for one, connects to its server only in C_Initialize; after the
+        server restarts, nothing but a fresh initialisation reaches it again.  Every
+        session and object handle of the module is void afterwards.  Call with
+        :attr:`lock` held.
+        """
+        with contextlib.suppress(pkcs11.PKCS11Error):
+            self.lib.finalize()
+        self.generation += 1
+        try:
+            self.lib.initialize()
+        except pkcs11.PKCS11Error as exc:
+            raise TokenLostError(
+                f"cannot initialise the PKCS#11 module {self.path} again after losing its "
+                f"device: {type(exc).__name__}"
+            ) from None
+
     def check_process(self) -> None:
         """A module initialised in a parent process must not be used after fork()."""
         if os.getpid() != self.pid:
@@ -130,6 +155,8 @@ def load_module(path: str) -> LoadedModule:
                 f"PKCS#11 module {path} does not exist; install the vendor's library or fix "
                 f"module-path / {MODULE_ENV}"
             )
+        if is_remote_client(path):
+            check_server(path)
         try:
             lib = pkcs11.lib(path)
         except pkcs11.PKCS11Error as exc:

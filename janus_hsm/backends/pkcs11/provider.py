@@ -21,12 +21,12 @@ from janus_hsm.errors import (
 from janus_hsm.pin import PinSource, resolve_pin_source
 from janus_hsm.provider import KeyProperties, KeyProvider
 from janus_hsm.public_keys import public_key_from_raw
-from janus_hsm.uri import Pkcs11Uri
+from janus_hsm.uri import Pkcs11Uri, format_id
 
 from .encoding import algorithm_from_ec_params, ec_params_for, point_from_ec_point
 from .handle import Pkcs11KeyHandle
 from .module import load_module, resolve_module_path
-from .session import TokenSession, find_token
+from .session import TokenSession, find_token_typed
 
 BACKEND = "pkcs11"
 _KEY_TYPES = {
@@ -85,7 +85,7 @@ class Pkcs11Provider(KeyProvider):
         token_uri = parsed.token_uri()
         with module.lock:
             module.check_process()
-            token = find_token(module, token_uri)
+            token = find_token_typed(module, token_uri)
             identity = (module.path, str(token.label), bytes(token.serial or b""))
         if pin_source is None:
             pin_source = resolve_pin_source(
@@ -129,7 +129,7 @@ class Pkcs11Provider(KeyProvider):
             if by_label or by_id:
                 raise KeyExistsError(
                     f"{self._ts.describe()} already has an object "
-                    + (f"labelled {label!r}" if by_label else f"with id {key_id.hex()}")
+                    + (f"labelled {label!r}" if by_label else f"with id={format_id(key_id)}")
                     + "; Janus never creates a second key under one name. Pick another "
                     "name, or delete the old key first"
                 )
@@ -193,15 +193,15 @@ class Pkcs11Provider(KeyProvider):
             ]
 
         found = self._ts.run(lookup, what="key lookup")
-        name = parsed.object or (parsed.id or b"").hex()
+        name = repr(parsed.object) if parsed.object else f"id={format_id(parsed.id or b'')}"
         if not found:
             raise KeyNotFoundError(
-                f"no private key {name!r} on {self._ts.describe()}; "
+                f"no private key {name} on {self._ts.describe()}; "
                 f"`janus keys list {self._base_uri}` shows the keys there"
             )
         if len(found) > 1:
             raise AmbiguousKeyError(
-                f"{len(found)} private keys on {self._ts.describe()} match {name!r}; "
+                f"{len(found)} private keys on {self._ts.describe()} match {name}; "
                 "add id= to the URI to choose one"
             )
         return self._load(*found[0])

@@ -9,6 +9,7 @@ reopened and the operation retried exactly once, then :class:`TokenLostError`.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,6 +43,13 @@ _SESSION_LOST: tuple[type[Exception], ...] = (
     pkcs11.exceptions.ObjectHandleInvalid,
     pkcs11.exceptions.KeyHandleInvalid,
 )
+# Errors after which the module itself must reconnect (C_Finalize, C_Initialize):
+# p11-kit-client reports a lost server as CKR_DEVICE_ERROR and stays disconnected
+# until it is initialised again; USB tokens that were unplugged behave alike.
+_DEVICE_LOST: tuple[type[Exception], ...] = (
+    pkcs11.exceptions.DeviceError,
+    pkcs11.exceptions.DeviceRemoved,
+)
 _UNSUPPORTED: tuple[type[Exception], ...] = (
     pkcs11.exceptions.MechanismInvalid,
     pkcs11.exceptions.MechanismParamInvalid,
@@ -62,6 +70,11 @@ class _OpenFailed(Exception):
 
 
 _RETRYABLE: tuple[type[Exception], ...] = (*_SESSION_LOST, _OpenFailed)
+# The token was found when its TokenSession was made: not finding it later means the
+# module lost it (a server or device went away), like a device error does.
+_MODULE_LOST: tuple[type[Exception], ...] = (*_DEVICE_LOST, TokenNotFoundError)
+_LOST: tuple[type[Exception], ...] = (*_RETRYABLE, *_MODULE_LOST)
+_PASSED_UP: tuple[type[Exception], ...] = (*_SESSION_LOST, *_DEVICE_LOST)
 
 
 def describe_token(token: Any) -> str:
@@ -69,8 +82,63 @@ def describe_token(token: Any) -> str:
     return f"token '{token.label}'" + (f" (serial {serial})" if serial else "")
 
 
+# What C_GetSlotList / C_GetTokenInfo answer while SoftHSM's token file is being
+# rewritten by another process's C_Login (docs/performance.md): worth one more look.
+_TOKEN_FILE_RACE: tuple[type[Exception], ...] = (
+    pkcs11.exceptions.GeneralError,
+    pkcs11.exceptions.TokenNotRecognised,
+)
+_LOOK_AGAIN: tuple[type[Exception], ...] = (*_TOKEN_FILE_RACE, TokenNotFoundError)
+_RACE_PAUSE = 0.05  # seconds; the writer's window is a truncate and a write
+
+
 def find_token(module: LoadedModule, uri: Pkcs11Uri) -> Any:
-    """The single token the URI's token attributes select."""
+    """The single token the URI's token attributes select.
+
+    Looks twice when the first look fails the way SoftHSM's file-store race does (a
+    general error, or the token missing or uninitialised for a moment); any other PKCS#11
+    error, or the race twice, is a typed error.  Device and session loss pass up
+    untranslated, for :meth:`TokenSession.run` to recover from.
+    """
+    for last in (False, True):
+        try:
+            return _find_token(module, uri)
+        except _PASSED_UP:
+            raise
+        except _LOOK_AGAIN as exc:
+            if not last:
+                # SoftHSM keeps what it read of a half-written token file (the token is
+                # then missing for the rest of the process): only a fresh C_Initialize
+                # reads the store again.
+                time.sleep(_RACE_PAUSE)
+                module.reinitialize()
+                continue
+            if isinstance(exc, TokenNotFoundError):
+                raise
+            failure = exc
+        except pkcs11.PKCS11Error as exc:
+            failure = exc
+        raise BackendError(
+            f"{module.path} failed listing its tokens ({type(failure).__name__}). With "
+            "SoftHSM, this happens while other processes log in to the same token at the "
+            "same moment: retry"
+        ) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def find_token_typed(module: LoadedModule, uri: Pkcs11Uri) -> Any:
+    """:func:`find_token` for callers outside :meth:`TokenSession.run`, which cannot
+    recover a lost device: that, too, is a typed error here."""
+    try:
+        return find_token(module, uri)
+    except _PASSED_UP as exc:
+        raise TokenLostError(
+            f"{module.path} lost its token while Janus looked for it ({type(exc).__name__}). "
+            "Check that the device is connected and reachable, then retry"
+        ) from None
+
+
+def _find_token(module: LoadedModule, uri: Pkcs11Uri) -> Any:
     lib = module.lib
     wanted = uri.path
     for name in ("library-manufacturer", "library-description", "library-version"):
@@ -112,7 +180,8 @@ def find_token(module: LoadedModule, uri: Pkcs11Uri) -> Any:
         raise TokenNotFoundError(
             f"no token matches {selector} in {module.path} (initialised tokens: {available}). "
             "Check token= in the URI, that the device is connected, and, for SoftHSM, "
-            "that SOFTHSM2_CONF points at the right token directory"
+            "that SOFTHSM2_CONF points at the right token directory (if it does, other "
+            "processes logging in at this moment can hide the token: retry)"
         )
     if len(matches) > 1:
         raise TokenNotFoundError(
@@ -131,6 +200,7 @@ class TokenSession:
         self._pin_source = pin_source
         self._token: Any = None
         self._session: Any = None
+        self._generation = module.generation
         self._objects: dict[tuple[int, bytes, str], Any] = {}
 
     def replace_pin_source(self, pin_source: PinSource) -> None:
@@ -142,7 +212,7 @@ class TokenSession:
     def token(self) -> Any:
         with self.module.lock:
             if self._token is None:
-                self._token = find_token(self.module, self.token_uri)
+                self._token = find_token_typed(self.module, self.token_uri)
             return self._token
 
     @property
@@ -156,18 +226,23 @@ class TokenSession:
         """Run ``operation(session)`` under the module lock; reopen the session once if lost."""
         with self.module.lock:
             self.module.check_process()
+            described = self._describe_safely()
             try:
                 return self._attempt(operation, what)
+            except _MODULE_LOST:
+                self._discard()
+                self.module.reinitialize()
             except _RETRYABLE:
                 self._discard()
             try:
                 return self._attempt(operation, what)
-            except _RETRYABLE as exc:
+            except _LOST as exc:
                 self._discard()
                 raise TokenLostError(
-                    f"lost the session with {self._describe_safely()} during {what} and "
-                    f"could not reopen it ({type(exc).__name__}). Check that the device is "
-                    "connected and reachable, then retry"
+                    f"lost the session with {described} during {what} and could not "
+                    f"reopen it ({type(exc).__name__}). Check that the device is "
+                    "connected and reachable (for p11-kit-client: that its p11-kit server "
+                    "runs), then retry"
                 ) from None
 
     def _attempt(self, operation: Callable[[Any], T], what: str) -> T:
@@ -177,9 +252,16 @@ class TokenSession:
             # SoftHSM rewrites its token file non-atomically on login; a process reading
             # it at that moment gets CKR_GENERAL_ERROR. Opening again is the remedy.
             raise _OpenFailed from None
+        except _PASSED_UP:
+            raise
+        except pkcs11.PKCS11Error as exc:
+            raise BackendError(
+                f"{self.module.path}: opening a session with {self._describe_safely()} "
+                f"failed ({type(exc).__name__})"
+            ) from None
         try:
             return operation(session)
-        except _SESSION_LOST:
+        except _PASSED_UP:
             raise
         except JanusHSMError:
             raise
@@ -234,6 +316,11 @@ class TokenSession:
         self._objects.clear()
 
     def _open(self) -> Any:
+        if self._generation != self.module.generation:
+            # The module was initialised again (for another token's sake): this
+            # session's handles are void, and closing them could close a new session.
+            self._session, self._token = None, None
+            self._generation = self.module.generation
         if self._session is not None:
             return self._session
         token = find_token(self.module, self.token_uri)
@@ -283,7 +370,7 @@ class TokenSession:
         session, self._session = self._session, None
         self._objects.clear()
         self._token = None
-        if session is not None:
+        if session is not None and self._generation == self.module.generation:
             with contextlib.suppress(pkcs11.PKCS11Error):
                 session.close()
 

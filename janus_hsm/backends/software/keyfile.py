@@ -21,11 +21,8 @@ load time.  docs/software-keystore.md documents every field.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import errno
-import fcntl
 import hashlib
 import hmac
 import logging
@@ -46,9 +43,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from janus_hsm import strictjson
+from janus_hsm import b64url, strictjson
 from janus_hsm.algorithms import Algorithm
+from janus_hsm.atomic_file import fsync_directory, replace_file
 from janus_hsm.errors import KeystoreError, MechanismUnsupportedError
+from janus_hsm.file_lock import locked_file
 from janus_hsm.public_keys import (
     PublicKey,
     PublicKeyFormatError,
@@ -99,7 +98,6 @@ HKDF_INFO_FIDO2 = b"janus-software-key/2 fido2-hmac-secret HKDF-SHA256 A256KW\x0
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 _TOP_FIELDS = frozenset(
     {
@@ -740,21 +738,12 @@ def canonical_json(value: Any) -> bytes:
     return strictjson.canonical_json(value, ascii_only=True)
 
 
-def b64e(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+b64e = b64url.encode
 
 
 def b64d(text: Any, where: str) -> bytes:
     """Strict, canonical base64url: one spelling per byte string, so no flip goes unseen."""
-    if not isinstance(text, str) or not _B64URL.fullmatch(text):
-        raise KeystoreError(f"{where} is not base64url")
-    try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise KeystoreError(f"{where} is not base64url") from None
-    if b64e(data) != text:
-        raise KeystoreError(f"{where} is not canonical base64url")
-    return data
+    return b64url.decode(text, where, error=KeystoreError)
 
 
 def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -821,14 +810,8 @@ def ensure_directory(directory: Path, *, create: bool) -> None:
 @contextlib.contextmanager
 def locked(directory: Path) -> Iterator[None]:
     """Serialise writers of one keystore across threads and processes (flock)."""
-    fd = os.open(
-        directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-    )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with locked_file(directory / LOCK_NAME):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def read_key_file(directory: Path, name: str) -> KeyFile | None:
@@ -870,37 +853,17 @@ def read_key_file(directory: Path, name: str) -> KeyFile | None:
 
 
 def write_new_key_file(directory: Path, key_file: KeyFile) -> Path:
-    """Write atomically: temp file in the same directory, fsync, rename, fsync directory.
+    """Write atomically (janus_hsm.atomic_file): temp file, fsync, rename, fsync directory.
 
     The caller holds :func:`locked` and has checked the name is free.  After a crash at
     any point the directory holds either the complete file or no file of that name (at
     worst a stray temp file, which is ignored and cleaned up by the next writer).
     """
     final = key_path(directory, key_file.name)
-    fd = -1
-    temp = directory / f"{TEMP_PREFIX}{key_file.name}.{os.urandom(8).hex()}"
     try:
-        fd = os.open(
-            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
-        os.fchmod(fd, 0o600)  # whatever the umask
-        data = key_file.to_bytes()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(temp, final)
-    except BaseException as exc:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        if isinstance(exc, OSError):
-            raise KeystoreError(f"cannot write {final}: {exc.strerror or exc}") from None
-        raise
-    fsync_directory(directory)
+        replace_file(final, key_file.to_bytes(), temp_prefix=f"{TEMP_PREFIX}{key_file.name}.")
+    except OSError as exc:
+        raise KeystoreError(f"cannot write {final}: {exc.strerror or exc}") from None
     return final
 
 
@@ -922,14 +885,6 @@ def remove_stale_temp_files(directory: Path) -> None:
             if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_names(directory: Path, valid_name: Callable[[str], bool]) -> list[str]:

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from agent.cloud.service import KEYREQ_TYP, PICKUP_TYP, CloudAgent, CloudConfig, sign_request
+from agent.cloud.service import CloudAgent, CloudConfig
 from agent.errors import GrantInactiveError
 from agent.evidence import verify_evidence
+from agent.protocol import KEYREQ_TYP, PICKUP_TYP, sign_request
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.backends.pkcs11 import Pkcs11Provider
 from janus_hsm.errors import KeyNotFoundError
