@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -27,6 +29,7 @@ from agent.didcomm import Message, pack_anoncrypt, wrap_forward
 from agent.edge.agent import EdgeAgent
 from agent.errors import AgentError
 from hardware.softhsm import ensure_token
+from janus_hsm import b64url
 from janus_hsm.backends.pkcs11.export_probe import probe_export
 from janus_hsm.errors import JanusHSMError
 from policies.abilities import Ability
@@ -136,6 +139,7 @@ def run(state_dir: Path) -> None:
         raise
     finally:
         cloud.stop()
+    relationships_chapter(state_dir / "relationships")
 
 
 def _story(cloud: CloudProcess, edge: EdgeAgent, state_dir: Path) -> None:
@@ -249,6 +253,137 @@ def _story(cloud: CloudProcess, edge: EdgeAgent, state_dir: Path) -> None:
     check_answer(after, 410, "the next payment is refused immediately")
 
     print("\nDone: hardware-rooted delegation worked as stated, and every limit held.")
+
+
+# --- Relationships: two owners talk through services that see only ciphertext ---------
+
+
+class Owner:
+    """One owner of the relationships chapter: a token, an edge agent, a cloud agent.
+
+    The owners' commands run as ``janus`` processes: each owner's SoftHSM has its own
+    configuration, and SoftHSM reads it once per process.
+    """
+
+    def __init__(self, name: str, base: Path) -> None:
+        self.name = name
+        self.token = ensure_token(base / name / "softhsm", name)
+        self.state = base / name / "edge"
+        made = self.janus("edge", "init", "--token", self.token.uri(), "--name", name)
+        self.did = str(made["did"])
+        self.cloud = CloudProcess(
+            base / name / "cloud",
+            owner=self.did,
+            extra_args=["--receiving", "--sending", "--sending-allow-host", "127.0.0.1"],
+        )
+
+    def janus(self, *args: str, fails: bool = False) -> dict[str, Any]:
+        """``janus ARGS --state-dir … --json``: its JSON answer (its error, with fails)."""
+        argv = [sys.executable, "-m", "agent", *args, "--state-dir", str(self.state), "--json"]
+        shown = " ".join(a if len(a) < 60 else a[:24] + "…" for a in args)
+        print(f"    {self.name}$ janus {shown}", flush=True)
+        done = subprocess.run(
+            argv, env=self.token.environ(), capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        if done.returncode != (1 if fails else 0) or "Traceback" in done.stderr:
+            raise DemoFailure(f"`janus {shown}` exited {done.returncode}: {done.stderr.strip()}")
+        answer: dict[str, Any] = json.loads(done.stdout or "{}")
+        if isinstance(answer, list):
+            return {"items": answer}
+        return answer.get("error", answer) if fails else answer
+
+    def texts(self) -> list[str]:
+        received = self.janus("rel", "receive")["messages"]
+        return [str(m["message"]["body"].get("text")) for m in received]
+
+
+def relationships_chapter(base: Path) -> None:
+    # Each run starts this chapter afresh (tokens, identities, services): a rerun at any
+    # interval finds nothing half-done from an earlier one.
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    step(9, "Two owners, Alex and Blair: each a SoftHSM token and a cloud agent acting as "
+         "receiving and sending service")  # fmt: skip
+    alex, blair = Owner("alex", base), Owner("blair", base)
+    try:
+        for who in (alex, blair):
+            print(f"    {who.name}: {who.did}, services at {who.cloud.url}")
+            who.janus("edge", "service", "add", who.cloud.url, "--role", "receiving")
+            who.janus("edge", "service", "add", who.cloud.url, "--role", "sending")
+        _relationships_story(alex, blair, base)
+    except (DemoFailure, *TYPED_ERRORS):
+        for who in (alex, blair):
+            print(f"\n--- {who.name}'s cloud agent log ---\n" + who.cloud.output(), file=sys.stderr)
+        raise
+    finally:
+        alex.cloud.stop()
+        blair.cloud.stop()
+
+
+def _relationships_story(alex: Owner, blair: Owner, base: Path) -> None:
+    step(10, "Alex invites Blair with a file; Blair accepts it (one token ECDH each)")
+    invitation = base / "invitation-for-blair.json"
+    alex.janus("rel", "invite", "--name", "blair", "--out", str(invitation))
+    blair.janus("rel", "accept", str(invitation), "--name", "alex")
+    events = alex.janus("rel", "receive")["events"]
+    check(
+        any(e["event"] == "established" for e in events),
+        "Alex's agent opened Blair's first message: the relationship exists on both sides",
+    )
+    blair.janus("rel", "receive")
+    alex.janus("rel", "receive")
+    a_number = alex.janus("rel", "show", "blair")["safety_number"]
+    b_number = blair.janus("rel", "show", "alex")["safety_number"]
+    print(f"    safety number: {a_number}")
+    check(a_number == b_number, "both see the same safety number to compare in person")
+
+    step(11, "Messages both ways, through Alex's and Blair's services")
+    blair.janus("rel", "send", "alex", "--text", "Hi Alex, it is Blair")
+    check(alex.texts() == ["Hi Alex, it is Blair"], "Alex reads Blair's message")
+    alex.janus("rel", "send", "blair", "--text", "Hello Blair!")
+    check(blair.texts() == ["Hello Blair!"], "Blair reads Alex's answer")
+
+    step(12, "Blair's address rotates mid-conversation; delivery continues")
+    blair.janus("rel", "rotate", "alex", "--grace", "0")  # policy: no grace period
+    blair.janus("rel", "rotate", "alex")  # rotate now
+    before = blair.janus("rel", "show", "alex")["addresses"]["own"]
+    old_ids = {a["id"] for a in before if a["state"] != "announced"}
+    print(f"    Blair announced a new address; she now picks up from {len(before)}")
+    alex.janus("rel", "send", "blair", "--text", "sent before I heard of your new address")
+    alex.janus("rel", "receive")  # learns it, confirms it
+    alex.janus("rel", "send", "blair", "--text", "sent to your new address")
+    got = blair.texts()
+    check(
+        got == ["sent before I heard of your new address", "sent to your new address"],
+        "both messages arrived: the one to the old address and the one to the new",
+    )
+    blair.janus("rel", "receive")  # the grace period is over: the old address is retired
+    after = blair.janus("rel", "show", "alex")["addresses"]["own"]
+    check(
+        len(after) == 1 and after[0]["id"] not in old_ids and after[0]["state"] == "current",
+        "Blair's old address is retired at her service; the new one is current",
+    )
+    alex.janus("rel", "receive")
+    alex.janus("rel", "send", "blair", "--text", "still talking")
+    check(blair.texts() == ["still talking"], "the conversation goes on at the new address")
+
+    step(13, "The sending service never had Blair's address")
+    needles: list[bytes] = []
+    for address_id in old_ids | {after[0]["id"]}:
+        needles += [address_id.encode(), b64url.decode(address_id)]
+    stored = [p for p in alex.cloud.state_dir.glob("sending.db*") if p.is_file()]
+    found = [p.name for p in stored if any(n in p.read_bytes() for n in needles)]
+    print(f"    searched {', '.join(p.name for p in stored)} of Alex's sending service")
+    check(bool(stored) and not found, "no address id of Blair's, in text or bytes, is in it")
+
+    step(14, "Blair blocks Alex: every address he knows is retired, delivery stops")
+    blocked = blair.janus("rel", "block", "alex")
+    print(f"    {blocked['retired']} address(es) retired at Blair's receiving service")
+    refused = alex.janus("rel", "send", "blair", "--text", "are you there?", fails=True)
+    print(f"    janus: error: {refused['message']}")
+    check(refused["code"] == "peer_address_retired", "Alex's message has nowhere to go")
+    print("\nDone: two owners talked through services that saw only ciphertext.")
 
 
 def main(argv: list[str] | None = None) -> int:

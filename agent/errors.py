@@ -15,6 +15,13 @@ class BadRequestError(AgentError):
     status = 400
 
 
+class RequestTimeoutError(AgentError):
+    """A client did not send the request body it announced in the time allowed."""
+
+    code = "request_timeout"
+    status = 408
+
+
 class NotFoundError(AgentError):
     code = "not_found"
     status = 404

@@ -78,3 +78,43 @@ def action_path(grant_id: str, action: str) -> str:
 def action_body(resource: str, request: dict[str, Any]) -> dict[str, Any]:
     """What the cloud agent reads from an action's body: the resource and the request."""
     return {"resource": resource, "request": request}
+
+
+#: ``typ`` of the cloud agent's statement naming its routing key (``GET /v1/did``).
+ROUTING_TYP: Final = "janus-routing+jws"
+
+
+def sign_routing_key(identity: KeyHandle, routing_key: str, *, now: int) -> str:
+    """The agent's own key vouching for its routing key: a sender can check the key it
+    encrypts forwards to belongs to the agent it means, not to whoever answered."""
+    return sign_compact(
+        identity,
+        {"typ": ROUTING_TYP},
+        {"iss": identity.did, "routing_key": routing_key, "iat": now},
+    )
+
+
+def check_routing_key(answer: Any, *, agent: str | None = None) -> tuple[str, str]:
+    """(agent DID, routing key) from a ``GET /v1/did`` answer, once the agent's signature
+    over the routing key verifies; ``agent`` pins the DID the answer must name."""
+    from janus_hsm.algorithms import Algorithm
+    from janus_hsm.public_keys import PublicKeyFormatError, algorithm_of, from_did_key
+
+    if not isinstance(answer, dict):
+        raise FormatError("the agent's /v1/did answer is not a JSON object")
+    did, key, proof = answer.get("did"), answer.get("routing_key"), answer.get("routing_proof")
+    if not isinstance(did, str) or not isinstance(key, str) or not isinstance(proof, str):
+        raise FormatError("the agent's /v1/did answer lacks did, routing_key or routing_proof")
+    if agent is not None and did != agent:
+        raise VerificationError(f"the agent answering is {did:.120}, not {agent:.120}")
+    parsed = parse_compact(proof, typ=ROUTING_TYP, what="routing key statement")
+    if parsed.payload.get("iss") != did or parsed.payload.get("routing_key") != key:
+        raise VerificationError("the routing key statement is not about this agent and key")
+    verify_signature(parsed, public_key_for(did, "agent did"), what="routing key statement")
+    try:
+        usable = algorithm_of(from_did_key(key)) is Algorithm.X25519
+    except PublicKeyFormatError:
+        usable = False
+    if not usable:
+        raise FormatError(f"the routing key {key:.120} is not the did:key of an X25519 key")
+    return did, key

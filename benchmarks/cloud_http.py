@@ -21,7 +21,7 @@ Why these measurements:
   record it: it signs an invocation (Janus's claims) and the payload and answers with
   evidence in Janus's format and the real grant's bundle.  evidence/bare is the most
   Janus could reach with authorisation and the ledger free; janus/evidence is what
-  they cost (no targets).
+  they cost (target: janus/evidence >= 0.7).
 * Both servers are real processes on 127.0.0.1; the cloud agent is the one the demo
   runs (``agent.cloud.process.CloudProcess``), owned by an edge identity whose root key
   is in a SoftHSM token made for the run, and the grant was made by ``EdgeAgent.grant``.
@@ -91,6 +91,8 @@ CLIENT_TIMEOUT = 60
 SETTLE_SECONDS = 0.5  # before checking that the server is idle after a run
 DRAIN_LIMIT = 120.0  # longest wait for a server to finish its queue after a run
 TARGET_RATIO = 0.4
+# Janus / unauthorised evidence: what authorisation and the durable ledger write may cost.
+EVIDENCE_TARGET = 0.7
 HOST = "127.0.0.1"
 SOFTHSM_LABEL = "bench-http"
 PROFILE_RATE = 100  # py-spy samples per second
@@ -294,6 +296,9 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     server_cpu: float = float("nan")  # CPU seconds of the server per wall second
+    # The same, of the main thread alone (the event loop); the rest is other threads
+    # (for the cloud agent: the ledger's writer and the thread pool).
+    server_cpu_loop: float = float("nan")
     drain_seconds: float = 0.0  # until the server was idle after the load stopped
     server_ok: int | None = None  # 200s the server counted (cloud agent only)
     server_other: dict[str, int] = field(default_factory=dict)  # its non-200s by status
@@ -541,9 +546,10 @@ def percentile(ordered: list[float], p: float) -> float:
     return ordered[rank - 1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, *, thread: int | None = None) -> float:
+    """User + system CPU time of a process, all its threads (or one thread of it)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -633,8 +639,14 @@ def check_sample(target: JanusTarget) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def janus_service(workdir: Path) -> Iterator[tuple[JanusTarget, Any]]:
-    """SoftHSM token, edge identity, a real cloud agent, and a large grant to it."""
+def janus_service(
+    workdir: Path, variants: dict[str, Path] | None = None
+) -> Iterator[tuple[JanusTarget, Any, dict[str, JanusTarget]]]:
+    """SoftHSM token, edge identity, a real cloud agent, and a large grant to it.
+
+    ``variants``: name -> a copy of the source tree; each also gets a cloud agent run
+    from that tree (``python -m agent`` in it, so its modules are the ones imported)
+    and a grant of its own from the same edge identity."""
     from hardware.softhsm import ensure_token
 
     token = ensure_token(workdir / "token", SOFTHSM_LABEL)
@@ -649,9 +661,11 @@ def janus_service(workdir: Path) -> Iterator[tuple[JanusTarget, Any]]:
     (edge_dir / "policy.toml").write_text(EDGE_POLICY)
     edge, _ = EdgeAgent.init(edge_dir, token.uri())
     cloud = CloudProcess(workdir / "cloud", owner=edge.did)
-    try:
+    others: dict[str, Any] = {}
+
+    def target(process: Any) -> JanusTarget:
         granted = edge.grant(
-            cloud.url,
+            process.url,
             [Ability(RESOURCE, ACTION, CAVEATS)],
             ttl_seconds=GRANT_TTL,
             uses=GRANT_USES,
@@ -659,22 +673,31 @@ def janus_service(workdir: Path) -> Iterator[tuple[JanusTarget, Any]]:
         if granted["status"] != "active":
             raise RuntimeError(f"the grant is not active: {granted}")
         grant_id = granted["grant_id"]
-        yield (
-            JanusTarget(
-                url=f"{cloud.url}/v1/grants/{grant_id}/actions/{ACTION}",
-                base=cloud.url,
-                pid=cloud.process.pid,
-                grant_id=grant_id,
-                capability=granted["capability"],
-                owner=edge.did,
-            ),
-            cloud,
+        return JanusTarget(
+            url=f"{process.url}/v1/grants/{grant_id}/actions/{ACTION}",
+            base=process.url,
+            pid=process.process.pid,
+            grant_id=grant_id,
+            capability=granted["capability"],
+            owner=edge.did,
         )
+
+    try:
+        here = Path.cwd()
+        for name, tree in (variants or {}).items():
+            os.chdir(tree)  # `python -m agent` imports from its working directory
+            try:
+                others[name] = CloudProcess(workdir / f"cloud-{name}", owner=edge.did)
+            finally:
+                os.chdir(here)
+        yield target(cloud), cloud, {name: target(p) for name, p in others.items()}
     except BaseException:
         progress("--- cloud agent log ---\n" + cloud.output())
         raise
     finally:
         cloud.stop()
+        for process in others.values():
+            process.stop()
 
 
 # ----------------------------------------------------------------------- running
@@ -709,9 +732,12 @@ def measure(
 ) -> LoadResult:
     before = server_counts(base) if base else None
     cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
+    loop_before = cpu_seconds(pid, thread=pid)  # the main thread's id is the process's
     result = generator.run(target, url, seconds)
     # Server CPU during the load only (not while it drains its queue afterwards).
-    result.server_cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
+    wall = time.monotonic() - wall_before
+    result.server_cpu = (cpu_seconds(pid) - cpu_before) / wall
+    result.server_cpu_loop = (cpu_seconds(pid, thread=pid) - loop_before) / wall
     result.drain_seconds = wait_idle(pid, base)
     if base and before is not None:
         after = server_counts(base)
@@ -727,24 +753,39 @@ def run_rounds(
     janus: JanusTarget,
     seconds: int,
     repeat: int,
+    variants: dict[str, JanusTarget] | None = None,
 ) -> dict[str, list[LoadResult]]:
     """``repeat`` rounds of one run per target, rotating which goes first.
 
-    ``baselines``: target name -> (URL, server pid).
+    ``baselines``: target name -> (URL, server pid); ``variants``: more cloud agents,
+    measured as ``janus:NAME``.
     """
 
     def baseline(name: str, url: str, pid: int) -> Callable[[int], LoadResult]:
         return lambda s: measure(generator, name, url, pid, s, None)
 
     sides = {name: baseline(name, url, pid) for name, (url, pid) in baselines.items()}
-    sides["janus"] = lambda s: measure(generator, "janus", janus.url, janus.pid, s, janus.base)
+
+    def cloud(name: str, target: JanusTarget) -> Callable[[int], LoadResult]:
+        return lambda s: measure(generator, name, target.url, target.pid, s, target.base)
+
+    sides["janus"] = cloud("janus", janus)
+    for name, other in (variants or {}).items():
+        sides[f"janus:{name}"] = cloud(f"janus:{name}", other)
     progress(f"warming up the servers ({WARMUP_SECONDS} s each)")
     for run in sides.values():
         run(WARMUP_SECONDS)
     runs: dict[str, list[LoadResult]] = {name: [] for name in sides}
     names = list(sides)
+    clouds = [n for n in names if n.startswith("janus")]
     for rep in range(repeat):
-        for side in names[rep % len(names) :] + names[: rep % len(names)]:
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        if rep % 2:
+            # The cloud agents run back to back: alternate which of them goes first, or
+            # one is always measured right after another's load (worth about 7% here).
+            slots = iter(reversed([n for n in order if n in clouds]))
+            order = [next(slots) if n in clouds else n for n in order]
+        for side in order:
             result = sides[side](seconds)
             runs[side].append(result)
             progress(
@@ -931,6 +972,9 @@ def summarise(
             "p90_ms": median([r.p90_ms for r in runs]),
             "p99_ms": median([r.p99_ms for r in runs]),
             "server_cpu": median([r.server_cpu for r in runs]),
+            # CPU time per answered request: all threads, and the event loop's thread.
+            "cpu_us_per_request": median([1e6 * r.server_cpu / r.rps for r in runs]),
+            "loop_cpu_us_per_request": median([1e6 * r.server_cpu_loop / r.rps for r in runs]),
             "non_2xx": sum(r.non_2xx for r in runs),
             "errors": sum(sum(r.errors.values()) for r in runs),
         }
@@ -956,6 +1000,8 @@ def summarise(
             "evidence_to_bare": median(ceiling),
             "evidence_to_bare_min": min(ceiling),
             "evidence_to_bare_max": max(ceiling),
+            "evidence_target": EVIDENCE_TARGET,
+            "evidence_met": median(to_evidence) >= EVIDENCE_TARGET,
         }
     return {
         "bare": side(bare),
@@ -969,6 +1015,35 @@ def summarise(
         "target": TARGET_RATIO,
         "met": ratio >= TARGET_RATIO,
     }
+
+
+def compare_variant(
+    runs: list[LoadResult],
+    janus: list[LoadResult],
+    evidence: list[LoadResult],
+    ledger: dict[str, Any],
+) -> dict[str, Any]:
+    """A variant's runs against the same rounds of the evidence baseline and of Janus."""
+    to_evidence = [v.rps / e.rps for v, e in zip(runs, evidence, strict=True)]
+    to_janus = [v.rps / j.rps for v, j in zip(runs, janus, strict=True)]
+    return {
+        "requests_per_s": median([r.rps for r in runs]),
+        "p99_ms": median([r.p99_ms for r in runs]),
+        "cpu_us_per_request": median([1e6 * r.server_cpu / r.rps for r in runs]),
+        "loop_cpu_us_per_request": median([1e6 * r.server_cpu_loop / r.rps for r in runs]),
+        "ratio_to_evidence": median(to_evidence),
+        "ratio_to_evidence_range": [min(to_evidence), max(to_evidence)],
+        "ratio_to_janus": median(to_janus),
+        "ratio_to_janus_range": [min(to_janus), max(to_janus)],
+        "ledger": ledger,
+    }
+
+
+def variant_arg(text: str) -> tuple[str, Path]:
+    name, sep, tree = text.partition("=")
+    if not sep or not name or not (Path(tree) / "agent" / "__main__.py").is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR with DIR a source tree: {text!r}")
+    return name, Path(tree).resolve()
 
 
 def environment(generator: LoadGenerator) -> dict[str, Any]:
@@ -1077,9 +1152,38 @@ def render(result: dict[str, Any]) -> str:
             "authorisation and the ledger free)",
             f"janus/unauthorised evidence requests/s: {fmt_ratio(summary['ratio_to_evidence'])}x "
             f"[{fmt_ratio(summary['ratio_to_evidence_min'])}-"
-            f"{fmt_ratio(summary['ratio_to_evidence_max'])}]   (what authorisation and the "
+            f"{fmt_ratio(summary['ratio_to_evidence_max'])}]   target >= "
+            f"{summary.get('evidence_target', EVIDENCE_TARGET):.1f}x   met: "
+            f"{'yes' if summary.get('evidence_met') else 'NO'}   (what authorisation and the "
             "durable ledger write cost)",
         ]
+    cpu_rows = [
+        (label, summary[key])
+        for key, label in (
+            ("bare", "bare"),
+            ("evidence", "unauthorised evidence"),
+            ("janus", "Janus"),
+        )
+        if key in summary and "cpu_us_per_request" in summary[key]
+    ]
+    if cpu_rows:
+        lines.append(
+            "server CPU per request (all threads / event-loop thread, µs): "
+            + ", ".join(
+                f"{label} {row['cpu_us_per_request']:.0f} / {row['loop_cpu_us_per_request']:.0f}"
+                for label, row in cpu_rows
+            )
+        )
+    for name, v in result.get("variants", {}).items():
+        lo, hi = v["ratio_to_evidence_range"]
+        jlo, jhi = v["ratio_to_janus_range"]
+        lines.append(
+            f"variant {name}: {v['requests_per_s']:,.1f} req/s, /unauthorised evidence "
+            f"{fmt_ratio(v['ratio_to_evidence'])}x [{fmt_ratio(lo)}-{fmt_ratio(hi)}], /janus "
+            f"{fmt_ratio(v['ratio_to_janus'])}x [{fmt_ratio(jlo)}-{fmt_ratio(jhi)}], CPU µs per "
+            f"request {v['cpu_us_per_request']:.0f} / {v['loop_cpu_us_per_request']:.0f}, "
+            f"ledger {'consistent' if v['ledger']['ledger_matches_server'] else 'MISMATCH'}"
+        )
     lines += [
         "server CPU = CPU seconds of the server process per wall second (all threads).",
         "Latency is of answered requests only: the ones still queued when a run ends (up to",
@@ -1159,6 +1263,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="afterwards, record the cloud agent under load with py-spy and summarise",
     )
+    parser.add_argument(
+        "--variant",
+        type=variant_arg,
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also measure a cloud agent run from the source tree in DIR (e.g. a copy with"
+        " a change being tried), side by side; repeatable",
+    )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument(
         "--bare-mode", choices=["echo", "sign", "evidence"], default="echo", help=argparse.SUPPRESS
@@ -1187,7 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"load generator: {generator.describe()}")
         env = environment(generator)
         progress("setting up: SoftHSM token, edge identity, cloud agent, grant")
-        with janus_service(workdir) as (janus, cloud):
+        with janus_service(workdir, dict(args.variant)) as (janus, cloud, variants):
             sample, evidence = check_sample(janus)
             progress(f"sample request: 200 with evidence that verifies ({janus.url})")
             fixture = workdir / "evidence-fixture.json"
@@ -1207,13 +1320,22 @@ def main(argv: list[str] | None = None) -> int:
                     f"timing: {len(baselines) + 1} targets x {args.repeat} runs x "
                     f"{args.seconds} s, {args.connections} connections"
                 )
-                runs = run_rounds(generator, baselines, janus, args.seconds, args.repeat)
+                runs = run_rounds(generator, baselines, janus, args.seconds, args.repeat, variants)
             finally:
                 for server in servers:
                     server.stop()
             bare, sign, janus_runs = runs["bare"], runs["sign"], runs["janus"]
             floor = runs["evidence"]
             ledger = check_ledger(janus, janus_runs, args.connections)
+            variant_results = {
+                name: compare_variant(
+                    runs[f"janus:{name}"],
+                    janus_runs,
+                    floor,
+                    check_ledger(t, runs[f"janus:{name}"], args.connections),
+                )
+                for name, t in variants.items()
+            }
             if not ledger["ledger_matches_server"]:
                 progress("--- cloud agent log ---\n" + cloud.output())
             profile = None
@@ -1240,11 +1362,13 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "sample": sample,
         "summary": summarise(bare, janus_runs, sign, floor),
+        "variants": variant_results,
         "runs": {
             "bare": [r.as_dict() for r in bare],
             "sign": [r.as_dict() for r in sign],
             "evidence": [r.as_dict() for r in floor],
             "janus": [r.as_dict() for r in janus_runs],
+            **{f"janus:{n}": [r.as_dict() for r in runs[f"janus:{n}"]] for n in variants},
         },
         "ledger": ledger,
         "profile": profile,
@@ -1256,7 +1380,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"results written to {args.json}")
-    if not (ledger["ledger_matches_server"] and ledger["client_counts_consistent"]):
+    consistent = [ledger] + [v["ledger"] for v in variant_results.values()]
+    if not all(c["ledger_matches_server"] and c["client_counts_consistent"] for c in consistent):
         print("the ledger's count does not match the responses: see above", file=sys.stderr)
         return 1
     return 0

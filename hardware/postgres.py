@@ -208,6 +208,28 @@ class PostgresCluster:
             f"postgres did not accept connections in 30 s:\n{self.log_tail()}"
         )
 
+    def restart(self, *, attempts: int = 30) -> None:
+        """Crash the server and start it again on the same port, with the same data.
+
+        ``pg_ctl stop -m immediate`` ends it without a checkpoint and cuts in-flight
+        transactions: a crash, as far as clients can tell, and the start runs crash
+        recovery.  The old backends may hold the shared memory for a moment after the
+        postmaster has gone, and a new one refuses to start until they have: retry.
+        """
+        process = self.process
+        if process is None or process.poll() is not None:
+            raise PostgresUnavailable("restart(): the server is not running")
+        self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "immediate", "-w", timeout=60)
+        process.wait(timeout=30)
+        for attempt in range(attempts):
+            try:
+                self._start_server()
+                return
+            except PostgresUnavailable:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
+
     def stop(self) -> None:
         """Stop the server (fast shutdown) and delete the cluster's directory."""
         process, self.process = self.process, None

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent.cli import capabilities, cloud, edge, fido2, keys, messages
+from agent.cli import capabilities, cloud, directory, edge, fido2, keys, messages, relationships
 from agent.cli.output import CommandError, emit_error
 from agent.didcomm.errors import DIDCommError
 from agent.errors import AgentError
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.register(commands)
     edge.register(commands)
     fido2.register(commands)
+    relationships.register(commands)
+    directory.register(commands)
     return parser
 
 

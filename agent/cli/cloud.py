@@ -39,6 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else IssuancePolicy.permissive()
     )
     api_token = read_pin_file(Path(args.api_token_file)) if args.api_token_file else None
+    if not 0 < args.body_timeout <= 3600:
+        raise CommandError(f"--body-timeout {args.body_timeout:g}: give 0 < seconds <= 3600")
+    receiving_config, sending_config = _service_configs(args)
     sock = listen(args.host, args.port)
     try:
         agent = CloudAgent(
@@ -54,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
+    if agent.ledger.created:  # a mistyped --ledger must not silently start an empty one
+        print(f"janus: created ledger {agent.ledger.location}", file=sys.stderr)
     try:
         check_keystore(agent)
 
@@ -64,11 +69,76 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"janus cloud agent {agent.did} on {url} (pid {pid})")
             sys.stdout.flush()
 
-        serve(build_app(agent), sock, log_level=args.log_level, on_listening=announce)
+        receiving, sending = None, None
+        if receiving_config is not None:
+            from agent.cloud.receiving import ReceivingService
+
+            receiving = ReceivingService(agent, receiving_config)
+            receiving.key_document()  # the first key exists before the first request
+        if sending_config is not None:
+            from agent.cloud.sending import SendingService
+
+            sending = SendingService(agent, sending_config)
+            sending.start()  # forwards what a previous run left queued, too
+        app = build_app(agent, body_timeout=args.body_timeout, receiving=receiving, sending=sending)
+        try:
+            serve(app, sock, log_level=args.log_level, on_listening=announce)
+        finally:
+            if sending is not None:
+                sending.stop()
+            if receiving is not None:
+                receiving.close()
     finally:
         sock.close()
         agent.close()
     return 0
+
+
+def _service_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The receiving and sending services' settings, checked before anything starts."""
+    from agent.cloud.receiving import ReceivingConfig
+    from agent.cloud.sending import SendingConfig
+    from policies.durations import parse_duration
+    from policies.errors import FormatError
+
+    if (args.receiving or args.sending) and args.owner is None:
+        raise CommandError(
+            "--receiving and --sending serve one owner: give --owner DID (the owner's root)"
+        )
+
+    def duration(flag: str, text: str) -> int:
+        try:
+            return parse_duration(text)
+        except FormatError as exc:
+            raise CommandError(f"{flag}: {exc}") from None
+
+    receiving = None
+    if args.receiving:
+        rotation = duration("--receiving-key-rotation", args.receiving_key_rotation)
+        overlap = duration("--receiving-key-overlap", args.receiving_key_overlap)
+        retention = duration("--receiving-retention", args.receiving_retention)
+        if not 0 < args.receiving_max_message <= 1024 * 1024:
+            raise CommandError("--receiving-max-message: give 1 to 1048576 bytes")
+        if not 0 < args.receiving_quota <= 10_000:
+            raise CommandError("--receiving-quota: give 1 to 10000 messages")
+        receiving = ReceivingConfig(
+            rotation=rotation,
+            overlap=overlap,
+            retention=retention,
+            max_message=args.receiving_max_message,
+            default_quota=args.receiving_quota,
+            max_quota=max(args.receiving_quota, ReceivingConfig.max_quota),
+        )
+    sending = None
+    if args.sending:
+        if not 0 < args.sending_retry_base <= 3600:
+            raise CommandError("--sending-retry-base: give 0 < seconds <= 3600")
+        sending = SendingConfig(
+            retry_base=args.sending_retry_base,
+            max_age=duration("--sending-max-age", args.sending_max_age),
+            allow_hosts=frozenset(h.lower() for h in args.sending_allow_host),
+        )
+    return receiving, sending
 
 
 def _passphrase_source(path: str | None) -> Callable[[], str]:
@@ -131,6 +201,13 @@ def register(commands: Any) -> None:
         metavar="FILE",
         help="require 'Authorization: Bearer <token>' on grant actions",
     )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="answer 408 and close when a request body takes longer to arrive (default 10)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8700)
     p.add_argument(
@@ -138,5 +215,68 @@ def register(commands: Any) -> None:
     )
     p.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    services = p.add_argument_group("receiving and sending services (docs/services.md)")
+    services.add_argument(
+        "--receiving",
+        action="store_true",
+        help="be a receiving service: addresses for the owner, held ciphertext",
+    )
+    services.add_argument(
+        "--receiving-key-rotation",
+        default="7d",
+        metavar="DURATION",
+        help="make a new HPKE key this often (default 7d)",
+    )
+    services.add_argument(
+        "--receiving-key-overlap",
+        default="7d",
+        metavar="DURATION",
+        help="keep opening addresses sealed to the previous key this long (default 7d)",
+    )
+    services.add_argument(
+        "--receiving-max-message",
+        type=int,
+        default=72 * 1024,
+        metavar="BYTES",
+        help="largest ciphertext accepted (default 73728)",
+    )
+    services.add_argument(
+        "--receiving-quota",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="messages held per address until picked up (default 1000)",
+    )
+    services.add_argument(
+        "--receiving-retention",
+        default="14d",
+        metavar="DURATION",
+        help="delete held messages nobody picked up after this (default 14d)",
+    )
+    services.add_argument(
+        "--sending",
+        action="store_true",
+        help="be a sending service: store and forward under the owner's msg/submit grant",
+    )
+    services.add_argument(
+        "--sending-retry-base",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="first retry after this, doubling up to an hour (default 2)",
+    )
+    services.add_argument(
+        "--sending-max-age",
+        default="3d",
+        metavar="DURATION",
+        help="give a submission up after this (default 3d)",
+    )
+    services.add_argument(
+        "--sending-allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="forward to this host even over http or on a private address (repeatable)",
     )
     p.set_defaults(handler=cmd_serve)

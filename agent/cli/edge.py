@@ -195,25 +195,51 @@ def cmd_send(args: argparse.Namespace) -> int:
     from agent.didcomm import Message, pack_anoncrypt, wrap_forward
 
     body = strict_json(read_input(args.input), "message body")
+    routing_keys, endpoint = args.routing_key or [], args.endpoint
+    if args.cloud_did and not args.cloud:
+        raise CommandError("--cloud-did goes with --cloud")
+    if args.cloud:
+        if routing_keys:
+            raise CommandError("give --cloud or --routing-key, not both")
+        cloud = args.cloud.rstrip("/")
+        routing_keys = [_cloud_routing_key(cloud, args.cloud_did)]
+        endpoint = endpoint or f"{cloud}/v1/didcomm"
     message = Message(id=str(uuid.uuid4()), type=args.type, body=body, to=(args.to,))
     envelope = pack_anoncrypt(message, [args.to])
-    if args.routing_key:
-        envelope = wrap_forward(envelope, to=args.to, routing_keys=args.routing_key)
+    if routing_keys:
+        envelope = wrap_forward(envelope, to=args.to, routing_keys=routing_keys)
     if args.out:
         write_output(args.out, envelope.encode())
         return emit({"id": message.id, "out": args.out}, f"wrote {args.out}", as_json=args.json)
-    if not args.endpoint:
-        raise CommandError("give --endpoint URL or --out FILE")
+    if not endpoint:
+        raise CommandError("give --cloud URL, --endpoint URL or --out FILE")
     response = httpx.post(
-        args.endpoint,
+        endpoint,
         content=envelope.encode(),
         timeout=30.0,
         headers={"content-type": "application/didcomm-encrypted+json"},
     )
     if response.status_code >= 300:
-        raise CommandError(f"{args.endpoint} answered {response.status_code}: {response.text}")
+        raise CommandError(f"{endpoint} answered {response.status_code}: {response.text}")
     result = {"id": message.id, "status": response.status_code}
     return emit(result, f"delivered {message.id}", as_json=args.json)
+
+
+def _cloud_routing_key(cloud: str, agent: str | None) -> str:
+    """The routing key a cloud agent names at ``GET /v1/did``, once its signature checks
+    out: signed by the agent's did:key (``agent``, if given, must be that did)."""
+    import httpx
+
+    from agent.protocol import check_routing_key
+
+    try:
+        response = httpx.get(f"{cloud}/v1/did", timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise CommandError(f"cannot reach the cloud agent at {cloud}: {exc}") from None
+    if response.status_code != 200:
+        raise CommandError(f"{cloud}/v1/did answered {response.status_code}")
+    answer = strict_json(response.content, f"{cloud}/v1/did answer")
+    return check_routing_key(answer, agent=agent)[1]
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
@@ -227,15 +253,16 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from agent.evidence import verify_evidence
-    from policies.errors import FormatError, VerificationError
+    from janus_hsm.errors import JanusHSMError
+    from policies.errors import PolicyError
     from policies.verify import Verifier
 
-    data = read_input(args.evidence)
     try:
-        evidence = strict_json(data, "evidence")  # a refusal here is invalid evidence too
+        # Every failure, an unreadable or malformed file too, is a verdict.
+        evidence = strict_json(read_input(args.evidence), "evidence")
         verifier = Verifier(**attestation_cli.verifier_options(args))
         verified = verify_evidence(evidence, root=args.root, verifier=verifier)
-    except (VerificationError, FormatError) as exc:
+    except (PolicyError, JanusHSMError, CommandError) as exc:
         return report_invalid(exc, as_json=args.json)
     result = {
         "valid": True,
@@ -410,6 +437,17 @@ def register(commands: Any) -> None:
         "--in", dest="input", required=True, metavar="FILE", help="the message body (JSON object)"
     )
     p.add_argument("--type", default="https://janus.dev/messages/1.0/note")
+    p.add_argument(
+        "--cloud",
+        metavar="URL",
+        help="leave it with the recipient's cloud agent: its routing key (signed by the "
+        "agent, checked) from URL/v1/did, delivered to URL/v1/didcomm",
+    )
+    p.add_argument(
+        "--cloud-did",
+        metavar="DID",
+        help="with --cloud: the agent's did:key, which the answer must name",
+    )
     p.add_argument("--endpoint", metavar="URL")
     p.add_argument(
         "--routing-key",
@@ -435,3 +473,7 @@ def register(commands: Any) -> None:
     p.add_argument("--root", metavar="DID", help="require this root principal")
     attestation_cli.add_require_options(p)
     p.set_defaults(handler=cmd_verify)
+
+    from agent.cli.relationships import register_service
+
+    register_service(sub)

@@ -4,7 +4,8 @@ Handlers are coroutines; what blocks (the ledger's fsync, key files, the store) 
 threads.  Actions on the agent's own grants (``CloudAgent.act_async``) do their CPU
 work on the loop and hand only the ledger write to one writer thread, which commits
 concurrent uses together.  Every error is JSON with
-a stable ``code``; bodies are size-limited before parsing.  See docs/cloud-agent.md.
+a stable ``code``; bodies are size-limited before parsing and must arrive within a
+time limit.  See docs/cloud-agent.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,12 +28,17 @@ from prometheus_client import (
 )
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agent.cloud.service import CloudAgent
-from agent.errors import AgentError, BadRequestError, UnauthorizedError
+
+if TYPE_CHECKING:
+    from agent.cloud.receiving import ReceivingService
+    from agent.cloud.sending import SendingService
+from agent.errors import AgentError, BadRequestError, RequestTimeoutError, UnauthorizedError
+from agent.protocol import sign_routing_key
 from janus_hsm.errors import JanusHSMError
 from policies.errors import (
     FormatError,
@@ -48,6 +54,9 @@ from policies.ledger.aio import AsyncSpender
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+# uvicorn bounds the wait between requests (keep-alive) but not the wait for a body:
+# a client that announces more than it sends would hold its connection for ever.
+BODY_TIMEOUT = 10.0  # seconds to receive a whole request body
 SWEEP_INTERVAL = 5.0
 
 
@@ -91,7 +100,9 @@ def error_response(exc: Exception) -> JSONResponse:
     link = getattr(exc, "link", None)
     if link is not None:
         body["link"] = link
-    return JSONResponse({"error": body}, status_code=status)
+    # After a body that did not arrive, the connection's state is unknown: close it.
+    headers = {"connection": "close"} if isinstance(exc, RequestTimeoutError) else None
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 class Metrics:
@@ -112,6 +123,12 @@ class Metrics:
         self.refusals = Counter(
             "janus_cloud_refusals", "refused requests", ["code"], registry=self.registry
         )
+        self.relay = Counter(
+            "janus_cloud_relay_events",
+            "receiving and sending services: delivered, submitted, forwarded, retried, failed",
+            ["event"],
+            registry=self.registry,
+        )
 
 
 def _check_bearer(request: Request, token: str | None) -> None:
@@ -127,12 +144,21 @@ async def _body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
         raise BadRequestError(f"request body larger than {MAX_BODY} bytes")
+    timeout: float = getattr(request.app.state, "body_timeout", BODY_TIMEOUT)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadRequestError(f"request body larger than {MAX_BODY} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise BadRequestError(f"request body larger than {MAX_BODY} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {timeout:g} seconds"
+        ) from None
+    except ClientDisconnect:  # nobody to answer; not an internal error either
+        raise BadRequestError("the client left before sending the whole body") from None
     return b"".join(chunks)
 
 
@@ -151,7 +177,17 @@ async def _json(request: Request) -> dict[str, Any]:
     return strict_json(data, "request body")
 
 
-def build_app(agent: CloudAgent) -> Starlette:
+def build_app(
+    agent: CloudAgent,
+    *,
+    body_timeout: float = BODY_TIMEOUT,
+    receiving: ReceivingService | None = None,
+    sending: SendingService | None = None,
+) -> Starlette:
+    """The API of ``agent``; a request body must arrive within ``body_timeout`` seconds.
+
+    ``receiving`` and ``sending`` add those services' routes (``--receiving``, ``--sending``).
+    """
     metrics = Metrics()
     # Actions' ledger writes, gathered on the event loop into group commits.
     spender = AsyncSpender(agent.ledger)
@@ -195,8 +231,16 @@ def build_app(agent: CloudAgent) -> Starlette:
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # Signed once: the routing key does not change while the agent runs.
+    routing_proof = sign_routing_key(agent.identity, agent.routing_key.did, now=int(time.time()))
+
     async def did(request: Request) -> dict[str, Any]:
-        return {"did": agent.did, "owner": agent.config.owner, "routing_key": agent.routing_key.did}
+        return {
+            "did": agent.did,
+            "owner": agent.config.owner,
+            "routing_key": agent.routing_key.did,
+            "routing_proof": routing_proof,
+        }
 
     async def openapi(request: Request) -> dict[str, Any]:
         from agent.cloud.openapi import OPENAPI
@@ -336,6 +380,23 @@ def build_app(agent: CloudAgent) -> Starlette:
         Route("/v1/pickup", endpoint("pickup", pickup), methods=["POST"]),
         Route("/v1/revocations", endpoint("revoke", revoke), methods=["POST"]),
     ]
-    return Starlette(
+
+    def relay_event(event: str) -> None:
+        metrics.relay.labels(event).inc()
+
+    if receiving is not None:
+        from agent.cloud.receiving import receiving_routes
+
+        routes += receiving_routes(receiving, endpoint, threaded, relay_event)
+    if sending is not None:
+        from agent.cloud.sending import sending_routes
+
+        sending.on_event = relay_event
+        routes += sending_routes(
+            sending, endpoint, threaded, lambda r: _check_bearer(r, agent.config.api_token)
+        )
+    app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
     )
+    app.state.body_timeout = body_timeout
+    return app

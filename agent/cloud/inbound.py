@@ -14,8 +14,9 @@ from typing import Any
 
 from agent.cloud.service import CloudAgent
 from agent.cloud.store import ACTIVE
-from agent.didcomm import unwrap_forward
+from agent.didcomm import NotEncryptedError, parse_forward, unpack
 from agent.didcomm.keys import did_of
+from agent.didcomm.unpack import ANONCRYPT, AUTHCRYPT
 from agent.errors import GrantInactiveError, NotFoundError, NoUsableGrantError
 from policies.capability import Bundle
 from policies.errors import (
@@ -31,7 +32,21 @@ RECEIVE = "msg/receive"
 
 
 def receive_forward(agent: CloudAgent, envelope: bytes) -> dict[str, Any]:
-    forward, _ = unwrap_forward(envelope, [agent.routing_key])
+    unpacked = unpack(envelope, [agent.routing_key])
+    # ``unpack`` also opens plaintext and signed-only messages: whatever comes here is
+    # refused unless its outer layer was encrypted to the routing key.
+    outer = unpacked.metadata.layers[0] if unpacked.metadata.layers else None
+    if (
+        outer is None
+        or outer.kind not in (ANONCRYPT, AUTHCRYPT)
+        or outer.kid is None
+        or did_of(outer.kid) != agent.routing_key.did
+    ):
+        raise NotEncryptedError(
+            "a forward to this agent must be encrypted to its routing key "
+            f"(GET /v1/did); this envelope is {unpacked.metadata.mode}"
+        )
+    forward = parse_forward(unpacked.message)
     owner = did_of(forward.next) if "#" in forward.next else forward.next
     inner = json.loads(forward.payload)
     now = time.time()

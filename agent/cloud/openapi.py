@@ -30,6 +30,16 @@ _ERROR = {
         }
     },
 }
+_SIGNED = {
+    "type": "object",
+    "required": ["request"],
+    "properties": {
+        "request": {
+            "type": "string",
+            "description": "signed request (JWS): the owner's, or the address's holder key's",
+        }
+    },
+}
 _OBJECT = {"content": {"application/json": {"schema": {"type": "object"}}}}
 
 
@@ -66,7 +76,12 @@ OPENAPI: dict[str, Any] = {
             }
         },
         "/openapi.json": {"get": _op("this description")},
-        "/v1/did": {"get": _op("the agent's did:key and its configured owner")},
+        "/v1/did": {
+            "get": _op(
+                "the agent's did:key, its configured owner, its routing key and the "
+                "agent's signed statement naming that key (routing_proof, a JWS)"
+            )
+        },
         "/v1/grants": {
             "post": _op(
                 "create a fresh key for one grant; returns its did:key",
@@ -130,6 +145,83 @@ OPENAPI: dict[str, Any] = {
                     "required": ["request"],
                     "properties": {"request": {"type": "string"}, "limit": {"type": "integer"}},
                 },
+            )
+        },
+        # Routes of the receiving service (``--receiving``); docs/services.md.
+        "/v1/receiving/key": {
+            "get": _op("the receiving service's HPKE keys, signed by the agent (JWS)")
+        },
+        "/v1/receiving/addresses": {
+            "post": _op(
+                "create an address for the owner (owner-signed request, op 'create'; registers "
+                "the address's holder key, claim 'holder')",
+                body=_SIGNED,
+                ok="201",
+            )
+        },
+        "/v1/receiving/retire": {
+            "post": _op(
+                "retire an address: later deliveries are 410 (op 'retire'; signed by its "
+                "holder key or the owner)",
+                body=_SIGNED,
+            )
+        },
+        "/v1/receiving/pickup": {
+            "post": _op(
+                "collect an address's held messages (op 'pickup'; signed by its holder key "
+                "or the owner)",
+                body=_SIGNED,
+            )
+        },
+        "/v1/receiving/ack": {
+            "post": _op(
+                "acknowledge (delete) picked-up messages (op 'ack'; signed by the address's "
+                "holder key or the owner)",
+                body=_SIGNED,
+            )
+        },
+        "/v1/receiving/deliveries": {
+            "post": _op(
+                "deliver a ciphertext to the address sealed (HPKE) to this service",
+                body={
+                    "type": "object",
+                    "required": ["sealed", "ciphertext"],
+                    "properties": {
+                        "sealed": {"type": "string", "description": "base64url, 105 bytes"},
+                        "ciphertext": {"type": "string", "description": "base64url"},
+                    },
+                },
+                ok="202",
+            )
+        },
+        # Routes of the sending service (``--sending``).
+        "/v1/sending": {"get": _op("the sending service's limits and the grant it needs")},
+        "/v1/sending/submissions": {
+            "post": _op(
+                "submit a sealed message for store-and-forward under a msg/submit grant",
+                body={
+                    "type": "object",
+                    "required": ["grant_id", "request"],
+                    "properties": {
+                        "grant_id": {"type": "string"},
+                        "request": {
+                            "type": "object",
+                            "required": ["receiving", "sealed", "ciphertext"],
+                            "properties": {
+                                "receiving": {"type": "string", "description": "service URL"},
+                                "sealed": {"type": "string"},
+                                "ciphertext": {"type": "string"},
+                                "delay": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    },
+                },
+                ok="202",
+            )
+        },
+        "/v1/sending/submissions/{submission_id}": {
+            "get": _op(
+                "a submission's state: queued, delivered or failed", params=["submission_id"]
             )
         },
         "/v1/revocations": {

@@ -101,6 +101,8 @@ class CloudProcess(ServerProcess):
         ledger: str | None = None,
         port: int | None = None,
         api_token_file: Path | None = None,
+        body_timeout: float | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +131,9 @@ class CloudProcess(ServerProcess):
             args += ["--ledger", ledger]
         if api_token_file:
             args += ["--api-token-file", str(api_token_file)]
+        args += extra_args or []  # e.g. --receiving, --sending
+        if body_timeout is not None:
+            args += ["--body-timeout", str(body_timeout)]
         env = {k: v for k, v in os.environ.items() if k != "JANUS_PIN"}
         log_path = state_dir / f"server-{port or secrets.token_hex(4)}.log"
         super().__init__(args, port=port, log_path=log_path, env=env)

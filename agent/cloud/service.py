@@ -75,6 +75,18 @@ _json_text = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=("
 
 
 @dataclass(frozen=True)
+class ServiceAction:
+    """An action a service of this agent performs under a grant (e.g. ``msg/submit``).
+
+    ``check`` refuses a malformed request before a use is counted; ``perform`` runs once
+    the use is counted and returns the action's result.
+    """
+
+    check: Callable[[Mapping[str, Any]], None]
+    perform: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class ActionResult:
     action: str
     grant_id: str
@@ -144,6 +156,8 @@ class CloudAgent:
         self._unlocked: dict[str, _Unlocked] = {}
         self._users: dict[str, _Users] = {}
         self._lock = threading.Lock()
+        #: Actions of the services this agent runs (--sending), by action name.
+        self.actions: dict[str, ServiceAction] = {}
 
     @property
     def did(self) -> str:
@@ -280,6 +294,7 @@ class CloudAgent:
     ) -> ActionResult:
         """Use a grant on the agent's own initiative: sign an invocation with its key."""
         now = time.time() if now is None else now
+        self._check_service_request(action, request)
         with self._in_flight(grant_id) as flight:
             grant_ = self._active(grant_id)
             self._check_unexpired(grant_, now=now)
@@ -394,6 +409,8 @@ class CloudAgent:
         here once.
         """
         now = time.time() if now is None else now
+        if self.actions:
+            self._check_service_request(Invocation.parse(invocation).action, request)
         parsed = Bundle.parse(bundle) if isinstance(bundle, str) else Bundle.from_dict(bundle)
         active = {g.did: g for g in self.store.grants(ACTIVE)}
         anchor = next((active[c.audience] for c in parsed.chain if c.audience in active), None)
@@ -463,6 +480,8 @@ class CloudAgent:
             result = self._send(handle, used.authorization.request)
         elif action == "cap/delegate":
             result = self._delegate(handle, bundle, used.authorization.request, now=now)
+        elif action in self.actions:
+            result = self.actions[action].perform(used.authorization.request)
         else:
             raise BadRequestError(f"this agent performs no action {action!r}")
         result["uses"] = used.receipt.uses
@@ -703,6 +722,12 @@ class CloudAgent:
         log.info("destroyed the key of grant %s (%s)", record.grant_id, reason)
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _check_service_request(self, action: str | None, request: Mapping[str, Any]) -> None:
+        """A service's action refuses a malformed request before any use is counted."""
+        service = self.actions.get(action) if action is not None else None
+        if service is not None:
+            service.check(request)
 
     def _check_signed_request(self, compact: str | None, typ: str, *, now: float) -> dict[str, Any]:
         """A short-lived request signed by the owner's key (key requests, pickups)."""

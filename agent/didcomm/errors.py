@@ -105,6 +105,17 @@ class WrongRecipientError(EnvelopeError):
     code = "wrong_recipient"
 
 
+class NotEncryptedError(EnvelopeError):
+    """An envelope that must be encrypted to one of our keys came as plaintext or signed only.
+
+    ``unpack`` accepts those (other implementations send them); a receiver that needs
+    confidentiality, such as a mediator whose forwards are encrypted to its routing key,
+    refuses them with this.
+    """
+
+    code = "not_encrypted"
+
+
 class DecryptionError(EnvelopeError):
     """Authentication failed: the envelope was altered, or was not encrypted to our key."""
 

@@ -46,7 +46,7 @@ from policies.attestation import attestation_evidence
 from policies.capability import Bundle
 from policies.errors import PolicyError, PolicyViolationError
 from policies.issue import grant, prepare_grant
-from policies.policy import IssuancePolicy, naming_policy_file
+from policies.policy import GrantRequest, IssuancePolicy, naming_policy_file
 from policies.revocation import sign_revocation
 
 HTTP_TIMEOUT = 30.0
@@ -81,6 +81,13 @@ audiences = ["*"]
 abilities = [{ can = "msg/receive", with = "janus:mailbox" }]
 max_ttl = "30d"
 max_uses = 100000
+
+[[rule]]
+name = "sending-service"
+audiences = ["*"]
+abilities = [{ can = "msg/submit", with = "janus:sending" }]
+max_ttl = "90d"
+max_uses = 1000000
 """
 
 
@@ -505,12 +512,14 @@ class EdgeAgent:
         ``approvals`` says where the approvals a policy rule requires come from
         (:func:`policies.approval_collection.collect_approvals`); a refusal means
         nothing is signed and no bundle is installed.  A refusal by the issuance policy
-        names the policy file to edit.
+        names the policy file to edit; the policy is asked once before the cloud agent
+        makes a key, so a grant it refuses leaves no pending key there.
         """
         # Lets a mediator recognise messages addressed to the X25519 key's did:key.
         evidence: dict[str, Any] = {"keyAgreement": [self.agreement.did]}
         if attest:
             evidence.update(attestation_evidence(self.root.attest()))
+        self._check_policy_for_new_key(abilities, ttl_seconds, uses, depth)
         now = int(time.time())
         agent_did = self.cloud_did(cloud)
         key_request = sign_request(self.root, typ=KEYREQ_TYP, audience=agent_did, now=now)
@@ -556,6 +565,27 @@ class EdgeAgent:
         }
         _write_atomic(self._grant_path(grant_id), json.dumps(record, indent=1))
         return {**record, "status": installed["status"]}
+
+    def _check_policy_for_new_key(
+        self, abilities: Sequence[Ability], ttl_seconds: int, uses: int, depth: int
+    ) -> None:
+        """What the policy says before the key exists: only rules for any holder can apply.
+
+        Rules name holders by did:key, and the key the cloud agent will make is not one
+        of them yet, so this stand-in audience matches exactly the ``"*"`` rules.  The
+        full check, with the key, still runs before anything is signed.
+        """
+        request = GrantRequest(
+            audience="a new key of the cloud agent",
+            abilities=tuple(abilities),
+            ttl_seconds=ttl_seconds,
+            uses=uses,
+            depth=depth,
+        )
+        try:
+            self.policy.check(request)
+        except PolicyViolationError as exc:
+            raise naming_policy_file(exc, self.config.policy_file) from None
 
     def _check_new_grant(self, created: Any, agent_did: str) -> tuple[str, str]:
         """The grant id and key a cloud agent answered, before anything is signed for them.

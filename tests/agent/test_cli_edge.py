@@ -6,13 +6,17 @@ import base64
 import json
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from agent.cloud.process import CloudProcess
+from agent.edge.agent import EdgeAgent
 from hardware.softhsm import SoftHSMToken
+from policies.abilities import Ability
 
 
 def janus(token: SoftHSMToken, *args: str, status: int = 0) -> Any:
@@ -128,3 +132,82 @@ def check_evidence_from_the_shell(
         refused = janus(token, "edge", "verify", *args, status=1)
         assert refused["valid"] is False and refused["error"]["code"], name
         path.write_text(json.dumps(evidence))
+
+
+def test_edge_verify_of_an_unreadable_or_malformed_file_is_a_verdict(
+    cli_token: SoftHSMToken, tmp_path: Path
+) -> None:
+    """As with `janus verify`: whatever keeps the evidence from verifying is "valid": false."""
+    (tmp_path / "dir.json").mkdir()
+    for name, text in (("empty", ""), ("array", "[]"), ("not utf-8", "\udcff")):
+        (tmp_path / f"{name}.json").write_text(text, errors="surrogateescape")
+    for name in ("missing", "dir", "empty", "array", "not utf-8"):
+        refused = janus(cli_token, "edge", "verify", str(tmp_path / f"{name}.json"), status=1)
+        assert refused["valid"] is False, name
+        assert refused["error"]["code"] in {"bad_request", "bad_format"}, name
+
+
+class FakeDid:
+    """Answers GET /v1/did with what it is given; records any other request."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer = answer
+        self.other: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                data = json.dumps(fake.answer).encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                fake.other.append(self.path)
+                self.send_response(202)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_edge_send_to_a_cloud_agent_takes_its_signed_routing_key(
+    cli_token: SoftHSMToken, tmp_path: Path, key_name: str
+) -> None:
+    edge, _ = EdgeAgent.init(tmp_path / "me", cli_token.uri(), name=key_name)
+    note = tmp_path / "note.json"
+    note.write_text('{"text": "hello"}')
+    send = ["edge", "send", "--to", edge.did, "--in", str(note)]
+    cloud = CloudProcess(tmp_path / "cloud", owner=edge.did)
+    try:
+        edge.grant(cloud.url, [Ability("janus:mailbox", "msg/receive")], ttl_seconds=600, uses=10)
+        real = httpx.get(f"{cloud.url}/v1/did", timeout=10).json()
+        sent = janus(cli_token, *send, "--cloud", cloud.url, "--cloud-did", real["did"])
+        assert sent["status"] == 202
+        assert [m["message"]["body"] for m in edge.pickup(cloud.url)] == [{"text": "hello"}]
+        wrong_agent = janus(
+            cli_token, *send, "--cloud", cloud.url, "--cloud-did", edge.did, status=1
+        )
+        assert "not " + edge.did in wrong_agent["error"]["message"]
+    finally:
+        cloud.stop()
+    # Whoever answers at the URL cannot slip in a routing key the agent did not sign.
+    other = "did:key:z6LSbysY2xFMRpGMhb7tFTLMpeuPRaqaWM1yECx2AtzE3KCc"
+    for name, answer in (
+        ("another key", {**real, "routing_key": other}),
+        ("no statement", {k: v for k, v in real.items() if k != "routing_proof"}),
+        ("not x25519", {**real, "routing_key": real["did"]}),
+    ):
+        fake = FakeDid(answer)
+        try:
+            refused = janus(cli_token, *send, "--cloud", fake.url, status=1)
+        finally:
+            fake.server.shutdown()
+        assert refused["error"]["code"] in {"bad_format", "invalid"}, name
+        assert fake.other == [], name

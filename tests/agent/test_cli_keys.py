@@ -323,10 +323,11 @@ def test_extractable_key_needs_allow_extractable(
     import pkcs11
     from pkcs11 import Attribute, KeyType
 
-    lib = pkcs11.lib(cli_token.module_path)
-    session = lib.get_token(token_label="cli").open(
-        rw=True, user_pin=cli_token.pin_file.read_text().strip()
-    )
+    token = pkcs11.lib(cli_token.module_path).get_token(token_label="cli")
+    try:
+        session = token.open(rw=True, user_pin=cli_token.pin_file.read_text().strip())
+    except pkcs11.exceptions.UserAlreadyLoggedIn:  # an earlier test's provider, same process
+        session = token.open(rw=True)
     params = session.create_domain_parameters(
         KeyType.EC,
         {Attribute.EC_PARAMS: pkcs11.util.ec.encode_named_curve_parameters("secp256r1")},

@@ -62,6 +62,10 @@ def test_demo_succeeds_twice_reusing_its_token_and_keys(tmp_path: Path) -> None:
     assert "a payment of 200.00 EUR is refused (caveat_failed" in out
     assert "a 6th payment is refused" in out
     assert "the next payment is refused immediately" in out
+    assert "both see the same safety number to compare in person" in out
+    assert "the conversation goes on at the new address" in out
+    assert "no address id of Blair's, in text or bytes, is in it" in out
+    assert "Alex's message has nowhere to go" in out
     assert "FAILED" not in out
     did = next(
         line.split("identity:")[1].strip() for line in out.splitlines() if "identity:" in line

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +72,21 @@ def test_edge_grant_collects_approvals_with_explicit_sources(
     assert sorted(a["approver_id"] for a in approvals) == ["alice", "bob"]
     assert any("approve this grant" in p for p in prompts)
     assert (cli.registry / USED_APPROVALS).exists()  # each approval good for one grant
+
+
+def test_a_grant_the_policy_refuses_leaves_no_key_at_the_cloud_agent(
+    edge: EdgeAgent, tmp_path: Path
+) -> None:
+    cloud = CloudProcess(tmp_path / "cloud", owner=edge.did)
+    try:
+        for abilities, ttl, says in (
+            ([PAYMENTS], 7200, "ttl"),  # longer than the rule allows
+            ([Ability("janus:mailbox", "msg/receive")], 600, "no rule allows"),
+        ):
+            with pytest.raises(PolicyViolationError, match=says) as refused:
+                edge.grant(cloud.url, abilities, ttl_seconds=ttl, uses=2)
+            assert "policy.toml: edit it" in str(refused.value)
+    finally:
+        cloud.stop()
+    with contextlib.closing(sqlite3.connect(tmp_path / "cloud" / "cloud.db")) as db:
+        assert db.execute("SELECT count(*) FROM cloud_grants").fetchone() == (0,)

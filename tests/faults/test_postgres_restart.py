@@ -1,8 +1,8 @@
 """PostgreSQL stopped hard and restarted twice while four processes spend on its ledger.
 
-The cluster is a private one (hardware/postgres.py), stopped with ``pg_ctl stop -m
-immediate`` (no checkpoint, in-flight transactions cut: a crash, as far as the ledger
-can tell) and started again on the same port.  Each worker resolves every attempt: a
+The cluster is a private one, crashed and started again on the same port by
+``PostgresCluster.restart`` (hardware/postgres.py: ``pg_ctl stop -m immediate``, no
+checkpoint, in-flight transactions cut).  Each worker resolves every attempt: a
 ``LedgerError`` (the only error the ledger may raise while the server is away) leaves
 the outcome unknown, so the worker retries the same nonce until it gets an answer; a
 ``ReplayError`` then means the first try had committed.  Afterwards the ledger must hold
@@ -12,7 +12,6 @@ may be there twice, and the audit chain must verify.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from multiprocessing import get_context
@@ -43,24 +42,13 @@ def cluster() -> Iterator[PostgresCluster]:
         started.stop()
 
 
-def restart(cluster: PostgresCluster) -> None:
-    """Crash-stop the server with pg_ctl, then start it again on the same port.
-
-    After an immediate stop the old backends may still hold the shared memory for a
-    moment, and a new postmaster refuses to start until they are gone: retry.
-    """
-    assert cluster.process is not None
-    stop = cluster._command("pg_ctl", "stop", "-D", str(cluster.data_dir), "-m", "immediate", "-w")
-    subprocess.run(stop, check=True, capture_output=True, timeout=60)
-    cluster.process.wait(timeout=30)
-    for attempt in range(30):
-        try:
-            cluster._start_server()
-            return
-        except PostgresUnavailable:
-            if attempt == 29:
-                raise
-            time.sleep(0.5)
+def test_restart_keeps_the_port_and_the_committed_data(cluster: PostgresCluster) -> None:
+    cluster.psql("CREATE TABLE kept (n int); INSERT INTO kept VALUES (7)", dbname="janus")
+    port, old = cluster.port, cluster.process
+    cluster.restart()
+    assert cluster.port == port and cluster.process is not old
+    assert cluster.process is not None and cluster.process.poll() is None
+    cluster.psql("DO $$ BEGIN ASSERT (SELECT n FROM kept) = 7; END $$", dbname="janus")
 
 
 def _worker(url: str, worker: int, results: Queue[tuple[int, list[int], list[int], int]]) -> None:
@@ -124,9 +112,9 @@ def test_restarts_lose_no_use_count_none_twice_and_keep_the_limit(
         process.start()
     try:
         _wait_for_uses(url, 100)
-        restart(cluster)
+        cluster.restart()
         _wait_for_uses(url, 300)
-        restart(cluster)
+        cluster.restart()
         outcomes = [results.get(timeout=180) for _ in workers]
     finally:
         for process in workers:

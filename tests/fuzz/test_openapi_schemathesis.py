@@ -33,7 +33,11 @@ EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "60"))
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudProcess]:
     keys: Path = tmp_path_factory.mktemp("openapi-owner")
     owner = software_keys(keys)["owner"]
-    process = CloudProcess(tmp_path_factory.mktemp("openapi-cloud"), owner=owner.did)
+    process = CloudProcess(
+        tmp_path_factory.mktemp("openapi-cloud"),
+        owner=owner.did,
+        extra_args=["--receiving", "--sending"],  # their routes are fuzzed too
+    )
     yield process
     # Healthy afterwards: still answering, and still able to do real work.
     health = httpx.get(f"{process.url}/healthz", timeout=10)

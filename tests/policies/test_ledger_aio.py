@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 from policies.errors import LimitExceededError, ReplayError
 from policies.ledger import Ledger, LinkLimit
@@ -82,5 +83,69 @@ def test_async_spender_survives_a_second_loop(tmp_path: object) -> None:
             assert isinstance(receipt, SpendReceipt)
             spender.close()
         assert ledger.uses("a") == 2
+    finally:
+        ledger.close()
+
+
+def test_async_spender_cancelled_request_leaves_its_batch_alone(tmp_path: object) -> None:
+    """Cancelling one waiting request (a client that left) must not cancel the others
+    of its batch, whose uses are committed and answered."""
+    ledger = SqliteLedger(f"{tmp_path}/l.db")
+    limits = [LinkLimit("a", uses=None)]
+
+    async def run() -> list[SpendReceipt | BaseException]:
+        spender = AsyncSpender(ledger)
+        try:
+            first = asyncio.ensure_future(spender.spend(request(limits)))  # commits alone
+            await asyncio.sleep(0)
+            tasks = [asyncio.ensure_future(spender.spend(request(limits))) for _ in range(4)]
+            await asyncio.sleep(0)  # all four wait in the batch after the first
+            tasks[1].cancel()
+            return await asyncio.gather(first, *tasks, return_exceptions=True)
+        finally:
+            spender.close()
+
+    try:
+        results = asyncio.run(run())
+        assert isinstance(results[2], asyncio.CancelledError)
+        answered = [r for i, r in enumerate(results) if i != 2]
+        assert all(isinstance(r, SpendReceipt) for r in answered)
+        # The cancelled request's use may be counted (it was queued), never lost ones.
+        assert ledger.uses("a") >= len(answered)
+        assert ledger.verify_audit() == ledger.uses("a")
+    finally:
+        ledger.close()
+
+
+def test_async_spender_wakes_the_loop_once_per_batch(tmp_path: object) -> None:
+    """One thread-safe wake-up of the loop per committed batch, not one per request."""
+    ledger = SqliteLedger(f"{tmp_path}/l.db")
+    limits = [LinkLimit("a", uses=None)]
+    wakeups = 0
+
+    async def run() -> list[SpendReceipt]:
+        nonlocal wakeups
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+        spender = AsyncSpender(ledger)
+        try:
+            return await asyncio.gather(*(spender.spend(request(limits)) for _ in range(48)))
+        finally:
+            spender.close()
+            batches.append(spender.batches)
+
+    batches: list[int] = []
+    try:
+        receipts = asyncio.run(run())
+        assert len(receipts) == 48 and ledger.uses("a") == 48
+        assert batches[0] < 48  # requests shared batches
+        assert wakeups == batches[0]
     finally:
         ledger.close()

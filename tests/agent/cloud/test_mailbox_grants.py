@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,7 +13,16 @@ import pytest
 
 from agent.cloud.inbound import receive_forward
 from agent.cloud.service import CloudAgent, CloudConfig
-from agent.didcomm import Message, pack_anoncrypt, wrap_forward
+from agent.didcomm import (
+    FORWARD_TYPE,
+    Attachment,
+    Message,
+    NotEncryptedError,
+    pack_anoncrypt,
+    pack_plaintext,
+    pack_signed,
+    wrap_forward,
+)
 from agent.errors import NotFoundError, NoUsableGrantError
 from agent.protocol import KEYREQ_TYP, sign_request
 from janus_hsm.algorithms import Algorithm
@@ -111,3 +122,31 @@ def test_a_refusal_by_a_live_grant_is_reported_as_such(cloud: CloudAgent, owner:
     with pytest.raises(CaveatFailedError):
         receive_forward(cloud, forward_to(cloud, owner))
     assert cloud.store.count_held(owner.did) == 0
+
+
+def test_a_forward_not_encrypted_to_the_routing_key_is_refused(
+    cloud: CloudAgent, owner: KeyHandle
+) -> None:
+    """Forwards are encrypted to the routing key: plaintext and signed-only ones are not held."""
+    grant_id = mailbox_grant(cloud, owner)
+    inner = pack_anoncrypt(
+        Message(id=str(uuid.uuid4()), type="https://janus.dev/messages/1.0/note", body={}),
+        [owner.did],
+    )
+    forward = Message(
+        id=str(uuid.uuid4()),
+        type=FORWARD_TYPE,
+        to=(cloud.routing_key.did,),
+        body={"next": owner.did},
+        attachments=(Attachment(data={"json": json.loads(inner)}),),
+    )
+    signed = dataclasses.replace(forward, from_=owner.did)
+    for envelope, mode in (
+        (pack_plaintext(forward), "plaintext"),
+        (pack_signed(signed, owner), "signed"),
+    ):
+        with pytest.raises(NotEncryptedError, match=f"routing key .*is {mode}") as refused:
+            receive_forward(cloud, envelope.encode())
+        assert refused.value.code == "not_encrypted" and refused.value.status == 400
+    assert cloud.store.count_held(owner.did) == 0
+    assert cloud.ledger.uses(cloud.store.grant(grant_id).leaf_id or "") == 0

@@ -202,3 +202,24 @@ def test_no_passphrase_and_no_terminal_names_the_passphrase_flag(tmp_path: Path)
 def test_a_missing_passphrase_file_is_said_at_once(tmp_path: Path) -> None:
     result = run(serve_args(tmp_path / "s", "--port", "0", passphrase=tmp_path / "nope"))
     assert_one_error_line(result, "--passphrase-file", "nope")
+
+
+def test_the_ledger_it_creates_is_said_on_stderr_only(tmp_path: Path) -> None:
+    passphrase = secret_file(tmp_path / "pass", "correct horse")
+    state = tmp_path / "s"
+    for first in (True, False):
+        served = Served(serve_args(state, "--port", "0", "--json", passphrase=passphrase))
+        served.process.terminate()
+        rest, err = served.process.communicate(timeout=20)
+        assert served.process.returncode == 0, err
+        assert set(json.loads(served.first_line)) == {"url", "did", "pid"}
+        assert rest == b""  # --json: the one line on stdout, nothing else
+        note = f"janus: created ledger {state.resolve() / 'cloud.db'}"
+        assert (note in err.decode()) is first, err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "3601"])
+def test_a_body_timeout_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    passphrase = secret_file(tmp_path / "pass", "correct horse")
+    result = run(serve_args(tmp_path / "s", "--body-timeout", value, passphrase=passphrase))
+    assert_one_error_line(result, "--body-timeout")

@@ -459,8 +459,16 @@ def test_send_message_on_the_owners_behalf(
 def test_openapi_describes_every_route(cloud: CloudAgent) -> None:
     from agent.cloud.http import build_app
     from agent.cloud.openapi import OPENAPI
+    from agent.cloud.receiving import ReceivingService
+    from agent.cloud.sending import SendingService
 
-    app = build_app(cloud)
+    receiving, sending = ReceivingService(cloud), SendingService(cloud)
+    try:
+        app = build_app(cloud, receiving=receiving, sending=sending)  # every route there is
+    finally:
+        sending.stop()
+        receiving.close()
+        cloud.actions.clear()
     routes = {r.path.replace("{action:path}", "{action}") for r in app.routes}  # type: ignore[attr-defined]
     assert routes == set(OPENAPI["paths"])
 

@@ -1,0 +1,222 @@
+"""The directory's HTTP API (Starlette on uvicorn), in the cloud agent's manner.
+
+Bodies are size-limited before parsing and must arrive within a time limit; every
+refusal is ``{"error": {"code", "message"}}`` with a 4xx status; a 5xx means a fault of
+the server (its database down), never of the input.  Store work runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agent.cloud.http import _http_error, error_response
+from agent.cloud.receiving import read_object
+from agent.directory.errors import DirectoryError
+from agent.directory.service import DirectoryService
+from agent.directory.treehead import TreeHead
+from agent.errors import AgentError, BadRequestError
+from janus_hsm.errors import JanusHSMError
+from policies.errors import PolicyError
+
+log = logging.getLogger(__name__)
+
+PUBLISH_BODY = 1024 * 1024  # 200 prekey pairs in base64url, and room
+SMALL_BODY = 64 * 1024
+BODY_TIMEOUT = 10.0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "janus_directory_requests", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "janus_directory_request_seconds", "request latency", ["route"], registry=self.registry
+        )
+        self.claims = Counter(
+            "janus_directory_claims",
+            "claims answered, by kind (one_time, last_resort)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "janus_directory_refusals", "refused requests", ["code"], registry=self.registry
+        )
+
+
+def _int_param(request: Request, name: str, default: int | None = None) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        if default is None:
+            raise BadRequestError(f"the query needs '{name}' (a non-negative integer)")
+        return default
+    if not text.isdigit() or len(text) > 19:
+        raise BadRequestError(f"'{name}' must be a non-negative integer")
+    return int(text)
+
+
+def build_app(service: DirectoryService, *, body_timeout: float = BODY_TIMEOUT) -> Starlette:
+    metrics = Metrics()
+
+    def endpoint(name: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        latency = metrics.latency.labels(name)
+
+        async def run(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                result = await handler(request)
+                response = result if isinstance(result, Response) else JSONResponse(result)
+            except (AgentError, PolicyError, JanusHSMError) as exc:
+                metrics.refusals.labels(getattr(exc, "code", "error")).inc()
+                response = error_response(exc)
+                if response.status_code >= 500:
+                    log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+            except Exception:
+                log.exception("internal error in %s", name)
+                response = JSONResponse(
+                    {"error": {"code": "internal", "message": "internal error"}}, status_code=500
+                )
+            metrics.requests.labels(name, str(response.status_code)).inc()
+            latency.observe(time.perf_counter() - started)
+            return response
+
+        return run
+
+    async def threaded(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    def too_large(limit: int) -> Callable[[], Exception]:
+        return lambda: DirectoryError(f"request body larger than {limit} bytes")
+
+    def post(fn: Callable[[dict[str, Any]], dict[str, Any]], limit: int, status: int = 200) -> Any:
+        async def handler(request: Request) -> JSONResponse:
+            body = await read_object(request, limit, too_large(limit))
+            return JSONResponse(await threaded(fn, body), status_code=status)
+
+        return handler
+
+    async def healthz(request: Request) -> dict[str, Any]:
+        return {"status": "ok", "did": service.did}
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(request: Request) -> dict[str, Any]:
+        from agent.directory.openapi import OPENAPI
+
+        return OPENAPI
+
+    async def info(request: Request) -> dict[str, Any]:
+        head = await threaded(service.tree_head)
+        return {
+            "did": service.did,
+            "namespace": service.namespace,
+            "enrolment": service.rules.mode,
+            "tree_head": head.to_dict(),
+        }
+
+    async def claim(request: Request) -> JSONResponse:
+        body = await read_object(request, SMALL_BODY, too_large(SMALL_BODY))
+        result = await threaded(service.claim, body)
+        metrics.claims.labels("last_resort" if result["last_resort"] else "one_time").inc()
+        return JSONResponse(result)
+
+    async def attest(request: Request) -> dict[str, Any]:
+        result: dict[str, Any] = await threaded(service.attest, request.path_params["name"])
+        return result
+
+    async def tree_head(request: Request) -> dict[str, Any]:
+        head: TreeHead = await threaded(service.tree_head)
+        return head.to_dict()
+
+    async def consistency(request: Request) -> dict[str, Any]:
+        first, second = _int_param(request, "first"), _int_param(request, "second")
+        result: dict[str, Any] = await threaded(service.consistency, first, second)
+        return result
+
+    async def inclusion(request: Request) -> dict[str, Any]:
+        index, size = _int_param(request, "index"), _int_param(request, "size")
+        result: dict[str, Any] = await threaded(service.inclusion, index, size)
+        return result
+
+    async def entries(request: Request) -> dict[str, Any]:
+        start = _int_param(request, "start", 0)
+        end = _int_param(request, "end", start + 100)
+        result: dict[str, Any] = await threaded(service.entries, start, end)
+        return result
+
+    # The same three transparency routes under the names monitors written against the
+    # first draft of the formats use: answers of the same content, in that draft's shape.
+    async def tree_head_wrapped(request: Request) -> dict[str, Any]:
+        head: TreeHead = await threaded(service.tree_head)
+        return {"tree_head": head.to_dict()}
+
+    async def consistency_from_to(request: Request) -> dict[str, Any]:
+        first, second = _int_param(request, "from"), _int_param(request, "to")
+        result: dict[str, Any] = await threaded(service.consistency, first, second)
+        return {"from": result.pop("first"), "to": result.pop("second"), **result}
+
+    async def entries_indexed(request: Request) -> dict[str, Any]:
+        start = _int_param(request, "start", 0)
+        end = _int_param(request, "end", start + 100)
+        result: dict[str, Any] = await threaded(service.entries, start, end)
+        result["entries"] = [
+            {"index": start + i, "leaf": leaf} for i, leaf in enumerate(result["entries"])
+        ]
+        return result
+
+    routes = [
+        Route("/healthz", endpoint("healthz", healthz), methods=["GET"]),
+        Route("/metrics", endpoint("metrics", metrics_endpoint), methods=["GET"]),
+        Route("/openapi.json", endpoint("openapi", openapi), methods=["GET"]),
+        Route("/v1/dir", endpoint("info", info), methods=["GET"]),
+        Route(
+            "/v1/dir/publish",
+            endpoint("publish", post(service.publish, PUBLISH_BODY, 201)),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/dir/withdraw",
+            endpoint("withdraw", post(service.withdraw, SMALL_BODY)),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/dir/status",
+            endpoint("status", post(service.status, SMALL_BODY)),
+            methods=["POST"],
+        ),
+        Route("/v1/dir/claim", endpoint("claim", claim), methods=["POST"]),
+        Route("/v1/dir/attest/{name}", endpoint("attest", attest), methods=["GET"]),
+        Route("/v1/dir/tree-head", endpoint("tree_head", tree_head), methods=["GET"]),
+        Route("/v1/dir/log/consistency", endpoint("consistency", consistency), methods=["GET"]),
+        Route("/v1/dir/log/inclusion", endpoint("inclusion", inclusion), methods=["GET"]),
+        Route("/v1/dir/log/entries", endpoint("log", entries), methods=["GET"]),
+        Route("/v1/directory/tree-head", endpoint("tree_head", tree_head_wrapped), methods=["GET"]),
+        Route(
+            "/v1/directory/consistency",
+            endpoint("consistency", consistency_from_to),
+            methods=["GET"],
+        ),
+        Route("/v1/directory/log", endpoint("log", entries_indexed), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app.state.body_timeout = body_timeout
+    return app
