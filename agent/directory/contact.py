@@ -21,6 +21,7 @@ from agent.relationships.delivery import (
     RECEIVING_TYP,
     Address,
     HeldAddress,
+    HolderKey,
     ReceivingClient,
     ServiceError,
     ServiceUnreachableError,
@@ -186,6 +187,9 @@ def create_contact_address(
     try:
         # The key document is signed by the service's did: the request is addressed to it.
         service_did = client.service_keys()[0].service_did
+        # Pickups and acks at this address are signed by its own software holder key,
+        # so the token signs once here and never per pickup.
+        holder = HolderKey.generate()
         request = sign_request(
             owner,
             typ=RECEIVING_TYP,
@@ -193,6 +197,7 @@ def create_contact_address(
             now=int(time.time()),
             op="create",
             contact_root=directory_did,
+            holder=holder.did,
         )
         answer = _post(url, "/v1/receiving/addresses", {"request": request}, timeout)
     finally:
@@ -201,9 +206,11 @@ def create_contact_address(
         raise ContactError(
             "the receiving service did not make the address require contact capabilities"
         )
+    if answer.get("holder") != holder.did:
+        raise ContactError("the receiving service did not register the address's holder key")
     try:
         address = Address(url, answer["address_id"], answer["credential"])
-        return HeldAddress(address, str(answer["pickup_id"]))
+        return HeldAddress(address, str(answer["pickup_id"]), b64url_encode(holder.private_bytes()))
     except (KeyError, TypeError, RelationshipError):
         raise ContactError("the receiving service answered no address") from None
 

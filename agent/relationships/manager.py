@@ -625,15 +625,24 @@ class Relationships:
             sealed = seal_address(receiving.service_key(), target, wire)
         finally:
             receiving.close()
-        service = sending[0]
-        client = SendingClient(
-            service["url"], SendingGrant(service["grant_id"], service.get("api_token"))
-        )
-        try:
-            submission = client.submit(target.service, sealed, wire)
-        finally:
-            client.close()
-        return {"service": service["url"], "id": submission, "target": target.address_id}
+        # Any of the owner's sending services will do: one is picked at random (so no
+        # service sees all of a relationship's traffic) and the next one is tried when
+        # it cannot be reached.
+        last: ServiceUnreachableError | None = None
+        for service in secrets.SystemRandom().sample(sending, len(sending)):
+            client = SendingClient(
+                service["url"], SendingGrant(service["grant_id"], service.get("api_token"))
+            )
+            try:
+                submission = client.submit(target.service, sealed, wire)
+            except ServiceUnreachableError as exc:
+                last = exc
+                continue
+            finally:
+                client.close()
+            return {"service": service["url"], "id": submission, "target": target.address_id}
+        assert last is not None
+        raise last
 
     def _submission_state(self, submission: dict[str, str]) -> tuple[str, str | None]:
         """(queued | delivered | failed | unknown, error code) of a submission."""

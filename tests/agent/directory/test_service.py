@@ -269,3 +269,17 @@ def test_attestation_verifies_offline_and_tampering_is_caught(
         verify_attestation(f"{head}.{forged}.{sig}")
     with pytest.raises(AttestationError, match="another directory"):
         verify_attestation(attestation, directory=owner.did)
+
+
+def test_an_intro_address_is_picked_up_with_its_own_holder_key(
+    published: dict[str, Any], receiving: CloudProcess
+) -> None:
+    """The token signs once to create the intro address, never to pick up from it."""
+    held = published["held"]
+    assert held.holder_key() is not None
+    client = ReceivingClient(receiving.url)
+    try:
+        held_now = client.pickup(None, held)  # signed by the holder key alone
+        assert all(d.ciphertext for d in held_now)
+    finally:
+        client.close()
