@@ -63,7 +63,8 @@ lint: venv
 
 bench: setup
 	@bash hardware/install-system-packages.sh wrk  # load generator of cloud_http.py
-	for b in pkcs11_provider pkcs11_remote piv_provider capabilities ledger didcomm cloud_http; do \
+	for b in pkcs11_provider pkcs11_remote piv_provider capabilities ledger didcomm cloud_http \
+		ratchet delivery merkle directory; do \
 		test ! -f benchmarks/$$b.py || $(PY) benchmarks/$$b.py || exit 1; \
 	done
 

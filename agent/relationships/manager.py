@@ -55,6 +55,7 @@ from agent.relationships.errors import (
     DecryptError,
     DuplicateMessageError,
     MalformedMessageError,
+    PrekeyConsumedError,
     RelationshipError,
     TooManySkippedError,
 )
@@ -69,7 +70,7 @@ from agent.relationships.relationship import (
     safety_number,
 )
 from agent.relationships.suite import suite_for_key
-from agent.relationships.vault import Vault, crash_point
+from agent.relationships.vault import Transaction, Vault, crash_point
 from janus_hsm import b64url
 from janus_hsm.file_lock import locked_file
 from janus_hsm.provider import KeyHandle
@@ -137,19 +138,52 @@ class ReceiveReport:
         return {"messages": self.messages, "events": self.events, "errors": self.errors}
 
 
+#: Vault records of one-time prekeys whose use is committed but whose file may remain.
+USED_PREKEY: Final = "used_prekey"
+
+
+def _used_prekey_key(prekey_id: str, pq: bool) -> str:
+    return f"{'pqopk' if pq else 'opk'}-{prekey_id}"
+
+
 class _VaultReplayGuard:
     """Initial messages already accepted, remembered in the vault with the state they
-    created (one transaction), so a crash in between never loses the relationship."""
+    created (one transaction), so a crash in between never loses the relationship.
+
+    The one-time prekeys such a message used go into the same transaction, and their
+    files are deleted only after it commits (``Relationships._discard_used_prekeys``):
+    deleted before, a crash in between would leave a message no one can open again.
+    """
 
     def __init__(self, vault: Vault) -> None:
         self.vault = vault
         self.pending: list[bytes] = []
+        self.prekeys: tuple[tuple[str, bool], ...] = ()
 
     def seen(self, digest: bytes) -> bool:
         return self.vault.seen(b"initial|" + digest)
 
     def remember(self, digest: bytes) -> None:
         self.pending.append(b"initial|" + digest)
+
+    def use_prekeys(self, prekeys: tuple[tuple[str, bool], ...]) -> None:
+        """Note the one-time prekeys a first message used (PrekeyConsumedError if a use
+        of one is already committed, its file not yet deleted)."""
+        for prekey_id, pq in prekeys:
+            if self.vault.get(USED_PREKEY, _used_prekey_key(prekey_id, pq)) is not None:
+                raise PrekeyConsumedError("the one-time prekey was already used")
+        self.prekeys = prekeys
+
+    def record_prekeys(self, tx: Transaction) -> None:
+        """Commit the prekeys' use with a message that was opened but refused."""
+        for prekey_id, pq in self.prekeys:
+            tx.put(USED_PREKEY, _used_prekey_key(prekey_id, pq), b"")
+
+    def record(self, tx: Transaction) -> None:
+        """Commit the header's digest and the prekeys' use with an accepted message."""
+        for tag in self.pending:
+            tx.mark_seen(tag)
+        self.record_prekeys(tx)
 
 
 class Relationships:
@@ -184,7 +218,23 @@ class Relationships:
     def vault(self) -> Vault:
         if self._vault is None:  # the one token ECDH of this process, when first needed
             self._vault = Vault.open(self.directory, self.edge.agreement)
+            self._discard_used_prekeys()
         return self._vault
+
+    def _discard_used_prekeys(self) -> None:
+        """Delete the one-time prekeys whose use is committed, then their records.
+
+        Idempotent: run after every vault open, receive and accepted first message, it
+        finishes what a crash between a commit and a deletion left over.
+        """
+        used = [key for key, _ in self.vault.all(USED_PREKEY)]
+        for key in used:
+            kind, _, prekey_id = key.partition("-")
+            self.prekeys.discard_one_time(prekey_id, pq=kind == "pqopk")
+        if used:
+            with self.vault.transaction() as tx:
+                for key in used:
+                    tx.delete(USED_PREKEY, key)
 
     @contextmanager
     def _locked(self) -> Iterator[Vault]:
@@ -684,6 +734,7 @@ class Relationships:
         and retry queued messages."""
         report = ReceiveReport()
         with self._locked():
+            self._discard_used_prekeys()
             for service in self._services("receiving"):
                 self._pickup(HeldAddress.from_dict(service["intro"]), None, report)
             for intro in self._directory_intros(report):
@@ -732,6 +783,8 @@ class Relationships:
         committed together (a message that fails to open is remembered as failed)."""
         if len(wire) >= 2 and wire[1] == x3dh.KIND_INITIAL:
             self._take_initial(wire, held, report)
+            crash_point("receive:initial-committed")
+            self._discard_used_prekeys()
             return
         candidates = [r for r in self._all() if r.state == "active"]
         if rel_id is not None:
@@ -820,8 +873,8 @@ class Relationships:
             if stored is not None:
                 tx.add_message(rel.id, stored)
             tx.mark_seen(wire)
-            for tag in replay.pending if replay is not None else ():
-                tx.mark_seen(tag)
+            if replay is not None:
+                replay.record(tx)
             if extra is not None:
                 extra(tx)
         if stored is not None and message is not None:
@@ -830,13 +883,17 @@ class Relationships:
     def _take_initial(self, wire: bytes, held: HeldAddress, report: ReceiveReport) -> None:
         guard = _VaultReplayGuard(self.vault)
         try:
+            # The one-time prekeys are deleted only once their use is committed, with
+            # the outcome of this message (below, in the same transaction), then after.
             first = ratchet.open_first_message(
-                self.edge.agreement, self.prekeys, wire, replay_guard=guard
+                self.edge.agreement, self.prekeys, wire, replay_guard=guard, consume=False
             )
+            guard.use_prekeys(first.keys.one_time_unconsumed)
             hello = Message.from_json(first.plaintext)
         except (RelationshipError, DIDCommError) as exc:
             with self.vault.transaction() as tx:
                 tx.mark_seen(wire)
+                guard.record_prekeys(tx)
             report.errors.append({"code": getattr(exc, "code", "error"), "message": str(exc)})
             return
         peer = first.peer
@@ -845,6 +902,7 @@ class Relationships:
         if blocked:
             with self.vault.transaction() as tx:
                 tx.mark_seen(wire)
+                guard.record_prekeys(tx)
             report.event("refused", reason="blocked", name=blocked[0].label)
             return
         if hello.type == REESTABLISH_TYPE:
@@ -861,6 +919,7 @@ class Relationships:
         if hello.type != HELLO_TYPE or raw is None:
             with self.vault.transaction() as tx:
                 tx.mark_seen(wire)
+                guard.record_prekeys(tx)
             report.errors.append(
                 {"code": "unknown_invitation", "message": "a first message for no open invitation"}
             )
@@ -869,6 +928,7 @@ class Relationships:
         if record["expires"] <= int(time.time()):
             with self.vault.transaction() as tx:
                 tx.mark_seen(wire)
+                guard.record_prekeys(tx)
                 tx.delete("invitation", invitation_id)
             report.errors.append(
                 {
@@ -969,6 +1029,7 @@ class Relationships:
         if problem is not None:
             with self.vault.transaction() as tx:
                 tx.mark_seen(wire)
+                guard.record_prekeys(tx)
             report.errors.append({"code": "bad_relationship_request", "message": problem})
             return
         assert isinstance(shared, str)
@@ -1019,6 +1080,7 @@ class Relationships:
         if not matches or not isinstance(epoch, int) or isinstance(epoch, bool):
             with self.vault.transaction() as tx:
                 tx.mark_seen(wire)
+                guard.record_prekeys(tx)
             report.errors.append(
                 {
                     "code": "unknown_relationship",
@@ -1030,6 +1092,7 @@ class Relationships:
         if rel.peer_agreement != dict(first.peer.identity_jwk):
             with self.vault.transaction() as tx:
                 tx.mark_seen(wire)
+                guard.record_prekeys(tx)
             report.errors.append(
                 {"code": "identity_changed", "message": f"{rel.label!r}: another agreement key"}
             )
@@ -1038,6 +1101,7 @@ class Relationships:
             # Both sides started one at once: the smaller root did's session wins.
             with self.vault.transaction() as tx:
                 tx.mark_seen(wire)
+                guard.record_prekeys(tx)
             return
         rel.epoch = max(rel.epoch, epoch)
         bundle = _bundle_or_none(body.get("bundle"))

@@ -445,6 +445,22 @@ class PrekeyStore:
     def take_one_time_pq(self, prekey_id: str) -> mlkem.MLKEM768PrivateKey:
         return self._pq_private(self._take("pqopk", prekey_id))
 
+    def peek_one_time(self, prekey_id: str) -> PrivateKey:
+        """The one-time prekey, left in place: the caller records its use with the state
+        it creates, then calls :meth:`discard_one_time` (so a crash in between loses
+        neither the prekey nor the message that used it)."""
+        return self._dh_private(self._peek("opk", prekey_id))
+
+    def peek_one_time_pq(self, prekey_id: str) -> mlkem.MLKEM768PrivateKey:
+        return self._pq_private(self._peek("pqopk", prekey_id))
+
+    def discard_one_time(self, prekey_id: str, *, pq: bool = False) -> None:
+        """Delete a one-time prekey durably; one already gone is not an error (this runs
+        again after a crash, for every use recorded but not yet carried out)."""
+        with locked_file(self.directory / ".lock"):
+            self._path("pqopk" if pq else "opk", prekey_id).unlink(missing_ok=True)
+            fsync_directory(self.directory)
+
     def has_one_time(self, prekey_id: str, *, pq: bool = False) -> bool:
         return self._path("pqopk" if pq else "opk", prekey_id).exists()
 
@@ -466,6 +482,14 @@ class PrekeyStore:
             os.unlink(path)
             fsync_directory(self.directory)
         return data
+
+    def _peek(self, kind: str, prekey_id: str) -> bytes:
+        try:
+            return self._path(kind, prekey_id).read_bytes()
+        except FileNotFoundError:
+            raise PrekeyConsumedError(
+                "the one-time prekey was already used (or never published here)"
+            ) from None
 
     def _dh_private(self, data: bytes) -> PrivateKey:
         try:

@@ -420,16 +420,24 @@ class FirstMessage:
 
 
 def open_first_message(
-    agreement: KeyHandle, store: PrekeyStore, wire: bytes, *, replay_guard: ReplayGuard
+    agreement: KeyHandle,
+    store: PrekeyStore,
+    wire: bytes,
+    *,
+    replay_guard: ReplayGuard,
+    consume: bool = True,
 ) -> FirstMessage:
     """The responder's side of ``first_message``: X3DH (one token ECDH), then the ratchet.
 
     Nothing is written but what ``respond`` must write first (the one-time prekeys'
     deletion, the header's digest): the caller stores the returned state.  A first message
-    whose ratchet part fails to decrypt has still used up its one-time prekeys.
+    whose ratchet part fails to decrypt has still used up its one-time prekeys, unless
+    ``consume=False`` (see ``respond``) leaves their deletion to the caller.
     """
     header, rest = parse_initial_header(wire)
-    keys, peer = respond(agreement, store, header.encoded, replay_guard=replay_guard)
+    keys, peer = respond(
+        agreement, store, header.encoded, replay_guard=replay_guard, consume=consume
+    )
     state = RatchetState.responder(keys)
     new, plaintext = state.decrypt(bytes((SUITE_IDS[keys.suite], KIND_RATCHET)) + rest)
     return FirstMessage(new, plaintext, peer, keys)

@@ -115,6 +115,9 @@ class InitialKeys:
     suite: Suite
     ratchet_public: bytes | None = None
     ratchet_private: PrivateKey | None = None
+    #: One-time prekeys (id, is ML-KEM) that ``respond(consume=False)`` used but left on
+    #: disk: the caller records their use with the state it commits, then discards them.
+    one_time_unconsumed: tuple[tuple[str, bool], ...] = ()
 
 
 class ReplayGuard(Protocol):
@@ -307,6 +310,7 @@ def respond(
     initial_header: bytes,
     *,
     replay_guard: ReplayGuard,
+    consume: bool = True,
 ) -> tuple[InitialKeys, PeerIdentity]:
     """Accept an initial header: one token ECDH (DH(IK_B, EK_A)).
 
@@ -314,6 +318,12 @@ def respond(
     time prekeys are deleted and the header's digest recorded, both durably, before the
     shared secret is computed: a replayed or concurrent copy is refused
     (ReplayedInitialMessageError, or PrekeyConsumedError after a crash in between).
+
+    With ``consume=False`` the one-time prekeys are used but left on disk and named in
+    ``InitialKeys.one_time_unconsumed``: for a caller that records their use and the
+    header's digest in the same durable transaction as the state the message creates
+    (a crash before it then loses nothing), under a lock that spans check and commit,
+    and deletes them after.
     """
     header, rest = parse_initial_header(initial_header)
     if rest:
@@ -340,10 +350,19 @@ def respond(
     if replay_guard.seen(digest):
         raise ReplayedInitialMessageError("this initial message was already accepted")
     pq_private = None if fields["pq_one_time"] else store.pq_prekey(pq_id)  # fails early
-    # State changes from here: one-time prekeys gone, then the header remembered.
-    opk = None if opk_id is None else store.take_one_time(opk_id)
-    if pq_private is None:
-        pq_private = store.take_one_time_pq(pq_id)
+    unconsumed: list[tuple[str, bool]] = []
+    if consume:
+        # State changes from here: one-time prekeys gone, then the header remembered.
+        opk = None if opk_id is None else store.take_one_time(opk_id)
+        if pq_private is None:
+            pq_private = store.take_one_time_pq(pq_id)
+    else:
+        opk = None if opk_id is None else store.peek_one_time(opk_id)
+        if opk_id is not None:
+            unconsumed.append((opk_id, False))
+        if pq_private is None:
+            pq_private = store.peek_one_time_pq(pq_id)
+            unconsumed.append((pq_id, True))
     replay_guard.remember(digest)
 
     ek = suites.decode_public(suite, header.ephemeral)
@@ -355,4 +374,7 @@ def respond(
     ad = associated_data(
         suite, (peer.root_did, peer.identity_public), (store.root_did(), own_public)
     )
-    return InitialKeys(sk, ad, header, suite, ratchet_private=opened.spk), peer
+    keys = InitialKeys(
+        sk, ad, header, suite, ratchet_private=opened.spk, one_time_unconsumed=tuple(unconsumed)
+    )
+    return keys, peer
