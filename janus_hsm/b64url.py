@@ -16,6 +16,7 @@ path where every JWS is decoded.
 from __future__ import annotations
 
 import binascii
+import os
 from collections.abc import Callable
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -36,6 +37,18 @@ class Base64urlError(ValueError):
 def encode(data: bytes) -> str:
     """``data`` as unpadded base64url."""
     return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
+
+
+def random_id(size: int) -> str:
+    """``size`` random bytes as base64url text that does not start with '-'.
+
+    Ids are typed after flags (``--grant ID``): one starting with '-' would be read as
+    an option.  Redrawing (one draw in 64) keeps every id equally likely.
+    """
+    while True:
+        text = encode(os.urandom(size))
+        if not text.startswith("-"):
+            return text
 
 
 def decode(

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def cmd_serve(args: argparse.Namespace) -> int:
     from agent.cloud.http import build_app
     from agent.cloud.service import CloudAgent, CloudConfig
-    from agent.cloud.startup import check_keystore, check_owner, listen, serve
+    from agent.cloud.startup import check_keystore, check_owner
+    from agent.serving import listen, serve
     from policies.policy import IssuancePolicy
 
     # Every check that can fail runs before the agent announces itself.

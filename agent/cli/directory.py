@@ -37,13 +37,13 @@ def _directory_parent() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from agent.cloud.startup import listen, serve
     from agent.directory.http import build_app
     from agent.directory.keypackage import check_namespace
     from agent.directory.rules import Rules
     from agent.directory.service import DirectoryService
     from agent.directory.store import DirectoryStore
     from agent.errors import ConfigurationError
+    from agent.serving import listen, serve
     from janus_hsm import open_key
     from janus_hsm.database_url import sqlite_url
 

@@ -16,19 +16,13 @@ import gc
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -37,91 +31,37 @@ from agent.cloud.service import CloudAgent
 if TYPE_CHECKING:
     from agent.cloud.receiving import ReceivingService
     from agent.cloud.sending import SendingService
-from agent.errors import AgentError, BadRequestError, RequestTimeoutError, UnauthorizedError
-from agent.protocol import sign_routing_key
-from janus_hsm.errors import JanusHSMError
-from policies.errors import (
-    FormatError,
-    LimitExceededError,
-    PolicyError,
-    PolicyViolationError,
-    ReplayError,
-    VerificationError,
+from agent.errors import BadRequestError, UnauthorizedError
+from agent.http_service import (
+    BODY_TIMEOUT,
+    ServiceMetrics,
+    endpoint_factory,
+    http_error,
+    read_limited,
+    threaded,
 )
+from agent.protocol import sign_routing_key
 from policies.jws import strict_json
 from policies.ledger.aio import AsyncSpender
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-# uvicorn bounds the wait between requests (keep-alive) but not the wait for a body:
-# a client that announces more than it sends would hold its connection for ever.
-BODY_TIMEOUT = 10.0  # seconds to receive a whole request body
 SWEEP_INTERVAL = 5.0
 
 
-def _status(exc: Exception) -> int:
-    if isinstance(exc, AgentError):
-        return exc.status
-    if isinstance(exc, FormatError):
-        return 400
-    if isinstance(exc, ReplayError):
-        return 409
-    if isinstance(exc, LimitExceededError):
-        return 429
-    if isinstance(exc, VerificationError | PolicyViolationError):
-        return 403
-    return 500
+def _too_large() -> Exception:
+    return BadRequestError(f"request body larger than {MAX_BODY} bytes")
 
 
-# Starlette's own refusals (no such route, wrong method), in the API's error format.
-_HTTP_CODES = {404: "no_route", 405: "method_not_allowed"}
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return JSONResponse(
-        {"error": {"code": code, "message": exc.detail}},
-        status_code=exc.status_code,
-        headers=exc.headers,
-    )
-
-
-def error_response(exc: Exception) -> JSONResponse:
-    status = _status(exc)
-    message = str(exc)
-    if isinstance(exc, JanusHSMError):
-        # A key error names URIs and paths of this server's keystore: the log has them,
-        # the client gets the stable code only.
-        log.warning("key operation failed: %s: %s", type(exc).__name__, exc)
-        message = "a key operation failed on this agent"
-    body: dict[str, Any] = {"code": getattr(exc, "code", "error"), "message": message}
-    link = getattr(exc, "link", None)
-    if link is not None:
-        body["link"] = link
-    # After a body that did not arrive, the connection's state is unknown: close it.
-    headers = {"connection": "close"} if isinstance(exc, RequestTimeoutError) else None
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
-
-
-class Metrics:
+class Metrics(ServiceMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "janus_cloud_requests", "HTTP requests", ["route", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "janus_cloud_request_seconds", "request latency", ["route"], registry=self.registry
-        )
+        super().__init__("cloud")
         self.uses = Counter(
             "janus_cloud_capability_uses",
             "actions performed",
             ["action"],
             registry=self.registry,
-        )
-        self.refusals = Counter(
-            "janus_cloud_refusals", "refused requests", ["code"], registry=self.registry
         )
         self.relay = Counter(
             "janus_cloud_relay_events",
@@ -140,30 +80,8 @@ def _check_bearer(request: Request, token: str | None) -> None:
         raise UnauthorizedError("this agent requires 'Authorization: Bearer <api token>'")
 
 
-async def _body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        raise BadRequestError(f"request body larger than {MAX_BODY} bytes")
-    timeout: float = getattr(request.app.state, "body_timeout", BODY_TIMEOUT)
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_BODY:
-                    raise BadRequestError(f"request body larger than {MAX_BODY} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeoutError(
-            f"the request body did not arrive within {timeout:g} seconds"
-        ) from None
-    except ClientDisconnect:  # nobody to answer; not an internal error either
-        raise BadRequestError("the client left before sending the whole body") from None
-    return b"".join(chunks)
-
-
 async def _text(request: Request) -> str:
-    data = await _body(request)
+    data = await read_limited(request, MAX_BODY, _too_large)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -171,7 +89,7 @@ async def _text(request: Request) -> str:
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    data = await _body(request)
+    data = await read_limited(request, MAX_BODY, _too_large)
     if not data:
         return {}
     return strict_json(data, "request body")
@@ -192,38 +110,7 @@ def build_app(
     # Actions' ledger writes, gathered on the event loop into group commits.
     spender = AsyncSpender(agent.ledger)
 
-    def endpoint(name: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        # Labelled metrics looked up once, not per request (labels() takes a lock).
-        latency = metrics.latency.labels(name)
-        counted: dict[int, Any] = {}
-
-        async def run(request: Request) -> Response:
-            started = time.perf_counter()
-            try:
-                result = await handler(request)
-                response = result if isinstance(result, Response) else JSONResponse(result)
-            except (AgentError, PolicyError, JanusHSMError) as exc:
-                metrics.refusals.labels(getattr(exc, "code", "error")).inc()
-                response = error_response(exc)
-                if response.status_code >= 500:
-                    log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
-            except Exception:
-                log.exception("internal error in %s", name)
-                response = JSONResponse(
-                    {"error": {"code": "internal", "message": "internal error"}}, status_code=500
-                )
-            status = response.status_code
-            counter = counted.get(status)
-            if counter is None:
-                counter = counted[status] = metrics.requests.labels(name, str(status))
-            counter.inc()
-            latency.observe(time.perf_counter() - started)
-            return response
-
-        return run
-
-    async def threaded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+    endpoint = endpoint_factory(metrics, log)
 
     async def healthz(request: Request) -> dict[str, Any]:
         return {"status": "ok", "did": agent.did}
@@ -313,7 +200,7 @@ def build_app(
         return {"action": result.action, "grant_id": result.grant_id, **result.result}
 
     async def didcomm_inbound(request: Request) -> JSONResponse:
-        data = await _body(request)
+        data = await read_limited(request, MAX_BODY, _too_large)
         from agent.cloud.inbound import receive_forward
 
         result = await threaded(receive_forward, agent, data)
@@ -396,7 +283,7 @@ def build_app(
             sending, endpoint, threaded, lambda r: _check_bearer(r, agent.config.api_token)
         )
     app = Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
     )
     app.state.body_timeout = body_timeout
     return app

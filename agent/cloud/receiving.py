@@ -21,7 +21,6 @@ Defaults (docs/services.md): rotation 7 days, overlap 7 days, messages up to 72 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -36,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from pyhpke.kem_key_interface import KEMKeyInterface
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from agent.cloud.service import CloudAgent
 from agent.errors import BadRequestError
+from agent.http_service import Endpoint, read_object
 from agent.protocol import check_signed_request
 from agent.relationships.delivery import (
     ADDRESS_ID_BYTES,
@@ -68,14 +68,13 @@ from janus_hsm.errors import KeyNotFoundError
 from janus_hsm.provider import KeyHandle
 from janus_hsm.public_keys import algorithm_of, b64url_encode, raw_public_bytes
 from policies.errors import PolicyError, VerificationError
-from policies.jws import public_key_for, sign_compact, strict_json
+from policies.jws import public_key_for, sign_compact
 
 log = logging.getLogger(__name__)
 
 DAY = 86400
 OWNER_BODY = 16 * 1024
 SWEEP_EVERY = 60.0
-BODY_TIMEOUT = 10.0  # seconds to receive a whole request body
 
 
 @dataclass(frozen=True)
@@ -584,38 +583,6 @@ def _connect(path: Path) -> sqlite3.Connection:
 # --- HTTP -------------------------------------------------------------------------------------
 
 
-async def read_limited(request: Request, limit: int, too_large: Callable[[], Exception]) -> bytes:
-    """The request body, refused with ``too_large()`` as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise too_large()
-    timeout: float = getattr(request.app.state, "body_timeout", BODY_TIMEOUT)
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large()
-                chunks.append(chunk)
-    except TimeoutError:
-        raise BadRequestError(
-            f"the request body did not arrive within {timeout:g} seconds"
-        ) from None
-    except ClientDisconnect:  # nobody to answer; not an internal error either
-        raise BadRequestError("the client left before sending the whole body") from None
-    return b"".join(chunks)
-
-
-async def read_object(
-    request: Request, limit: int, too_large: Callable[[], Exception]
-) -> dict[str, Any]:
-    data = await read_limited(request, limit, too_large)
-    if not data:
-        raise BadRequestError("the request needs a JSON object body")
-    return strict_json(data, "request body")
-
-
 def b64_member(body: dict[str, Any], name: str) -> bytes:
     value = body.get(name)
     if not isinstance(value, str):
@@ -630,7 +597,7 @@ def delivery_body_limit(max_message: int) -> int:
 
 def receiving_routes(
     service: ReceivingService,
-    endpoint: Callable[[str, Callable[[Request], Any]], Callable[[Request], Any]],
+    endpoint: Endpoint,
     threaded: Callable[..., Any],
     count: Callable[[str], None],
 ) -> list[Route]:

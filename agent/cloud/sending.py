@@ -41,9 +41,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from agent.cloud.receiving import delivery_body_limit, read_object
+from agent.cloud.receiving import delivery_body_limit
 from agent.cloud.service import CloudAgent, ServiceAction
 from agent.errors import BadRequestError
+from agent.http_service import Endpoint, read_object
 from agent.relationships.delivery import (
     DEFAULT_MAX_MESSAGE,
     MAX_DELAY,
@@ -59,7 +60,6 @@ from agent.relationships.delivery import (
     delivery_body,
 )
 from janus_hsm import b64url
-from janus_hsm.public_keys import b64url_encode
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class SendingService:
         """Store the submission durably (committed before this returns)."""
         now = time.time() if now is None else now
         sub = self._parse(request)
-        submission_id = b64url_encode(os.urandom(16))
+        submission_id = b64url.random_id(16)
         due = now + sub.delay
         with self._wake:
             self._db.execute(
@@ -405,7 +405,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def sending_routes(
     service: SendingService,
-    endpoint: Callable[[str, Callable[[Request], Any]], Callable[[Request], Any]],
+    endpoint: Endpoint,
     threaded: Callable[..., Any],
     check_bearer: Callable[[Request], None],
 ) -> list[Route]:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +25,7 @@ from typing import Any
 from agent.cloud.store import ACTIVE, PENDING, CloudStore, GrantRecord
 from agent.errors import BadRequestError, ConflictError, GrantInactiveError, NotFoundError
 from agent.protocol import KEYREQ_TYP, PICKUP_TYP, check_signed_request
+from janus_hsm import b64url
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.backends.software import SoftwareKeyHandle, SoftwareProvider
 from janus_hsm.database_url import sqlite_url
@@ -182,7 +182,7 @@ class CloudAgent:
             self._check_signed_request(key_request, KEYREQ_TYP, now=now)
         if len(self.store.grants(PENDING)) >= MAX_PENDING:
             raise ConflictError("too many grants are waiting for their capability")
-        grant_id = b64url_encode(os.urandom(12))
+        grant_id = b64url.random_id(12)
         handle = self.keys.generate(f"soft:object=grant-{grant_id}", self.config.key_algorithm)
         log.info("created key %s for grant %s", handle.did, grant_id)
         return self.store.add_grant(grant_id, handle.uri, handle.did)
@@ -531,7 +531,7 @@ class CloudAgent:
         message = request.get("message")
         if not isinstance(message, dict):
             raise BadRequestError("msg/receive needs {'message': <DIDComm envelope>}")
-        msg_id = b64url_encode(os.urandom(12))
+        msg_id = b64url.random_id(12)
         self.store.hold(msg_id, owner, json.dumps(message, separators=(",", ":")))
         return {"held": msg_id}
 

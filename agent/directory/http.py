@@ -7,58 +7,44 @@ the server (its database down), never of the input.  Store work runs in threads.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent.cloud.http import _http_error, error_response
-from agent.cloud.receiving import read_object
 from agent.directory.errors import DirectoryError
 from agent.directory.service import DirectoryService
 from agent.directory.treehead import TreeHead
-from agent.errors import AgentError, BadRequestError
-from janus_hsm.errors import JanusHSMError
-from policies.errors import PolicyError
+from agent.errors import BadRequestError
+from agent.http_service import (
+    BODY_TIMEOUT,
+    ServiceMetrics,
+    endpoint_factory,
+    http_error,
+    read_object,
+    threaded,
+)
 
 log = logging.getLogger(__name__)
 
 PUBLISH_BODY = 1024 * 1024  # 200 prekey pairs in base64url, and room
 SMALL_BODY = 64 * 1024
-BODY_TIMEOUT = 10.0
 
 
-class Metrics:
+class Metrics(ServiceMetrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "janus_directory_requests", "HTTP requests", ["route", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "janus_directory_request_seconds", "request latency", ["route"], registry=self.registry
-        )
+        super().__init__("directory")
         self.claims = Counter(
             "janus_directory_claims",
             "claims answered, by kind (one_time, last_resort)",
             ["kind"],
             registry=self.registry,
-        )
-        self.refusals = Counter(
-            "janus_directory_refusals", "refused requests", ["code"], registry=self.registry
         )
 
 
@@ -76,32 +62,7 @@ def _int_param(request: Request, name: str, default: int | None = None) -> int:
 def build_app(service: DirectoryService, *, body_timeout: float = BODY_TIMEOUT) -> Starlette:
     metrics = Metrics()
 
-    def endpoint(name: str, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        latency = metrics.latency.labels(name)
-
-        async def run(request: Request) -> Response:
-            started = time.perf_counter()
-            try:
-                result = await handler(request)
-                response = result if isinstance(result, Response) else JSONResponse(result)
-            except (AgentError, PolicyError, JanusHSMError) as exc:
-                metrics.refusals.labels(getattr(exc, "code", "error")).inc()
-                response = error_response(exc)
-                if response.status_code >= 500:
-                    log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
-            except Exception:
-                log.exception("internal error in %s", name)
-                response = JSONResponse(
-                    {"error": {"code": "internal", "message": "internal error"}}, status_code=500
-                )
-            metrics.requests.labels(name, str(response.status_code)).inc()
-            latency.observe(time.perf_counter() - started)
-            return response
-
-        return run
-
-    async def threaded(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(fn, *args)
+    endpoint = endpoint_factory(metrics, log)
 
     def too_large(limit: int) -> Callable[[], Exception]:
         return lambda: DirectoryError(f"request body larger than {limit} bytes")
@@ -217,6 +178,6 @@ def build_app(service: DirectoryService, *, body_timeout: float = BODY_TIMEOUT) 
         ),
         Route("/v1/directory/log", endpoint("log", entries_indexed), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.body_timeout = body_timeout
     return app

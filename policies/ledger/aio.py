@@ -54,17 +54,27 @@ class AsyncSpender:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: len(batch)]
-                results = await loop.run_in_executor(
-                    self._writer, self.ledger.spend_many, [request for request, _ in batch]
-                )
+                try:
+                    results = await loop.run_in_executor(
+                        self._writer, self.ledger.spend_many, [request for request, _ in batch]
+                    )
+                except Exception as exc:
+                    # Only this batch's callers learn of it (a spend of it may have been
+                    # committed: over-counted, never over-spent); the spends queued
+                    # behind it get their own try, so a passing fault fails one batch.
+                    failure = LedgerError(f"the ledger write failed: {exc!r}")
+                    for _, future in batch:
+                        _settle(future, failure)
+                    batch = []
+                    continue
                 self.batches += 1
                 for (_, future), result in zip(batch, results, strict=True):
                     _settle(future, result)
                 batch = []
         except BaseException as exc:
-            # The writer failed as a whole, or the loop is shutting down: nobody waits
-            # forever.  A spend of the failed batch may have been committed; its caller
-            # gets an error, which over-counts but never over-spends.
+            # The loop is shutting down (or the drainer itself broke): nobody waits
+            # forever.  A spend of the batch in flight may have been committed; its
+            # caller gets an error, which over-counts but never over-spends.
             failure = LedgerError(f"the ledger write failed: {exc!r}")
             for _, future in batch + self._pending:
                 _settle(future, failure)

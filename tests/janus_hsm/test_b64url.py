@@ -85,3 +85,14 @@ def test_forward_attachments_refuse_what_is_not_base64url() -> None:
     )
     with pytest.raises(MessageFormatError):
         parse_forward(forward)
+
+
+def test_random_ids_can_follow_a_flag_on_a_command_line() -> None:
+    """One plain base64url id in 64 starts with '-', which argparse takes for an option
+    (``janus edge revoke --grant -Dhv…`` failed): ids are drawn so none does."""
+    from janus_hsm.b64url import decode, random_id
+
+    ids = [random_id(12) for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids)
+    assert all(len(decode(i, "id")) == 12 for i in ids)

@@ -149,3 +149,41 @@ def test_async_spender_wakes_the_loop_once_per_batch(tmp_path: object) -> None:
         assert wakeups == batches[0]
     finally:
         ledger.close()
+
+
+class _FailsOnce(SqliteLedger):
+    """A real SQLite ledger whose first batch write fails, as a full disk would."""
+
+    failed = False
+
+    def spend_many(self, requests: list[SpendRequest]) -> list[Any]:
+        if not self.failed:
+            self.failed = True
+            raise OSError("database or disk is full")
+        return super().spend_many(requests)
+
+
+def test_async_spender_a_failed_batch_fails_only_its_own_spends(tmp_path: object) -> None:
+    """The spends queued behind a failed batch get their own write, not its error."""
+    from policies.errors import LedgerError
+
+    ledger = _FailsOnce(f"{tmp_path}/l.db")
+    limits = [LinkLimit("a", uses=None)]
+
+    async def run() -> list[SpendReceipt | BaseException]:
+        spender = AsyncSpender(ledger, max_batch=4)
+        try:
+            return await asyncio.gather(
+                *(spender.spend(request(limits)) for _ in range(12)), return_exceptions=True
+            )
+        finally:
+            spender.close()
+
+    try:
+        results = asyncio.run(run())
+        failed = [r for r in results if isinstance(r, LedgerError)]
+        done = [r for r in results if isinstance(r, SpendReceipt)]
+        assert len(failed) == 4 and len(done) == 8, results
+        assert ledger.uses("a") == 8
+    finally:
+        ledger.close()

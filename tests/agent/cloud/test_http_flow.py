@@ -319,7 +319,7 @@ def test_attestation_is_asked_of_the_root_before_the_cloud_agent(edge: EdgeAgent
 
 
 def test_key_errors_reach_clients_as_a_code_without_keystore_details() -> None:
-    from agent.cloud.http import error_response
+    from agent.http_service import error_response
     from janus_hsm.errors import KeyNotFoundError
 
     response = error_response(

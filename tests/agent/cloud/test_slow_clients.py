@@ -96,3 +96,33 @@ def test_the_agent_serves_on_after_slow_clients(cloud: CloudProcess) -> None:
             conn.close()
     assert cloud.process.poll() is None
     assert httpx.get(f"{cloud.url}/healthz", timeout=10).json()["status"] == "ok"
+
+
+# did:key of an Ed25519 test vector: the services need an owner, never asked here.
+OWNER = "did:key:z6MkiTBz1ymuepAQ4HEHYSF1H8quG5GLVVQR3djdX3mDooWp"
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudProcess]:
+    process = CloudProcess(
+        tmp_path_factory.mktemp("relay"),
+        owner=OWNER,
+        body_timeout=TIMEOUT,
+        extra_args=["--receiving", "--sending", "--sending-allow-host", "127.0.0.1"],
+    )
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/receiving/deliveries", "/v1/receiving/pickup", "/v1/sending/submissions"]
+)
+def test_the_relay_services_time_out_bodies_alike(relay: CloudProcess, path: str) -> None:
+    with socket.create_connection(("127.0.0.1", relay.port)) as conn:
+        conn.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n{".encode()
+        )
+        answer, waited = read_until_closed(conn, limit=TIMEOUT + 9)
+    assert_408(answer)
+    assert TIMEOUT - 0.2 < waited < TIMEOUT + 5
