@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STATE  := .state
-EXTRAS := dev,postgres,server,fido2,piv
+EXTRAS := dev,postgres,server,fido2,piv,bus
 
 # The SoftHSM container tests: podman with runc (crun fails on these hosts' cgroups),
 # mmdebstrap to build the image from Debian packages; meson, ninja, pkg-config and
