@@ -124,26 +124,6 @@ def build_app(service: DirectoryService, *, body_timeout: float = BODY_TIMEOUT) 
         result: dict[str, Any] = await threaded(service.entries, start, end)
         return result
 
-    # The same three transparency routes under the names monitors written against the
-    # first draft of the formats use: answers of the same content, in that draft's shape.
-    async def tree_head_wrapped(request: Request) -> dict[str, Any]:
-        head: TreeHead = await threaded(service.tree_head)
-        return {"tree_head": head.to_dict()}
-
-    async def consistency_from_to(request: Request) -> dict[str, Any]:
-        first, second = _int_param(request, "from"), _int_param(request, "to")
-        result: dict[str, Any] = await threaded(service.consistency, first, second)
-        return {"from": result.pop("first"), "to": result.pop("second"), **result}
-
-    async def entries_indexed(request: Request) -> dict[str, Any]:
-        start = _int_param(request, "start", 0)
-        end = _int_param(request, "end", start + 100)
-        result: dict[str, Any] = await threaded(service.entries, start, end)
-        result["entries"] = [
-            {"index": start + i, "leaf": leaf} for i, leaf in enumerate(result["entries"])
-        ]
-        return result
-
     routes = [
         Route("/healthz", endpoint("healthz", healthz), methods=["GET"]),
         Route("/metrics", endpoint("metrics", metrics_endpoint), methods=["GET"]),
@@ -170,13 +150,6 @@ def build_app(service: DirectoryService, *, body_timeout: float = BODY_TIMEOUT) 
         Route("/v1/dir/log/consistency", endpoint("consistency", consistency), methods=["GET"]),
         Route("/v1/dir/log/inclusion", endpoint("inclusion", inclusion), methods=["GET"]),
         Route("/v1/dir/log/entries", endpoint("log", entries), methods=["GET"]),
-        Route("/v1/directory/tree-head", endpoint("tree_head", tree_head_wrapped), methods=["GET"]),
-        Route(
-            "/v1/directory/consistency",
-            endpoint("consistency", consistency_from_to),
-            methods=["GET"],
-        ),
-        Route("/v1/directory/log", endpoint("log", entries_indexed), methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.body_timeout = body_timeout

@@ -106,27 +106,29 @@ class HttpLogSource:
         return body
 
     def tree_head(self) -> TreeHead:
-        return TreeHead.from_dict(self._get("/v1/directory/tree-head").get("tree_head"))
+        return TreeHead.from_dict(self._get("/v1/dir/tree-head"))
 
     def entries(self, start: int, end: int) -> list[bytes]:
-        body = self._get("/v1/directory/log", {"start": start, "end": end})
-        entries = body.get("entries")
-        if body.get("start") != start or not isinstance(entries, list):
+        body = self._get("/v1/dir/log/entries", {"start": start, "end": end})
+        entries, size = body.get("entries"), body.get("tree_size")
+        if body.get("start") != start or not isinstance(entries, list) or not isinstance(size, int):
             raise DirectoryUnreachableError("the directory's log entries are malformed")
-        leaves = []
-        for i, item in enumerate(entries):
-            if not isinstance(item, dict) or item.get("index") != start + i:
-                raise DirectoryUnreachableError("the directory's log entries are out of order")
-            leaves.append(
-                unb64(item.get("leaf"), f"log entry {start + i}", error=DirectoryUnreachableError)
+        if len(entries) != max(0, min(end, size) - start):
+            # A short or long page would shift every later index: refuse it rather than
+            # check leaves against the wrong positions.
+            raise DirectoryUnreachableError(
+                "the directory's log entries do not match the range asked for"
             )
-        return leaves
+        return [
+            unb64(leaf, f"log entry {start + i}", error=DirectoryUnreachableError)
+            for i, leaf in enumerate(entries)
+        ]
 
     def consistency(self, first: int, second: int) -> ConsistencyAnswer:
-        body = self._get("/v1/directory/consistency", {"from": first, "to": second})
+        body = self._get("/v1/dir/log/consistency", {"first": first, "second": second})
         return ConsistencyAnswer(
-            first=_int(body.get("from"), "first size"),
-            second=_int(body.get("to"), "second size"),
+            first=_int(body.get("first"), "first size"),
+            second=_int(body.get("second"), "second size"),
             first_root=unb64(body.get("first_root"), "first_root", size=HASH_SIZE),
             second_root=unb64(body.get("second_root"), "second_root", size=HASH_SIZE),
             proof=hashes_from_json(body.get("proof"), "the consistency proof"),

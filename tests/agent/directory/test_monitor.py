@@ -213,31 +213,31 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _serve(directory: FakeDirectory, broken: bool = False) -> Iterator[str]:
     def head(request: Request) -> JSONResponse:
-        return JSONResponse({"tree_head": directory.tree_head().to_dict()})
+        return JSONResponse(directory.tree_head().to_dict())
 
     def log(request: Request) -> JSONResponse:
         start, end = int(request.query_params["start"]), int(request.query_params["end"])
         leaves = directory.entries(start, end)
-        entries = [{"index": start + i, "leaf": b64(x)} for i, x in enumerate(leaves)]
+        entries = [b64(x) for x in leaves]
         if broken:
-            entries.reverse()
+            entries.pop()  # a short page: every later index would be off by one
         return JSONResponse({"start": start, "tree_size": directory.log.size(), "entries": entries})
 
     def consistency(request: Request) -> JSONResponse:
-        first, second = int(request.query_params["from"]), int(request.query_params["to"])
+        first, second = int(request.query_params["first"]), int(request.query_params["second"])
         if second > directory.log.size():
             return JSONResponse({"error": {"code": "directory_error", "message": "too big"}}, 400)
         a = directory.consistency(first, second)
         return JSONResponse({
-            "from": first, "to": second, "first_root": b64(a.first_root),
+            "first": first, "second": second, "first_root": b64(a.first_root),
             "second_root": b64(a.second_root), "proof": [b64(h) for h in a.proof],
         })  # fmt: skip
 
     app = Starlette(
         routes=[
-            Route("/v1/directory/tree-head", head),
-            Route("/v1/directory/log", log),
-            Route("/v1/directory/consistency", consistency),
+            Route("/v1/dir/tree-head", head),
+            Route("/v1/dir/log/entries", log),
+            Route("/v1/dir/log/consistency", consistency),
         ]
     )
     port = _free_port()
@@ -274,7 +274,7 @@ def test_http_log_source_against_a_real_server(directory_key: KeyHandle, tmp_pat
             source.close()
     with _serve(directory, broken=True) as url:
         source = HttpLogSource(url)
-        with pytest.raises(DirectoryUnreachableError, match="out of order"):
+        with pytest.raises(DirectoryUnreachableError, match="do not match the range"):
             source.entries(0, 3)
         source.close()
     closed = HttpLogSource(url)
