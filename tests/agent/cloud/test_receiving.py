@@ -25,34 +25,26 @@ from agent.relationships.delivery import (
     delivery_body,
     seal_address,
 )
-from hardware.softhsm import SoftHSMToken
 from janus_hsm.public_keys import b64url_encode
-
-
-@pytest.fixture(scope="module")
-def edge(softhsm_token: SoftHSMToken, tmp_path_factory: pytest.TempPathFactory) -> EdgeAgent:
-    agent, _ = EdgeAgent.init(tmp_path_factory.mktemp("edge"), softhsm_token.uri())
-    return agent
+from tests.agent.cloud.conftest import receiving_process
 
 
 @pytest.fixture(scope="module")
 def service(edge: EdgeAgent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudProcess]:
-    process = CloudProcess(
-        tmp_path_factory.mktemp("receiving"),
-        owner=edge.did,
-        extra_args=["--receiving", "--receiving-max-message", "4096", "--receiving-quota", "50"],
+    yield from receiving_process(
+        edge,
+        tmp_path_factory,
+        "receiving",
+        "--receiving-max-message",
+        "4096",
+        "--receiving-quota",
+        "50",
     )
-    yield process
-    process.stop()
 
 
 @pytest.fixture(scope="module")
 def other(edge: EdgeAgent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudProcess]:
-    process = CloudProcess(
-        tmp_path_factory.mktemp("other"), owner=edge.did, extra_args=["--receiving"]
-    )
-    yield process
-    process.stop()
+    yield from receiving_process(edge, tmp_path_factory, "other")
 
 
 def test_create_deliver_pickup_ack_retire(edge: EdgeAgent, service: CloudProcess) -> None:

@@ -25,24 +25,14 @@ from agent.relationships.delivery import (
     ReceivingClient,
     ServiceError,
 )
-from hardware.softhsm import SoftHSMToken
 from janus_hsm import b64url
 from janus_hsm.public_keys import b64url_encode, to_did_key
-
-
-@pytest.fixture(scope="module")
-def edge(softhsm_token: SoftHSMToken, tmp_path_factory: pytest.TempPathFactory) -> EdgeAgent:
-    agent, _ = EdgeAgent.init(tmp_path_factory.mktemp("edge"), softhsm_token.uri())
-    return agent
+from tests.agent.cloud.conftest import receiving_process
 
 
 @pytest.fixture(scope="module")
 def service(edge: EdgeAgent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudProcess]:
-    process = CloudProcess(
-        tmp_path_factory.mktemp("receiving"), owner=edge.did, extra_args=["--receiving"]
-    )
-    yield process
-    process.stop()
+    yield from receiving_process(edge, tmp_path_factory, "receiving")
 
 
 def _status(call: object) -> int | None:
