@@ -18,9 +18,11 @@ CONTAINER_PACKAGES := podman runc mmdebstrap p11-kit p11-kit-modules \
 	meson ninja-build pkg-config libffi-dev curl xz-utils
 # pcscd + vsmartcard-vpcd: the virtual PIV card and the FIDO2 authenticator appear as
 # real cards in PC/SC; gcc, python3-dev, swig, libpcsclite-dev build pyscard;
-# ykcs11 and yubico-piv-tool cross-check the virtual card as independent clients.
+# ykcs11 and yubico-piv-tool cross-check the virtual card as independent clients;
+# libengine-pkcs11-openssl lets stock OpenSSL sign through the HSM service's p11-kit RPC front.
 SYSTEM_PACKAGES := softhsm2 opensc python3-venv ca-certificates postgresql \
 	pcscd vsmartcard-vpcd libpcsclite-dev gcc python3-dev swig ykcs11 yubico-piv-tool \
+	libengine-pkcs11-openssl \
 	$(CONTAINER_PACKAGES)
 
 .PHONY: setup system venv demo test fuzz container-image lint bench clean
@@ -64,7 +66,8 @@ lint: venv
 bench: setup
 	@bash hardware/install-system-packages.sh wrk  # load generator of cloud_http.py
 	for b in pkcs11_provider pkcs11_remote piv_provider capabilities ledger didcomm cloud_http \
-		ratchet delivery merkle directory; do \
+		ratchet delivery merkle directory sync groups hsm_service hsm_p11kit event_bus \
+		revocation_propagation; do \
 		test ! -f benchmarks/$$b.py || $(PY) benchmarks/$$b.py || exit 1; \
 	done
 

@@ -4,37 +4,52 @@ SoftHSM token → edge root identity → a real cloud-agent process on 127.0.0.1
 a grant "sign payments of at most 100 EUR, 5 uses, 10 minutes" → five payments signed,
 a 6th and one of 200 EUR refused → an independent verifier checks a payment back to
 the hardware root → a message sent while the owner was offline is held, then picked
-up and decrypted with the token → revocation stops the cloud agent at once.
+up and decrypted with the token → revocation stops the cloud agent at once.  Then two
+owners talk through services that see only ciphertext, and three cloud-agent instances
+on a NATS event bus enforce one revocation and one use limit together, refusing limited
+uses when the bus is gone for longer than the staleness bound.
 
 Every step checks that what it claims actually happened; the demo exits non-zero as
 soon as one does not.  It is idempotent: the token and the root keys are created on
-the first run and reused afterwards.
+the first run and reused afterwards (the later chapters start afresh on every run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from agent.cloud.bus_link import RECONNECT_GAP
 from agent.cloud.process import CloudProcess
 from agent.didcomm import Message, pack_anoncrypt, wrap_forward
 from agent.edge.agent import EdgeAgent
 from agent.errors import AgentError
+from agent.protocol import KEYREQ_TYP, sign_request
+from hardware.nats_server import NatsServer, NatsUnavailable
 from hardware.softhsm import ensure_token
 from janus_hsm import b64url
+from janus_hsm.algorithms import Algorithm
 from janus_hsm.backends.pkcs11.export_probe import probe_export
+from janus_hsm.backends.software.provider import SoftwareProvider
 from janus_hsm.errors import JanusHSMError
 from policies.abilities import Ability
+from policies.capability import Bundle
 from policies.caveats import parse_caveats
 from policies.errors import PolicyError
+from policies.issue import grant
+from policies.revocation import sign_revocation
 
 PAYMENTS_CAVEATS = '[{"field": "amount", "le": 10000}, {"field": "currency", "eq": "EUR"}]'
 
@@ -140,6 +155,7 @@ def run(state_dir: Path) -> None:
     finally:
         cloud.stop()
     relationships_chapter(state_dir / "relationships")
+    event_bus_chapter(state_dir / "event-bus", edge)
 
 
 def _story(cloud: CloudProcess, edge: EdgeAgent, state_dir: Path) -> None:
@@ -384,6 +400,240 @@ def _relationships_story(alex: Owner, blair: Owner, base: Path) -> None:
     print(f"    janus: error: {refused['message']}")
     check(refused["code"] == "peer_address_retired", "Alex's message has nowhere to go")
     print("\nDone: two owners talked through services that saw only ciphertext.")
+
+
+# --- An event bus: three cloud-agent instances that agree without a shared database ---
+
+#: The staleness bound the bus chapter's instances run with (short, so the demo is quick).
+BUS_STALENESS = 2.0
+
+
+class Instances:
+    """The bus chapter's nats-server and cloud-agent instances, and the owner's operator
+    key (a software key the owner delegates through, so one capability reaches every
+    instance); ``stop`` stops whatever was started."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.nats = NatsServer(store=base / "nats")
+        self.clouds: list[CloudProcess] = []
+        self.operator_keys = SoftwareProvider.open(
+            f"soft:dir={base / 'operator'}",
+            passphrase_source=lambda: "demo operator",
+            allow_extractable=True,
+        )
+        self.operator = self.operator_keys.generate(
+            self.operator_keys.key_uri("operator"), Algorithm.EdDSA
+        )
+
+    def start(self, owner: str) -> None:
+        self.nats.start()
+
+        def one(n: int) -> CloudProcess:
+            return CloudProcess(
+                self.base / f"cloud-{n}",
+                owner=owner,
+                extra_args=[
+                    "--event-bus", self.nats.url, "--bus-staleness", f"{BUS_STALENESS:g}",
+                ],
+            )  # fmt: skip
+
+        with ThreadPoolExecutor(max_workers=3) as pool:  # each waits for its /healthz
+            started = [pool.submit(one, n) for n in (1, 2, 3)]
+            for future in started:
+                with contextlib.suppress(Exception):  # raised below, once all are known
+                    self.clouds.append(future.result())
+        for future in started:
+            future.result()
+
+    def logs(self) -> None:
+        for n, cloud in enumerate(self.clouds, start=1):
+            print(f"\n--- instance {n}'s log ---\n" + cloud.output(), file=sys.stderr)
+        print("\n--- nats-server log ---\n" + self.nats.log_tail(40), file=sys.stderr)
+
+    def stop(self) -> None:
+        for cloud in self.clouds:
+            cloud.stop()
+        self.nats.stop()
+        self.operator_keys.close()
+
+
+def _bus_state(
+    cloud: CloudProcess, ready: Callable[[dict[str, Any]], bool], what: str, timeout: float = 20.0
+) -> dict[str, Any]:
+    """Wait until the instance's ``/healthz`` bus state is ``ready``; that state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state: dict[str, Any] = httpx.get(f"{cloud.url}/healthz", timeout=5).json()["bus"]
+        if ready(state):
+            return state
+        if time.monotonic() > deadline:
+            raise DemoFailure(f"{cloud.url}: {what} not reached in {timeout:g} s: {state}")
+        time.sleep(0.05)
+
+
+def _until_code(
+    cloud: CloudProcess, grant_id: str, codes: tuple[str | None, ...], timeout: float
+) -> tuple[httpx.Response, float]:
+    """Pay until the answer's error code is one of ``codes`` (None: served); the last
+    answer and the seconds it took."""
+    started = time.monotonic()
+    while True:
+        answer = pay(cloud.url, grant_id, 100)
+        got = None if answer.status_code == 200 else _code(answer)
+        if got in codes or time.monotonic() - started > timeout:
+            return answer, time.monotonic() - started
+        time.sleep(0.02)
+
+
+def event_bus_chapter(base: Path, edge: EdgeAgent) -> None:
+    # Afresh on every run (bus store, instances, operator key): nothing half-done from
+    # an earlier run is found, and the instances' consumers start at the stream's start.
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    step(15, "An event bus: a real nats-server with JetStream, three cloud-agent instances "
+         "on it, each with its own keys and ledger")  # fmt: skip
+    bus = Instances(base)
+    try:
+        try:
+            bus.start(edge.did)
+        except (NatsUnavailable, RuntimeError) as exc:  # a server that did not start
+            raise DemoFailure(f"the bus or an instance did not start: {exc}") from None
+        print(f"    nats-server {bus.nats.url} (store {bus.nats.store.name}/)")
+        for n, cloud in enumerate(bus.clouds, start=1):
+            state = _bus_state(cloud, lambda s: bool(s["caught_up"]), "caught up")
+            check(
+                state["caught_up"] is True,
+                f"instance {n} at {cloud.url} read the bus before serving "
+                f"(caught up in {state['catch_up_seconds']:.2f} s)",
+            )
+        _event_bus_story(bus, edge)
+    except (DemoFailure, *TYPED_ERRORS):
+        bus.logs()
+        raise
+    finally:
+        bus.stop()
+
+
+def _install(
+    bus: Instances, edge: EdgeAgent, cloud: CloudProcess, parent: Bundle, uses: int
+) -> str:
+    """A grant at ``cloud`` whose capability the operator redelegates from ``parent``."""
+    agent_did = httpx.get(f"{cloud.url}/v1/did").json()["did"]
+    request = sign_request(edge.root, typ=KEYREQ_TYP, audience=agent_did, now=int(time.time()))
+    created = httpx.post(f"{cloud.url}/v1/grants", json={"request": request})
+    if created.status_code != 201:
+        raise DemoFailure(
+            f"a grant key at {cloud.url}: HTTP {created.status_code} {_body(created)}"
+        )
+    child = grant(
+        bus.operator,
+        audience=created.json()["did"],
+        abilities=parent.leaf.abilities,
+        ttl_seconds=300,
+        uses=uses,
+        proof=parent,
+    )
+    grant_id = str(created.json()["grant_id"])
+    installed = httpx.put(f"{cloud.url}/v1/grants/{grant_id}/bundle", content=child.to_json())
+    if installed.status_code != 200:
+        raise DemoFailure(
+            f"installing at {cloud.url}: HTTP {installed.status_code} {_body(installed)}"
+        )
+    return grant_id
+
+
+def _event_bus_story(bus: Instances, edge: EdgeAgent) -> None:
+    one, two, three = bus.clouds
+    payments = Ability("janus:payments/eur", "sign/payment", tuple(json.loads(PAYMENTS_CAVEATS)))
+
+    step(16, "The owner's token signs capability P for its operator key; the operator hands "
+         "P on to a grant key at each instance")  # fmt: skip
+    shared = grant(
+        edge.root, audience=bus.operator.did, abilities=[payments], ttl_seconds=600,
+        uses=100, depth=1, policy=edge.policy,
+    )  # fmt: skip
+    grants = [_install(bus, edge, cloud, shared, 100) for cloud in bus.clouds]
+    print(f"    P = {shared.leaf.id}; grants {', '.join(grants)}")
+    for n, (cloud, grant_id) in enumerate(zip(bus.clouds, grants, strict=True), start=1):
+        check_answer(pay(cloud.url, grant_id, 100), 200, f"instance {n} signs a payment under P")
+
+    step(17, "A capability limited to 2 uses, counted at its home, instance 1, used through "
+         "instances 2 and 3")  # fmt: skip
+    home = httpx.get(f"{one.url}/v1/did").json()["did"]
+    counted = grant(
+        edge.root, audience=bus.operator.did, abilities=[payments], ttl_seconds=600,
+        uses=2, depth=1, home=home, policy=edge.policy,
+    )  # fmt: skip
+    at_two, at_three = (_install(bus, edge, cloud, counted, 2) for cloud in (two, three))
+    print(f"    lim.home = instance 1 ({home}); grants at instances 2 and 3")
+    first = pay(two.url, at_two, 100)
+    check_answer(first, 200, "use 1 at instance 2, forwarded over the bus to the home ledger")
+    second = pay(three.url, at_three, 100)
+    check_answer(second, 200, "use 2 at instance 3, counted at the home too")
+    print(f"    the home's count after use 2: {second.json()['uses'][counted.leaf.id]}")
+    third = pay(two.url, at_two, 100)
+    check_answer(
+        third,
+        (403, 410, 429),
+        "a third use at instance 2 is refused by the home (uses_exhausted): "
+        "the limit holds across instances",
+        code="uses_exhausted",
+    )
+
+    step(18, "The owner revokes P at instance 1; instances 2 and 3 learn it over the bus")
+    revocation = sign_revocation(
+        edge.root, revoked_id=shared.leaf.id, now=int(time.time()), reason="demo"
+    )
+    started = time.monotonic()
+    revoked = httpx.post(f"{one.url}/v1/revocations", json={"record": revocation}, timeout=30)
+    check_answer(revoked, 200, "instance 1 stored the revocation")
+    check(revoked.json()["destroyed"] == [grants[0]], "instance 1 destroyed its grant key under P")
+    check(revoked.json()["published"] is True, "the bus acknowledged the revocation event")
+    for n, cloud, grant_id in ((2, two, grants[1]), (3, three, grants[2])):
+        answer, _ = _until_code(cloud, grant_id, ("grant_inactive", "revoked"), timeout=10)
+        took = (time.monotonic() - started) * 1000
+        check_answer(
+            answer,
+            (403, 410),
+            f"instance {n} refuses P ({_code(answer)}) {took:.0f} ms after it was revoked",
+        )
+
+    step(19, f"The bus stops: after the {BUS_STALENESS:g} s staleness bound, limited uses are "
+         "refused (failing closed); the bus restarts and service resumes")  # fmt: skip
+    limited = edge.grant(two.url, [payments], ttl_seconds=600, uses=5)["grant_id"]
+    check_answer(pay(two.url, limited, 100), 200, "instance 2 signs under a 5-use capability")
+    bus.nats.stop()
+    stopped = time.monotonic()
+    # Waiting on /healthz, not on payments: each payment served would spend a use.
+    _bus_state(two, lambda state: state["staleness"] > BUS_STALENESS, "staleness past the bound")
+    stale = pay(two.url, limited, 100)
+    check_answer(
+        stale,
+        503,
+        f"{time.monotonic() - stopped:.1f} s after the bus stopped, instance 2 refuses it "
+        "(revocation_state_stale)",
+        code="revocation_state_stale",
+    )
+    # Away long enough to count as a lost contact: back, the instance catches up first.
+    _bus_state(two, lambda state: state["staleness"] > RECONNECT_GAP + 0.5, "a lost contact")
+    bus.nats.start()
+    restarted = time.monotonic()
+    _bus_state(
+        two,
+        lambda state: state["caught_up"] and state["staleness"] < BUS_STALENESS,
+        "caught up again",
+    )
+    resumed = pay(two.url, limited, 100)
+    check_answer(
+        resumed,
+        200,
+        f"{time.monotonic() - restarted:.1f} s after the bus restarted, instance 2 caught up "
+        "and serves it again",
+    )
+
+    print("\nDone: a revocation posted at one instance held at every instance, and without "
+          "the bus, limited uses were refused rather than risked.")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

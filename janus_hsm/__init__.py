@@ -2,13 +2,18 @@
 
 Start with :func:`open_provider` (a token or keystore) or :func:`open_key` (one key),
 both of which take a key URI: ``pkcs11:`` (RFC 7512), ``piv:`` (a PIV card slot, e.g. a
-YubiKey's) or ``soft:`` (software keystore).
+YubiKey's) or ``soft:`` (software keystore).  Backends that live outside this package
+(the HSM service's ``hsm+https:`` keys) are registered by URI scheme: with
+:func:`register_scheme`, or as an entry point of the ``janus.key_providers`` group
+named by the scheme, so this package never imports them.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from janus_hsm.algorithms import Algorithm
 from janus_hsm.errors import JanusHSMError, KeystoreError, UriError
@@ -34,22 +39,95 @@ __all__ = [
     "SignatureFormat",
     "open_key",
     "open_provider",
+    "register_scheme",
     "uri_scheme",
 ]
 
 SCHEMES = ("pkcs11", "piv", "soft")
+#: The entry point group outside backends register under, one entry point per scheme
+#: (its name), whose object is a :class:`ProviderOpener`.
+ENTRY_POINT_GROUP = "janus.key_providers"
+_SCHEME_NAME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
+
+
+class ProviderOpener(Protocol):
+    """What an outside backend registers: ``open_provider``'s signature."""
+
+    def __call__(
+        self,
+        uri: str,
+        *,
+        pin_source: PinSource | None,
+        allow_extractable: bool,
+        on_touch: Callable[[str], None] | None,
+    ) -> KeyProvider: ...
+
+
+_registered: dict[str, ProviderOpener] = {}
+_entry_points_loaded = False
+_registry_lock = threading.Lock()
+
+
+def register_scheme(scheme: str, opener: ProviderOpener) -> None:
+    """Serve key URIs of ``scheme`` with ``opener`` (an outside backend).
+
+    The built-in schemes cannot be replaced: a ``pkcs11:`` URI always means a token.
+    """
+    scheme = scheme.lower()
+    if not _SCHEME_NAME.fullmatch(scheme) or scheme in SCHEMES:
+        raise ValueError(f"cannot register the key URI scheme {scheme!r}")
+    with _registry_lock:
+        _registered[scheme] = opener
+
+
+def _outside_opener(scheme: str) -> ProviderOpener | None:
+    """The registered opener of ``scheme``, looking at installed entry points once."""
+    global _entry_points_loaded
+    with _registry_lock:
+        if scheme not in _registered and not _entry_points_loaded:
+            _entry_points_loaded = True
+            from importlib.metadata import entry_points
+
+            for entry in entry_points(group=ENTRY_POINT_GROUP):
+                name = entry.name.lower()
+                if _SCHEME_NAME.fullmatch(name) and name not in SCHEMES:
+                    _registered.setdefault(name, _LazyOpener(entry.value))
+        return _registered.get(scheme)
+
+
+class _LazyOpener:
+    """An entry point's opener, imported only when a URI of its scheme is opened."""
+
+    def __init__(self, target: str) -> None:
+        self._target = target
+
+    def __call__(
+        self,
+        uri: str,
+        *,
+        pin_source: PinSource | None,
+        allow_extractable: bool,
+        on_touch: Callable[[str], None] | None,
+    ) -> KeyProvider:
+        from importlib.metadata import EntryPoint
+
+        opener: ProviderOpener = EntryPoint(name="", value=self._target, group="").load()
+        return opener(
+            uri, pin_source=pin_source, allow_extractable=allow_extractable, on_touch=on_touch
+        )
 
 
 def uri_scheme(uri: str) -> str:
     scheme, colon, _ = uri.partition(":")
     scheme = scheme.lower()
-    if not colon or scheme not in SCHEMES:
+    if not colon or (scheme not in SCHEMES and _outside_opener(scheme) is None):
         from janus_hsm.uri_grammar import shown_scheme
 
         # Only the scheme is named: the rest may be a secret pasted in the wrong place.
+        known = [*SCHEMES, *sorted(_registered)]
         raise UriError(
             f"unsupported key URI ({shown_scheme(uri)}): expected one of "
-            + ", ".join(f"{s}:…" for s in SCHEMES)
+            + ", ".join(f"{s}:…" for s in known)
         )
     return scheme
 
@@ -67,6 +145,12 @@ def open_provider(
     (PIV slots with a touch policy); other backends ignore it.
     """
     scheme = uri_scheme(uri)
+    if scheme not in SCHEMES:
+        opener = _outside_opener(scheme)
+        assert opener is not None  # uri_scheme refused unknown schemes
+        return opener(
+            uri, pin_source=pin_source, allow_extractable=allow_extractable, on_touch=on_touch
+        )
     if scheme == "pkcs11":
         from janus_hsm.backends.pkcs11 import Pkcs11Provider
 

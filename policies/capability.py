@@ -9,7 +9,9 @@ A capability is a compact JWS (typ ``janus-cap+jws``) whose payload holds:
 ``jti``   unique id (random, base64url)
 ``iat``   issued at; ``nbf`` not before; ``exp`` expiry (integer epoch seconds)
 ``att``   abilities: ``[{"with": resource, "can": action, "nb": [caveats]}]``
-``lim``   limits: ``{"uses": n | null, "rate": {"n": n, "per": s} | null, "depth": d}``
+``lim``   limits: ``{"uses": n | null, "rate": {"n": n, "per": s} | null, "depth": d}``,
+          optionally ``"home": did`` (the instance whose ledger counts the uses) and
+          ``"fresh": true`` (usable only where revocation state is known fresh)
 ``prf``   proofs: SHA-256 (base64url) of the parent's compact form; [] for a root
 ``evd``   optional evidence (issuer attestation, approvals), carried, not interpreted
 ========  ==========================================================================
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from janus_hsm.public_keys import PublicKeyFormatError, from_did_key
 from policies.abilities import Ability
 from policies.errors import ChainLimitError, FormatError
 from policies.jws import ParsedJws, parse_compact, sha256_b64, strict_json
@@ -38,27 +41,47 @@ MAX_BUNDLE_BYTES = 16 * 1024
 MAX_ABILITIES = 32
 _CLAIMS = {"iss", "aud", "sub", "jti", "iat", "nbf", "exp", "att", "lim", "prf", "evd"}
 _REQUIRED = _CLAIMS - {"evd"}
+_LIMITS = {"uses", "rate", "depth", "home", "fresh"}
 
 
 @dataclass(frozen=True)
 class Limits:
+    """``home``, when set, is the did:key of the cloud-agent instance whose ledger counts
+    every use of the capability (and of everything derived from it): other instances
+    forward the spend there, so a use limit stays exact without a shared database.
+    ``fresh`` asks every instance to refuse a use while its view of revocations may be
+    stale (out of contact with its event bus for longer than its bound), as it does for
+    use-limited capabilities: for a capability whose revocation must take effect at once
+    even though nothing about it is counted.  Both are absent from the JSON when unset,
+    so capabilities without them read as before."""
+
     uses: int | None
     rate: Rate | None
     depth: int
+    home: str | None = None
+    fresh: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "uses": self.uses,
             "rate": None
             if self.rate is None
             else {"n": self.rate.count, "per": self.rate.per_seconds},
             "depth": self.depth,
         }
+        if self.home is not None:
+            obj["home"] = self.home
+        if self.fresh:
+            obj["fresh"] = True
+        return obj
 
     @classmethod
     def from_json(cls, obj: Any) -> Limits:
-        if not isinstance(obj, dict) or set(obj) != {"uses", "rate", "depth"}:
-            raise FormatError("'lim' must be an object with exactly uses, rate and depth")
+        if not isinstance(obj, dict) or not {"uses", "rate", "depth"} <= set(obj) <= _LIMITS:
+            raise FormatError(
+                "'lim' must be an object with exactly uses, rate and depth "
+                "(and optionally home and fresh)"
+            )
         uses, rate, depth = obj["uses"], obj["rate"], obj["depth"]
         if uses is not None and not _is_count(uses):
             raise FormatError("'lim.uses' must be a positive integer or null")
@@ -71,7 +94,24 @@ class Limits:
             if not _is_count(rate["n"]) or not _is_count(rate["per"]):
                 raise FormatError("'lim.rate' n and per must be positive integers")
             parsed_rate = Rate(rate["n"], rate["per"])
-        return cls(uses, parsed_rate, depth)
+        home = obj.get("home")
+        if home is not None:
+            check_home(home)
+        # Only ``true`` is written: one encoding per meaning (absent means not fresh).
+        if "fresh" in obj and obj["fresh"] is not True:
+            raise FormatError("'lim.fresh' must be true when present")
+        return cls(uses, parsed_rate, depth, home, "fresh" in obj)
+
+
+def check_home(home: object) -> str:
+    """A home names a cloud-agent instance by the did:key of its identity key."""
+    if not isinstance(home, str) or not home.startswith("did:key:") or len(home) > 256:
+        raise FormatError("'lim.home' must be the did:key of a cloud-agent instance")
+    try:
+        from_did_key(home)
+    except PublicKeyFormatError:
+        raise FormatError("'lim.home' is not a valid did:key") from None
+    return home
 
 
 def _is_int(value: Any) -> bool:

@@ -25,7 +25,14 @@ from policies.approvals import (
     approvals_evidence,
     verify_approvals,
 )
-from policies.capability import CAPABILITY_TYP, Bundle, Capability, Limits, capability_claims
+from policies.capability import (
+    CAPABILITY_TYP,
+    Bundle,
+    Capability,
+    Limits,
+    capability_claims,
+    check_home,
+)
 from policies.caveats import parse_caveats
 from policies.errors import FormatError, LinkageError, PolicyViolationError
 from policies.jws import public_key_for, sign_compact
@@ -33,8 +40,10 @@ from policies.ledger.base import Rate
 from policies.policy import APPROVAL, GrantRequest, IssuancePolicy, PolicyDecision
 from policies.verify import Verifier, _check_attenuation
 
-# Backends whose keys can only be used after a PIN/passphrase unlock.
-_PIN_GATED_BACKENDS = frozenset({"pkcs11", "piv", "software"})
+# Backends whose keys can only be used after a PIN/passphrase unlock.  An HSM service's
+# key ("hsm-service") sits on a token the service unlocks with its PIN, and is reached
+# only by a client authenticated with its own key.
+_PIN_GATED_BACKENDS = frozenset({"pkcs11", "piv", "software", "hsm-service"})
 
 
 def grant(
@@ -48,6 +57,8 @@ def grant(
     rate: Rate | None = None,
     proof: Bundle | None = None,
     policy: IssuancePolicy | None = None,
+    home: str | None = None,
+    fresh: bool = False,
     satisfied: Collection[str] = (),
     holder_attested: bool = False,
     evidence: dict[str, Any] | None = None,
@@ -61,6 +72,11 @@ def grant(
     used_approvals: UsedApprovals | None = None,
 ) -> Bundle:
     """Issue a capability to ``audience``; with ``proof``, redelegate from that bundle.
+
+    ``home`` names the cloud-agent instance whose ledger counts the uses
+    (``lim.home``); a redelegation keeps its parent's home whether or not it is given.
+    ``fresh`` (``lim.fresh``) asks instances to refuse uses while their revocation state
+    may be stale; a redelegation of a fresh capability is fresh too.
 
     ``satisfied`` names the policy requirements the caller has already fulfilled
     (e.g. "touch", "approval"); "pin" is fulfilled by the issuer key's own unlock.
@@ -87,6 +103,8 @@ def grant(
         rate=rate,
         proof=proof,
         policy=policy,
+        home=home,
+        fresh=fresh,
         holder_attested=holder_attested,
         now=now,
         jti=jti,
@@ -156,6 +174,8 @@ def prepare_grant(
     rate: Rate | None = None,
     proof: Bundle | None = None,
     policy: IssuancePolicy | None = None,
+    home: str | None = None,
+    fresh: bool = False,
     holder_attested: bool = False,
     now: int | None = None,
     jti: str | None = None,
@@ -174,6 +194,8 @@ def prepare_grant(
         rate=rate,
         proof=proof,
         policy=policy,
+        home=home,
+        fresh=fresh,
         holder_attested=holder_attested,
         now=now,
         jti=jti,
@@ -192,6 +214,8 @@ def _prepare(
     rate: Rate | None,
     proof: Bundle | None,
     policy: IssuancePolicy | None,
+    home: str | None,
+    fresh: bool,
     holder_attested: bool,
     now: int | None,
     jti: str | None,
@@ -210,6 +234,8 @@ def _prepare(
         raise FormatError("uses must be positive")
     if not 0 <= depth <= 9:
         raise FormatError("depth must be between 0 and 9")
+    if home is not None:
+        check_home(home)
 
     decision = (policy or IssuancePolicy.permissive()).check(
         GrantRequest(
@@ -233,6 +259,9 @@ def _prepare(
                 f"({parent.audience}); only the holder of a capability can redelegate it"
             )
         principal, proofs = parent.principal, [parent.id]
+        if home is None:  # one ledger counts the whole subtree (see Limits)
+            home = parent.limits.home
+        fresh = fresh or parent.limits.fresh
     else:
         principal, proofs = issuer.did, []
 
@@ -245,7 +274,7 @@ def _prepare(
         not_before=now,
         expires=now + ttl_seconds,
         abilities=abilities,
-        limits=Limits(uses=uses, rate=rate, depth=depth),
+        limits=Limits(uses=uses, rate=rate, depth=depth, home=home, fresh=fresh),
         proofs=proofs,
     )
     if proof is not None:

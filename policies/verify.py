@@ -312,6 +312,13 @@ def _check_attenuation(parent: Capability, child: Capability, index: int) -> Non
         raise AttenuationError(
             f"uses {child.limits.uses} exceed the parent's {parent.limits.uses}", link=index
         )
+    if parent.limits.home is not None and child.limits.home != parent.limits.home:
+        # One ledger counts a subtree: a child counted elsewhere would split the count.
+        raise AttenuationError("names another home ledger than its parent's", link=index)
+    if parent.limits.fresh and not child.limits.fresh:
+        raise AttenuationError(
+            "drops its parent's need for fresh revocation state (lim.fresh)", link=index
+        )
     p_rate, c_rate = parent.limits.rate, child.limits.rate
     if p_rate is not None and (
         c_rate is None or c_rate.count > p_rate.count or c_rate.per_seconds < p_rate.per_seconds

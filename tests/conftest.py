@@ -49,7 +49,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # Every token the suite uses. SoftHSM only sees tokens that existed when the module was
 # loaded into the process, so they are all created before any test runs.
-TOKEN_LABELS = ("janus-test", "pin-test", "interop", "cli")
+TOKEN_LABELS = ("janus-test", "pin-test", "interop", "cli", "hsm-service")
 _tokens: dict[str, SoftHSMToken] = {}
 
 
@@ -193,6 +193,13 @@ def cli_token() -> SoftHSMToken:
 def interop_token() -> SoftHSMToken:
     """A token that other PKCS#11 tools (pkcs11-tool) write to and read from."""
     return _tokens["interop"]
+
+
+@pytest.fixture(scope="session")
+def hsm_service_token() -> SoftHSMToken:
+    """A token of the HSM service's own (tests/agent/hsm_service): its keys are the
+    service's, and nothing else on it disturbs what clients list through the service."""
+    return _tokens["hsm-service"]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent.cli import capabilities, cloud, directory, edge, fido2, keys, messages, relationships
+from agent.cli import (
+    bus,
+    capabilities,
+    cloud,
+    devices,
+    directory,
+    edge,
+    fido2,
+    groups,
+    hsm,
+    keys,
+    messages,
+    relationships,
+)
 from agent.cli.output import CommandError, emit_error
 from agent.didcomm.errors import DIDCommError
 from agent.errors import AgentError
@@ -29,18 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys.register(commands)
     capabilities.register(commands)
+    bus.register(commands)
     messages.register(commands)
     cloud.register(commands)
     edge.register(commands)
     fido2.register(commands)
     relationships.register(commands)
+    groups.register(commands)
+    devices.register(commands)
     directory.register(commands)
+    hsm.register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    hsm.register_key_scheme()  # hsm+https://… keys work wherever a key URI is taken
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="janus: %(levelname)s: %(message)s",

@@ -104,6 +104,8 @@ def cmd_grant(args: argparse.Namespace) -> int:
         "rate": _rate(args.rate),
         "proof": proof,
         "policy": policy,
+        "home": args.home,
+        "fresh": args.fresh,
     }
     # Prepared first (signing nothing): the policy says whether approvals are needed,
     # and approvals are over exactly these claims.  A request fixes the time and jti.
@@ -262,14 +264,29 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    # An HSM service's log (docs/hsm-service.md) carries approvals and signed heads:
+    # they are checked too, and said so, whenever the log has such entries.
+    from agent.hsm_service.verify import verify_service_entries
+
     try:
         with _reading_ledger(args.ledger) as ledger:
             count = ledger.verify_audit()
+            service = verify_service_entries(ledger.audit_entries(), head_key=args.head_key)
     except PolicyError as exc:  # damaged or missing ledger, broken chain: all "not valid"
         return report_invalid(exc, as_json=args.json, entry=getattr(exc, "entry", None))
-    return emit(
-        {"valid": True, "entries": count}, f"audit log valid: {count} entries", as_json=args.json
-    )
+    result: dict[str, Any] = {"valid": True, "entries": count}
+    text = f"audit log valid: {count} entries"
+    if service.service_entries or args.head_key:
+        result["service"] = service.to_json()
+        text += (
+            f"; {service.decisions} decisions ({service.refusals} refused),"
+            f" {service.approvals_verified} quorum approvals re-verified,"
+            f" {service.heads} signed heads"
+        )
+        if service.heads:
+            text += f" by {service.head_key} (the last covers entry {service.last_signed_seq}"
+            text += f", {service.unsigned_tail} after it)" if service.unsigned_tail else ")"
+    return emit(result, text, as_json=args.json)
 
 
 def register(commands: Any) -> None:
@@ -303,6 +320,18 @@ def register(commands: Any) -> None:
     p.add_argument("--rate", metavar="N/PERIOD", help="at most N uses per period, e.g. 10/1m")
     p.add_argument("--policy", metavar="FILE", help="issuance policy (TOML)")
     p.add_argument("--proof", metavar="BUNDLE", help="redelegate from this bundle")
+    p.add_argument(
+        "--home",
+        metavar="DID",
+        help="the cloud-agent instance whose ledger counts the uses (lim.home; a "
+        "redelegation keeps its parent's); see docs/cloud-agent.md",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="refuse uses at any cloud-agent instance whose revocation state may be stale "
+        "(lim.fresh; kept by every redelegation); see docs/cloud-agent.md",
+    )
     p.add_argument(
         "--satisfied",
         action="append",
@@ -366,4 +395,9 @@ def register(commands: Any) -> None:
     sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     p = sub.add_parser("verify", parents=[common], help="check the log from its start")
     p.add_argument("--ledger", required=True, metavar="URL")
+    p.add_argument(
+        "--head-key",
+        metavar="DID",
+        help="an HSM service's log: its heads must be signed by this did:key",
+    )
     p.set_defaults(handler=cmd_audit_verify)

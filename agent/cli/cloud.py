@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.body_timeout <= 3600:
         raise CommandError(f"--body-timeout {args.body_timeout:g}: give 0 < seconds <= 3600")
     receiving_config, sending_config = _service_configs(args)
+    bus_settings, max_queue_depth = _bus_settings(args)
     sock = listen(args.host, args.port)
     try:
         agent = CloudAgent(
@@ -81,7 +82,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             sending = SendingService(agent, sending_config)
             sending.start()  # forwards what a previous run left queued, too
-        app = build_app(agent, body_timeout=args.body_timeout, receiving=receiving, sending=sending)
+        bus = None
+        if bus_settings is not None:
+            from agent.cloud.bus_link import BusLink
+
+            bus = BusLink(agent, bus_settings)
+        app = build_app(
+            agent,
+            body_timeout=args.body_timeout,
+            receiving=receiving,
+            sending=sending,
+            bus=bus,
+            max_queue_depth=max_queue_depth,
+        )
         try:
             serve(app, sock, log_level=args.log_level, on_listening=announce)
         finally:
@@ -93,6 +106,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         agent.close()
     return 0
+
+
+def _bus_settings(args: argparse.Namespace) -> tuple[Any, int | None]:
+    """The event bus's settings, and the bus reached once: a bad URL or a bus that does
+    not answer is said now, before the agent listens."""
+    depth = args.max_queue_depth
+    if depth is not None and not 0 < depth <= 1_000_000:
+        raise CommandError("--max-queue-depth: give 1 to 1000000 uses")
+    if args.event_bus is None:
+        for flag, value in (
+            ("--bus-staleness", args.bus_staleness),
+            ("--instance-name", args.instance_name),
+        ):
+            if value is not None:
+                raise CommandError(f"{flag} needs --event-bus URL")
+        return None, depth
+    import asyncio
+
+    from agent.bus.base import check_consumer
+    from agent.cloud.bus_link import DEFAULT_QUEUE_DEPTH, DEFAULT_STALENESS, BusSettings, probe
+
+    staleness = DEFAULT_STALENESS if args.bus_staleness is None else args.bus_staleness
+    if not 0 < staleness <= 86_400:
+        raise CommandError(f"--bus-staleness {staleness:g}: give 0 < seconds <= 86400")
+    if args.instance_name is not None:
+        check_consumer(args.instance_name)
+    asyncio.run(probe(args.event_bus))
+    settings = BusSettings(args.event_bus, staleness=staleness, instance_name=args.instance_name)
+    return settings, DEFAULT_QUEUE_DEPTH if depth is None else depth
 
 
 def _service_configs(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -216,6 +258,29 @@ def register(commands: Any) -> None:
     )
     p.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    bus = p.add_argument_group("several instances on an event bus (docs/cloud-agent.md)")
+    bus.add_argument(
+        "--event-bus",
+        metavar="URL",
+        help="share revocations with other instances: postgresql://… or nats://host:port",
+    )
+    bus.add_argument(
+        "--bus-staleness",
+        type=float,
+        metavar="SECONDS",
+        help="refuse uses with limits after this long without contact with the bus (default 30)",
+    )
+    bus.add_argument(
+        "--max-queue-depth",
+        type=int,
+        metavar="N",
+        help="answer 429 past N uses in progress (default 1000 on a bus, else no bound)",
+    )
+    bus.add_argument(
+        "--instance-name",
+        metavar="NAME",
+        help="this instance's durable consumer name on the bus (default: its did:key)",
     )
     services = p.add_argument_group("receiving and sending services (docs/services.md)")
     services.add_argument(

@@ -185,20 +185,55 @@ def cmd_send(args: argparse.Namespace) -> int:
         from agent.relationships.manager import TEXT_TYPE
 
         message = replace(Message.new(TEXT_TYPE, {"text": args.text}), thid=args.thid)
+    from agent.relationships.manager import TEXT_TYPE
+    from agent.sync.device_link import DeviceLink
+
     with _open(args) as rels:
-        if message is not None:
+        if message is None:
+            message = Message.new(TEXT_TYPE, {"text": args.text})
+        # With devices on both sides, once per device-pair session; else as before.
+        result = DeviceLink(rels).send(args.name, message)
+        if result is None:
             result = rels.send(args.name, message)
-        else:
-            result = rels.send(args.name, text=args.text)
     return emit(result, f"sent {result['id']} to {args.name}", as_json=args.json)
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from agent.sync.device_link import DeviceLink
+
+    with _open(args) as rels:
+        link = DeviceLink(rels)
+        if not link.enabled():
+            raise CommandError("this owner has no device list: see `janus rel show LABEL`")
+        with rels._locked():
+            history = link.history_of(args.name)
+    lines = [
+        f"{h['name']}: {h['message'].get('body', {}).get('text', h['message']['type'])}"
+        for h in history
+    ]
+    return emit({"history": history}, "\n".join(lines), as_json=args.json)
+
+
 def cmd_receive(args: argparse.Namespace) -> int:
+    from agent.cli.groups import take_sync
+    from agent.sync.device_link import DeviceLink
+
     with _open(args) as rels:
         report = rels.receive()
+        # Device-pair messages (this owner's devices and its peers'), if it has devices.
+        DeviceLink(rels).receive(report)
+        # Group and sync batches go to the sync layer: a crash before they are applied
+        # loses them (the vault has taken their ciphertexts), and the sync layer's
+        # offers and requests bring what they carried again.
+        groups = take_sync(args, rels, report)
+    report.events += groups["events"]
+    report.errors += groups["errors"]
     if args.json:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), "group_messages": groups["group_messages"]})
     else:
+        for item in groups["group_messages"]:
+            shown = item.get("text", f"<{item['content_type']}, {len(item['data'])} base64>")
+            print(f"[{item['group']}] {item['author']}: {shown}")
         for item in report.messages:
             message = item["message"]
             body = message.get("body", {})
@@ -210,7 +245,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
             print(f"janus: {event['event']}: {details}", file=sys.stderr)
         for error in report.errors:
             print(f"janus: warning: {error['message']}", file=sys.stderr)
-        print(f"{len(report.messages)} message(s)", file=sys.stderr)
+        count = len(report.messages) + len(groups["group_messages"])
+        print(f"{count} message(s)", file=sys.stderr)
     return 0
 
 
@@ -325,6 +361,14 @@ def register(commands: Any) -> None:
     )
     p.add_argument("--thid", metavar="ID", help="with --text: the thread it answers")
     p.set_defaults(handler=cmd_send)
+
+    p = sub.add_parser(
+        "history",
+        parents=[common, state],
+        help="with devices: a conversation as every device of this owner keeps it",
+    )
+    p.add_argument("name", nargs="?", metavar="LABEL|DID", help="one peer (default: all)")
+    p.set_defaults(handler=cmd_history)
 
     p = sub.add_parser(
         "receive", parents=[common, state], help="pick up, decrypt, store and print messages"

@@ -29,8 +29,10 @@ from starlette.routing import Route
 from agent.cloud.service import CloudAgent
 
 if TYPE_CHECKING:
+    from agent.cloud.bus_link import BusLink
     from agent.cloud.receiving import ReceivingService
     from agent.cloud.sending import SendingService
+from agent.cloud.bus_errors import OverloadedError
 from agent.errors import BadRequestError, UnauthorizedError
 from agent.http_service import (
     BODY_TIMEOUT,
@@ -71,6 +73,25 @@ class Metrics(ServiceMetrics):
         )
 
 
+class _Shedder:
+    """Load shedding: past ``depth`` uses in progress, a new one is answered 429 at once
+    (before any check or spend), rather than queueing without bound or skipping a check."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.waiting = 0
+
+    def __enter__(self) -> None:
+        if self.waiting >= self.depth:
+            raise OverloadedError(
+                f"more than {self.depth} uses are in progress here; try again shortly"
+            )
+        self.waiting += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.waiting -= 1
+
+
 def _check_bearer(request: Request, token: str | None) -> None:
     if token is None:
         return
@@ -101,18 +122,27 @@ def build_app(
     body_timeout: float = BODY_TIMEOUT,
     receiving: ReceivingService | None = None,
     sending: SendingService | None = None,
+    bus: BusLink | None = None,
+    max_queue_depth: int | None = None,
 ) -> Starlette:
     """The API of ``agent``; a request body must arrive within ``body_timeout`` seconds.
 
     ``receiving`` and ``sending`` add those services' routes (``--receiving``, ``--sending``).
+    ``bus`` puts the agent on an event bus (``--event-bus``, agent/cloud/bus_link.py);
+    ``max_queue_depth`` answers 429 to uses past that many waiting.
     """
     metrics = Metrics()
+    if bus is not None:
+        bus.attach_metrics(metrics.registry)
+    shed = _Shedder(max_queue_depth) if max_queue_depth is not None else None
     # Actions' ledger writes, gathered on the event loop into group commits.
     spender = AsyncSpender(agent.ledger)
 
     endpoint = endpoint_factory(metrics, log)
 
     async def healthz(request: Request) -> dict[str, Any]:
+        if bus is not None:
+            return {"status": "ok", "did": agent.did, "bus": bus.status()}
         return {"status": "ok", "did": agent.did}
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -171,9 +201,17 @@ def build_app(
         if not isinstance(resource, str) or not isinstance(payload, dict):
             raise BadRequestError("body must be {'resource': str, 'request': object}")
         action = request.path_params["action"]
-        result = await agent.act_async(
-            spender, request.path_params["grant_id"], action, resource, payload
-        )
+        if shed is None:
+            result = await agent.act_async(
+                spender, request.path_params["grant_id"], action, resource, payload
+            )
+        else:
+            with shed:
+                result = await agent.act_async(
+                    spender, request.path_params["grant_id"], action, resource, payload
+                )
+        if bus is not None:
+            bus.note_use(result.grant_id, result.action, result.result["uses"])
         counter = uses.get(result.action)
         if counter is None:  # labels() takes a lock and builds a tuple: once per action
             counter = uses[result.action] = metrics.uses.labels(result.action)
@@ -195,7 +233,10 @@ def build_app(
             raise BadRequestError(
                 "body must be {'bundle': object, 'invocation': str, 'request': object}"
             )
-        result = await threaded(agent.invoke_external, bundle, invocation, payload)
+        with shed if shed is not None else contextlib.nullcontext():
+            result = await threaded(agent.invoke_external, bundle, invocation, payload)
+        if bus is not None:
+            bus.note_use(result.grant_id, result.action, result.result["uses"])
         metrics.uses.labels(result.action).inc()
         return {"action": result.action, "grant_id": result.grant_id, **result.result}
 
@@ -226,6 +267,8 @@ def build_app(
         record = body.get("record")
         if not isinstance(record, str):
             raise BadRequestError("body must be {'record': <revocation JWS>}")
+        if bus is not None:
+            return await bus.revoke(record)
         result: dict[str, Any] = await threaded(agent.revoke, record)
         return result
 
@@ -243,11 +286,15 @@ def build_app(
         # out of the collector's generations, it is not walked again by every full
         # collection, which a use's short-lived objects trigger every few seconds.
         gc.freeze()
+        if bus is not None:
+            await bus.start()
         task = asyncio.create_task(sweeper())
         try:
             yield
         finally:
             task.cancel()
+            if bus is not None:
+                await bus.close()
             spender.close()
 
     routes = [

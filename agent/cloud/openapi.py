@@ -68,7 +68,12 @@ OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "Janus cloud agent", "version": "1"},
     "paths": {
-        "/healthz": {"get": _op("liveness, and the agent's DID")},
+        "/healthz": {
+            "get": _op(
+                "liveness, and the agent's DID; on an event bus also 'bus': {url, consumer, "
+                "caught_up, staleness, catch_up_seconds}"
+            )
+        },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
@@ -226,7 +231,9 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/revocations": {
             "post": _op(
-                "store a signed revocation; keys it disables are destroyed at once",
+                "store a signed revocation; keys it disables are destroyed at once; on an "
+                "event bus it is also published to every instance ('published': true once "
+                "the bus holds it)",
                 body={
                     "type": "object",
                     "required": ["record"],

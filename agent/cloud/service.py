@@ -17,11 +17,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.cloud.bus_errors import HomeLedgerUnreachableError
 from agent.cloud.store import ACTIVE, PENDING, CloudStore, GrantRecord
 from agent.errors import BadRequestError, ConflictError, GrantInactiveError, NotFoundError
 from agent.protocol import KEYREQ_TYP, PICKUP_TYP, check_signed_request
@@ -45,12 +46,39 @@ from policies.ledger.aio import AsyncSpender
 from policies.ledger.base import SpendReceipt
 from policies.policy import IssuancePolicy
 from policies.revocation import Revocation
-from policies.verify import Verifier
+from policies.verify import Authorization, Verifier
 
 log = logging.getLogger(__name__)
 
 PENDING_TTL = 3600
 MAX_PENDING = 1000
+
+#: Checks a use may go ahead given the agent's view of the bus (``limited``: the chain
+#: has a use limit or a home); raises the refusal.  Set by agent.cloud.bus_link.
+UseGate = Callable[[bool], None]
+#: Spends a verified use in the ledger of the instance named (its home ledger).
+HomeSpend = Callable[[str, Authorization, float], Awaitable[SpendReceipt]]
+HomeSpendSync = Callable[[str, Authorization, float], SpendReceipt]
+#: Hands an event (kind, body) to the bus; never blocks, callable from any thread.
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def home_of(bundle: Bundle) -> str | None:
+    """The instance whose ledger counts this chain's uses: the highest link's home (a
+    child keeps its parent's, so every link below names the same one)."""
+    for cap in bundle.chain:
+        if cap.limits.home is not None:
+            return cap.limits.home
+    return None
+
+
+def needs_fresh_state(bundle: Bundle) -> bool:
+    """Whether a use of the chain must be refused when revocation state may be stale:
+    a use limit, a home ledger or ``lim.fresh`` anywhere in it."""
+    return any(
+        c.limits.uses is not None or c.limits.home is not None or c.limits.fresh
+        for c in bundle.chain
+    )
 
 
 @dataclass
@@ -116,6 +144,17 @@ class _Unlocked:
     handle: KeyHandle
     bundle_json: Any  # the bundle as evidence carries it (read-only, shared)
     bundle_text: str  # bundle_json rendered (ActionResult.to_json)
+    home: str | None = None  # home_of(bundle)
+    limited: bool = True  # needs_fresh_state(bundle)
+
+
+@dataclass(frozen=True)
+class CheckedRevocation:
+    """A revocation verified against ``bundle`` (an installed grant's), not yet stored."""
+
+    record: Revocation
+    bundle: Bundle
+    affected: list[tuple[GrantRecord, Bundle]]
 
 
 @dataclass
@@ -158,6 +197,11 @@ class CloudAgent:
         self._lock = threading.Lock()
         #: Actions of the services this agent runs (--sending), by action name.
         self.actions: dict[str, ServiceAction] = {}
+        # On an event bus (agent.cloud.bus_link sets these); None: a single instance.
+        self.use_gate: UseGate | None = None
+        self.home_spend: HomeSpend | None = None
+        self.home_spend_sync: HomeSpendSync | None = None
+        self.event_sink: EventSink | None = None
 
     @property
     def did(self) -> str:
@@ -260,7 +304,15 @@ class CloudAgent:
             raise GrantInactiveError(f"grant {grant_id}'s key is gone") from None
         bundle = Bundle.parse(record.bundle)
         bundle_json = bundle.to_dict()
-        unlocked = _Unlocked(record, bundle, found, bundle_json, _json_text(bundle_json))
+        unlocked = _Unlocked(
+            record,
+            bundle,
+            found,
+            bundle_json,
+            _json_text(bundle_json),
+            home_of(bundle),
+            needs_fresh_state(bundle),
+        )
         with self._lock:
             return self._unlocked.setdefault(grant_id, unlocked)
 
@@ -328,18 +380,25 @@ class CloudAgent:
             if grant_ is None:
                 grant_ = await asyncio.to_thread(self._active, grant_id)
             self._check_unexpired(grant_, now=now)
+            if self.use_gate is not None:
+                self.use_gate(grant_.limited)
             invocation, checked = self._own_invocation(grant_, action, resource, request, now=now)
             try:
-                used = await authorize_async(
-                    self.verifier,
-                    spender,
-                    grant_.bundle,
-                    invocation,
-                    checked,
-                    now=now,
-                    root=self.config.owner,
-                    audience=self.did,
-                )
+                if grant_.home is not None and grant_.home != self.did:
+                    used = await self._forwarded(
+                        grant_.home, grant_.bundle, invocation, checked, now
+                    )
+                else:
+                    used = await authorize_async(
+                        self.verifier,
+                        spender,
+                        grant_.bundle,
+                        invocation,
+                        checked,
+                        now=now,
+                        root=self.config.owner,
+                        audience=self.did,
+                    )
             except PolicyError:
                 await asyncio.to_thread(self._refused, grant_id)
                 raise
@@ -347,6 +406,40 @@ class CloudAgent:
         finally:
             if self._leave(grant_id, flight):
                 await asyncio.to_thread(self._retire_if_spent, grant_id, now=time.time())
+
+    async def _forwarded(
+        self,
+        home: str,
+        bundle: Bundle,
+        invocation: Invocation,
+        request: Mapping[str, Any],
+        now: float,
+    ) -> Grant:
+        """Verify here, then have the home ledger (another instance) count the use.
+
+        The home verifies the invocation again before it spends: the bus between the
+        two is an untrusted carrier.
+        """
+        authorization = self.verifier.verify(
+            bundle, invocation, request, now=now, root=self.config.owner, audience=self.did
+        )
+        if self.home_spend is None:
+            raise _no_route_home(home)
+        return Grant(authorization, await self.home_spend(home, authorization, now))
+
+    def spend_as_home(
+        self, bundle: Bundle, invocation: str, request: Mapping[str, Any], *, now: float
+    ) -> SpendReceipt:
+        """Count a use forwarded by another instance, as the chain's home ledger.
+
+        The invocation is addressed to the instance that forwarded it, not to this one:
+        its nonce is recorded here, so it counts once whichever instance forwards it.
+        """
+        if home_of(bundle) != self.did:
+            raise BadRequestError("this agent is not the home ledger of that capability")
+        return authorize(
+            self.verifier, self.ledger, bundle, invocation, request, now=now, root=self.config.owner
+        ).receipt
 
     @staticmethod
     def _check_unexpired(grant_: _Unlocked, *, now: float) -> None:
@@ -433,17 +526,28 @@ class CloudAgent:
     ) -> ActionResult:
         # Invocations must name this agent: one made for another verifier (which keeps
         # its own nonces) cannot be replayed here.
+        if self.use_gate is not None:
+            self.use_gate(needs_fresh_state(bundle))
+        home = home_of(bundle)
         try:
-            used = authorize(
-                self.verifier,
-                self.ledger,
-                bundle,
-                invocation,
-                request,
-                now=now,
-                root=self.config.owner,
-                audience=self.did,
-            )
+            if home is not None and home != self.did:
+                authorization = self.verifier.verify(
+                    bundle, invocation, request, now=now, root=self.config.owner, audience=self.did
+                )
+                if self.home_spend_sync is None:
+                    raise _no_route_home(home)
+                used = Grant(authorization, self.home_spend_sync(home, authorization, now))
+            else:
+                used = authorize(
+                    self.verifier,
+                    self.ledger,
+                    bundle,
+                    invocation,
+                    request,
+                    now=now,
+                    root=self.config.owner,
+                    audience=self.did,
+                )
         except PolicyError:
             self._refused(grant_.record.grant_id)
             raise
@@ -591,16 +695,49 @@ class CloudAgent:
 
     def revoke(self, record_text: str, *, now: float | None = None) -> dict[str, Any]:
         """Store a signed revocation and destroy, at once, every key it disables."""
-        now = time.time() if now is None else now
+        return self.apply_checked_revocation(self.check_revocation(record_text))
+
+    def check_revocation(self, record_text: str) -> CheckedRevocation:
+        """Verify a posted revocation against a grant here that holds the revoked link;
+        nothing is stored yet (``apply_checked_revocation`` does)."""
         record = Revocation.parse(record_text)
-        affected = [
-            (g, bundle)
-            for g, bundle in self._active_bundles()
-            if record.revoked_id in [c.id for c in bundle.chain]
-        ]
+        affected = self._affected(record.revoked_id)
         if not affected:
             raise NotFoundError("no active grant here contains the revoked capability")
         record.verify(affected[0][1])
+        return CheckedRevocation(record, affected[0][1], affected)
+
+    def apply_checked_revocation(self, checked: CheckedRevocation) -> dict[str, Any]:
+        return self._apply_revocation(checked.record, checked.affected)
+
+    def apply_revocation(self, record_text: str, bundle_json: Any) -> dict[str, Any]:
+        """A revocation from elsewhere (the bus), verified against the bundle it came
+        with: the chain must hold (up to this agent's owner, when it has one) and the
+        record's signer must have issued the revoked link or one above it.
+
+        Stored even when no grant here holds the revoked link: a bundle installed later
+        is then refused.  Time plays no part in that authority, so the chain is checked
+        at a moment all its links were valid.
+        """
+        record = Revocation.parse(record_text)
+        bundle = Bundle.from_dict(bundle_json)
+        valid_from = max(c.not_before for c in bundle.chain)
+        valid_to = min(c.expires for c in bundle.chain) - 1
+        at = min(max(record.issued_at, valid_from), valid_to)
+        self.verifier.verify_chain(bundle, now=at, skew=0, root=self.config.owner)
+        record.verify(bundle)
+        return self._apply_revocation(record, self._affected(record.revoked_id))
+
+    def _affected(self, revoked_id: str) -> list[tuple[GrantRecord, Bundle]]:
+        return [
+            (g, bundle)
+            for g, bundle in self._active_bundles()
+            if revoked_id in [c.id for c in bundle.chain]
+        ]
+
+    def _apply_revocation(
+        self, record: Revocation, affected: list[tuple[GrantRecord, Bundle]]
+    ) -> dict[str, Any]:
         newly = self.ledger.revoke(
             record.revoked_id,
             record=record.compact,
@@ -720,6 +857,16 @@ class CloudAgent:
                 self.keys.delete(record.key_uri)
             self.store.destroy(record.grant_id, reason)
         log.info("destroyed the key of grant %s (%s)", record.grant_id, reason)
+        if self.event_sink is not None:
+            self.event_sink(
+                "key-destroyed",
+                {"grant": record.grant_id, "leaf": record.leaf_id or "", "reason": reason},
+            )
+
+    def leaf_of(self, grant_id: str) -> str | None:
+        """The leaf capability id of a grant this process has unlocked (no I/O)."""
+        cached = self._cached(grant_id)
+        return cached.bundle.leaf.id if cached is not None else None
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -746,3 +893,10 @@ class CloudAgent:
         self.store.close()
         self.ledger.close()
         self.keys.close()
+
+
+def _no_route_home(home: str) -> HomeLedgerUnreachableError:
+    return HomeLedgerUnreachableError(
+        f"the capability is counted by its home ledger {home}, and this agent is on no "
+        "event bus that leads there (start it with --event-bus)"
+    )

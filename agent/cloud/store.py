@@ -1,4 +1,5 @@
-"""The cloud agent's own state: grants (one fresh key each) and held messages.
+"""The cloud agent's own state: grants (one fresh key each), held messages, and
+events waiting for the event bus.
 
 It lives in the same database as the ledger (SQLite by default, PostgreSQL when
 several instances share work), so one backup and one failover cover everything.
@@ -40,6 +41,15 @@ _SCHEMA = (
         owner TEXT NOT NULL,
         received_at DOUBLE PRECISION NOT NULL,
         envelope TEXT NOT NULL
+    )""",
+    # Signed events accepted here that the event bus has not acknowledged yet: written
+    # before the local change they announce, so an instance stopped before the bus took
+    # them publishes them at its next start (same event, same id: stored once).
+    """CREATE TABLE IF NOT EXISTS cloud_bus_outbox (
+        event_id TEXT PRIMARY KEY,
+        compact TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        published_at DOUBLE PRECISION
     )""",
 )
 
@@ -213,6 +223,33 @@ class CloudStore:
                 )
                 removed += max(cur.rowcount, 0)
         return removed
+
+    def add_unpublished(self, event_id: str, compact: str) -> None:
+        """Keep a signed event until the bus acknowledges it (``mark_published``)."""
+        with self._cursor() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO cloud_bus_outbox (event_id, compact, created_at)"
+                    " VALUES (?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
+                ),
+                (event_id, compact, time.time()),
+            )
+
+    def unpublished(self) -> list[str]:
+        """The events not yet acknowledged by the bus, oldest first (compact JWS)."""
+        with self._cursor() as cur:
+            cur.execute(
+                "SELECT compact FROM cloud_bus_outbox WHERE published_at IS NULL"
+                " ORDER BY created_at, event_id"
+            )
+            return [str(row[0]) for row in cur.fetchall()]
+
+    def mark_published(self, event_id: str) -> None:
+        with self._cursor() as cur:
+            cur.execute(
+                self._sql("UPDATE cloud_bus_outbox SET published_at = ? WHERE event_id = ?"),
+                (time.time(), event_id),
+            )
 
     def close(self) -> None:
         with self._lock:

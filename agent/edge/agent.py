@@ -136,6 +136,10 @@ def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
 
 
 def _with_object(token_uri: str, label: str) -> str:
+    if token_uri.lower().startswith("hsm+"):  # keys held by an HSM service, by label
+        from agent.hsm_service.provider import key_uri
+
+        return key_uri(token_uri, label)
     from janus_hsm.uri import Pkcs11Uri
 
     parsed = Pkcs11Uri.parse(token_uri)

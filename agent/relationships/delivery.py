@@ -27,7 +27,9 @@ the cloud agent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -481,10 +483,20 @@ def _answer(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context for every service client of this process.
+
+    Building one loads the CA bundle (tens of milliseconds); httpx would build one per
+    client, and a client is made per delivery.  The context is read-only once made.
+    """
+    return httpx.create_ssl_context()
+
+
 class _Client:
     def __init__(self, url: str, *, timeout: float = 10) -> None:
         self.url = check_service_url(url)
-        self._http = httpx.Client(timeout=timeout, follow_redirects=False)
+        self._http = httpx.Client(timeout=timeout, follow_redirects=False, verify=_tls_context())
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         try:
@@ -537,15 +549,22 @@ class ReceivingClient(_Client):
         }
 
     def create_address(
-        self, owner: KeyHandle, *, quota: int | None = None, holder: HolderKey | None = None
+        self,
+        owner: KeyHandle,
+        *,
+        quota: int | None = None,
+        holder: HolderKey | None = None,
+        holder_did: str | None = None,
     ) -> HeldAddress:
         """A new address, created by a request of the owner's root (once per address).
 
         The request registers ``holder`` (a fresh one when not given): pickups, acks and
-        retirement of this address are then signed by it, never by the root.
+        retirement of this address are then signed by it, never by the root.  With
+        ``holder_did`` the holder is a key held elsewhere (another device's token key):
+        the address is then returned without a holder key.
         """
         holder = HolderKey.generate() if holder is None else holder
-        claims: dict[str, Any] = {"holder": holder.did}
+        claims: dict[str, Any] = {"holder": holder.did if holder_did is None else holder_did}
         if quota is not None:
             claims["quota"] = quota
         answer = self._call(
@@ -556,9 +575,11 @@ class ReceivingClient(_Client):
             _b64(answer["pickup_id"], "pickup_id", ADDRESS_ID_BYTES)
         except (KeyError, TypeError):
             raise AddressFormatError("the service answered no address") from None
-        if answer.get("holder") != holder.did:
+        if answer.get("holder") != claims["holder"]:
             # Without it every pickup would need the root: refuse rather than fall back.
             raise AddressFormatError("the service did not register the address's holder key")
+        if holder_did is not None:
+            return HeldAddress(address, answer["pickup_id"])
         return HeldAddress(address, answer["pickup_id"], b64url_encode(holder.private_bytes()))
 
     def _holder(self, signer: KeyHandle | None, held: HeldAddress) -> KeyHandle:

@@ -80,6 +80,13 @@ HELLO_TYPE: Final = "https://janus.dev/rel/1.0/hello"
 #: A relationship started from a directory claims this many characters of shared id.
 REQUEST_ID_CHARS: Final = 22
 REESTABLISH_TYPE: Final = "https://janus.dev/rel/1.0/reestablish"
+#: A batch of the data-sync layer (groups): handed to it by ``receive``, never shown or
+#: stored here (the sync layer keeps what it carries, and repairs a batch lost between).
+SYNC_TYPE: Final = "https://janus.dev/sync/1.0/batch"
+#: An owner's device announcement (its signed device list, its devices' bundles and
+#: inboxes), sent once at the start of a relationship when the owner has devices:
+#: handed to the fan-out by ``receive`` (agent/sync/device_link.py), never stored here.
+DEVICES_TYPE: Final = "https://janus.dev/rel/1.0/devices"
 #: Messages of the relationship layer itself: acted on, not stored for the owner.
 CONTROL_TYPES: Final = frozenset({HELLO_TYPE, REESTABLISH_TYPE, addr.ADDRESS_UPDATE_TYPE})
 #: Re-establishment bundles serve as long as a relationship may sit idle.
@@ -130,6 +137,10 @@ class ReceiveReport:
     messages: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    #: Sync batches (SYNC_TYPE), for the groups layer: {"name", "peer", "body"} each.
+    sync: list[dict[str, Any]] = field(default_factory=list)
+    #: Device announcements (DEVICES_TYPE), for the fan-out: {"name", "peer", "body"}.
+    devices: list[dict[str, Any]] = field(default_factory=list)
 
     def event(self, kind: str, **details: Any) -> None:
         self.events.append({"event": kind, **details})
@@ -850,12 +861,18 @@ class Relationships:
         rel.reestablishing = False
         rel.received += 1
         stored: bytes | None = None
+        sync: dict[str, Any] | None = None
+        devices: dict[str, Any] | None = None
         try:
             message = Message.from_json(plaintext)
             update = addr.extract(message)
             if update is not None:
                 rel.addresses.apply(update)
-            if message.type not in CONTROL_TYPES:
+            if message.type == SYNC_TYPE:
+                sync = {"name": rel.label, "peer": rel.peer_did, "body": message.body}
+            elif message.type == DEVICES_TYPE:
+                devices = {"name": rel.label, "peer": rel.peer_did, "body": message.body}
+            elif message.type not in CONTROL_TYPES:
                 stored = plaintext
             elif message.type in (HELLO_TYPE, REESTABLISH_TYPE):
                 # The peer's keys for a later re-establishment, if they are its own.
@@ -866,7 +883,9 @@ class Relationships:
             # The peer authenticated it, so its key is spent either way: keep the state.
             report.errors.append({"code": getattr(exc, "code", "bad_message"), "message": str(exc)})
             message = None
-        rel.addresses.received_at(held.address.address_id, count=stored is not None)
+        rel.addresses.received_at(
+            held.address.address_id, count=stored is not None or sync is not None
+        )
         crash_point("receive:decrypted")
         with self.vault.transaction() as tx:
             tx.put("relationship", rel.id, rel.to_bytes())
@@ -879,6 +898,10 @@ class Relationships:
                 extra(tx)
         if stored is not None and message is not None:
             report.messages.append({"name": rel.label, "message": message.to_dict()})
+        if sync is not None:
+            report.sync.append(sync)
+        if devices is not None:
+            report.devices.append(devices)
 
     def _take_initial(self, wire: bytes, held: HeldAddress, report: ReceiveReport) -> None:
         guard = _VaultReplayGuard(self.vault)

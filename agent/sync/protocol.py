@@ -193,6 +193,15 @@ class PeerSync:
             if mid not in known and mid not in self._offers:
                 self._offers.put(mid, now, 0)
 
+    def push(self, ids: Iterable[str]) -> None:
+        """Send these at the next poll without waiting for a request (BSP's eager
+        sending): one round trip instead of three for a message the peer surely lacks."""
+        for mid in ids:
+            if len(self._sends) >= self.limits.max_pending_sends:
+                break
+            self._sends[mid] = None
+            self._offers.discard(mid)
+
     def _peer_has(self, ids: list[str]) -> None:
         self.store.mark_peer_has(self.conversation, self.peer, ids)
         for mid in ids:
@@ -323,6 +332,12 @@ class SyncNode:
 
     def peers(self, conversation: str) -> list[str]:
         return [p for (p, c) in self._peers if c == conversation]
+
+    def push(self, peer: str, conversation: str, ids: Iterable[str]) -> None:
+        """Send these messages to ``peer`` at its next poll, unasked (if the pair is open)."""
+        sync = self._peers.get((peer, conversation))
+        if sync is not None:
+            sync.push(ids)
 
     def post(self, message: Message, now: float) -> list[Message]:
         """Store a message this device authored (or got from outside sync); offer it."""

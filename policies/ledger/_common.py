@@ -28,7 +28,9 @@ AUDIT_PAGE = 500
 # Counts are stored as 64-bit integers in both databases.
 MAX_COUNT = 2**62
 
-AUDIT_KINDS = frozenset({"grant", "use", "revoke"})
+# "decision", "policy" and "head" are written by services that keep their own records
+# in a ledger file (the HSM service: every decision, policy change and signed head).
+AUDIT_KINDS = frozenset({"grant", "use", "revoke", "decision", "policy", "head"})
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,9 @@ class SqliteLedger(Ledger):
     ``busy_timeout`` seconds.  Do not carry an open ledger across ``fork()``: open
     one in each process.
 
+    ``sync="os"`` gives up the power-cut guarantee for speed (commits are not fsynced;
+    see ``__init__``); the default ``"full"`` keeps it.
+
     With ``create=False`` the file must already hold a ledger (LedgerNotFoundError
     otherwise), and opening it writes nothing; ``created`` says whether this object
     created the file.
@@ -238,8 +241,15 @@ class SqliteLedger(Ledger):
         create: bool = True,
         busy_timeout: float = 30.0,
         max_batch: int = 64,
+        sync: Literal["full", "os"] = "full",
     ) -> None:
         self.path = Path(path)
+        if sync not in ("full", "os"):
+            raise FormatError(f"sync must be 'full' or 'os', not {sync!r}")
+        # "os" (synchronous=NORMAL): a commit is written to the OS but not fsynced, so it
+        # survives the process crashing, not a power cut.  Only for a caller that says
+        # so explicitly (the HSM service's opt-in ``audit-sync = "os"``).
+        self._synchronous = "FULL" if sync == "full" else "NORMAL"
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
             raise FormatError(f"a ledger needs a file path, not {str(path)!r}")
         self._pid = os.getpid()
@@ -296,9 +306,10 @@ class SqliteLedger(Ledger):
                 cached_statements=4 * _ROWS_PER_INSERT + 64,
             )
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            # FULL: the WAL is fsynced at every commit, so a reported use survives a
-            # power cut.  NORMAL syncs only at checkpoints (docs/ledger.md).
-            conn.execute("PRAGMA synchronous = FULL")
+            # FULL (the default): the WAL is fsynced at every commit, so a reported use
+            # survives a power cut.  NORMAL (sync="os") syncs only at checkpoints
+            # (docs/ledger.md).
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open the SQLite ledger {self.path}: {exc}") from exc
         return conn
@@ -565,6 +576,51 @@ class SqliteLedger(Ledger):
         )
         c.execute(_SET_HEAD, (f"{seq}:{digest}",))
         return seq
+
+    def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` in one write transaction, committed (durably, shared
+        with concurrent writers) before this returns.
+
+        For a program that keeps its own tables in the ledger file and must decide and
+        audit in one step; ``fn`` adds entries with :meth:`append_audit_entry`.  If the
+        commit fails, nothing ``fn`` wrote (its entries included) is kept.
+        """
+        self._check_usable()
+        return self._write(fn)
+
+    @classmethod
+    def append_audit_entry(
+        cls, c: sqlite3.Connection, *, at: float, kind: str, cap_id: str, data: Mapping[str, Any]
+    ) -> int:
+        """Append an entry inside a :meth:`transaction`; returns its seq."""
+        check_key(cap_id, "an audit entry's cap_id")
+        return cls._append(c, float(at), kind, cap_id, normalise_data(data))
+
+    @staticmethod
+    def append_audit_rows(
+        c: sqlite3.Connection, rows: Sequence[tuple[float, str, str, str]]
+    ) -> list[int]:
+        """Append entries inside a :meth:`transaction`, in order; returns their seqs.
+
+        Each row is ``(at, kind, cap_id, data_text)``, ``data_text`` being the entry's
+        :func:`normalise_data` text (made, and so checked, before the transaction: a
+        caller's bad data then fails that caller alone).  A group of entries costs one
+        head read, one insert and one head write, which is what group commit of many
+        callers' entries needs.
+        """
+        if not rows:
+            return []
+        row = c.execute(_READ_HEAD).fetchone()
+        seq, prev = (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
+        entries: list[tuple[int, float, str, str, str, str, str]] = []
+        for at, kind, cap_id, data in rows:
+            seq += 1
+            digest = entry_hash(audit_prefix(at, kind, cap_id, data), prev, seq)
+            entries.append((seq, float(at), kind, cap_id, data, prev, digest))
+            prev = digest
+        _insert_rows(c, _INSERT_AUDIT, entries)
+        c.execute(_SET_HEAD, (f"{seq}:{prev}",))
+        return [e[0] for e in entries]
 
     # -- the Ledger interface ------------------------------------------------------
 

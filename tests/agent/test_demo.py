@@ -66,6 +66,10 @@ def test_demo_succeeds_twice_reusing_its_token_and_keys(tmp_path: Path) -> None:
     assert "the conversation goes on at the new address" in out
     assert "no address id of Blair's, in text or bytes, is in it" in out
     assert "Alex's message has nowhere to go" in out
+    assert "the limit holds across instances" in out
+    assert "instance 3 refuses P (" in out
+    assert "instance 2 refuses it (revocation_state_stale)" in out
+    assert "caught up and serves it again" in out
     assert "FAILED" not in out
     did = next(
         line.split("identity:")[1].strip() for line in out.splitlines() if "identity:" in line

@@ -1,0 +1,165 @@
+"""1:1 conversations as sync conversations between every device of the two owners.
+
+With devices, a conversation between two owners is one sync conversation
+(sync-protocol.md) whose sync peers are *devices*: every device of both owners holds
+the same causal log of immutable, hash-named messages, and any device that missed
+something (offline, added later, a message sent while its session was not open yet)
+catches up from any other by offers and requests.  Batches ride device-pair sessions
+(one fan-out message of type ``SYNC_TYPE`` to one device), so a message that arrives by
+several paths (from its author and relayed by another device) is stored once.
+
+- **Conversation id**: SHA-256 of the two owners' root dids (sorted), so both sides
+  name it alike without agreeing on anything.
+- **Author**: the writing device's own device key (one token signature per message
+  sent: a 1:1 message is written by a person at a device, not in bulk); a message is
+  admitted only if its author is a current device of one of the two owners.
+- **Sync peers** are named ``DEVICE|OWNER`` (the device, and the peer owner whose
+  conversation it is): one poll makes one batch for one device and one conversation.
+
+Retransmission is driven by the owner's commands, as for groups: every ``rel send`` and
+``rel receive`` re-opens each (device, conversation) pair, which offers what the device
+is not known to hold and asks for missing parents; a batch that would only offer what
+the device is known to hold is not sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from agent.didcomm.message import Message as DIDCommMessage
+from agent.relationships.manager import SYNC_TYPE
+from agent.sync.errors import NotAdmittedError
+from agent.sync.fanout import FanoutNode, Outgoing
+from agent.sync.ids import id_text
+from agent.sync.messages import Message
+from agent.sync.protocol import SyncNode
+from agent.sync.store import SyncStore
+from agent.sync.transport import summarize, worth_sending
+from janus_hsm import b64url
+from janus_hsm.provider import KeyHandle
+
+DIRECT_DB: Final = "direct.db"
+#: A 1:1 message's content type: the DIDComm plaintext message, as JSON.
+CONTENT_TYPE: Final = "application/didcomm-plain+json"
+BATCH_VERSION: Final = 1
+
+
+class NotADeviceError(NotAdmittedError):
+    code = "direct_author_not_a_device"
+
+
+def conversation_id(one: str, other: str) -> str:
+    a, b = sorted((one, other))
+    return id_text(hashlib.sha256(f"janus/direct/1\0{a}\0{b}".encode()).digest())
+
+
+class Direct:
+    """One device's 1:1 conversations with every peer owner its fan-out node knows."""
+
+    def __init__(self, directory: Path, node: FanoutNode) -> None:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        self.store = SyncStore(directory / DIRECT_DB)
+        self.node = node
+        self.sync = SyncNode(self.store, admit=self._admit)
+        self.peers = {conversation_id(node.owner, p): p for p in node.peers()}
+        self._open(time.time())
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _open(self, now: float) -> None:
+        """Every (device, conversation) pair with a live session, (re)started."""
+        if self.node.removed:
+            return
+        for conv, peer in self.peers.items():
+            for device in self._devices(peer):
+                self.sync.open(f"{device}|{peer}", conv, now)
+
+    def _devices(self, peer: str) -> list[str]:
+        return sorted(
+            {s.device for owner in (peer, self.node.owner) for s in self.node.views[owner].live()}
+        )
+
+    def _admit(self, message: Message) -> None:
+        peer = self.peers.get(message.conversation)
+        if peer is None:
+            raise NotADeviceError("a message of no conversation here")
+        if not any(
+            self.node.views[o].current.is_current(message.author) for o in (peer, self.node.owner)
+        ):
+            raise NotADeviceError("the author is no current device of the two owners")
+
+    # --- writing and taking ------------------------------------------------------------
+
+    def post(self, key: KeyHandle, peer: str, message: DIDCommMessage) -> Message:
+        """A new message of this device in the conversation with ``peer`` (its parents:
+        the current heads), stored, and pushed to every device at the next batch."""
+        conv = conversation_id(self.node.owner, peer)
+        written = Message.create(
+            key,
+            conversation=conv,
+            parents=self.store.heads(conv),
+            content_type=CONTENT_TYPE,
+            body=json.dumps(message.to_dict(), sort_keys=True).encode(),
+            timestamp=int(time.time()),
+        )
+        self.sync.post(written, time.time())
+        for device in self._devices(peer):
+            self.sync.push(f"{device}|{peer}", conv, [written.id])
+        return written
+
+    def take(self, device: str, peer: str, body: Any) -> list[Message]:
+        """A batch from ``device`` for the conversation with ``peer``: the messages it
+        made deliverable (in causal order); a malformed batch raises, nothing changed."""
+        from agent.sync.group_errors import MalformedEnvelopeError
+
+        if not isinstance(body, dict) or set(body) != {"v", "batch"} or body["v"] != 1:
+            raise MalformedEnvelopeError("a direct sync batch is {'v': 1, 'batch'}")
+        raw = body["batch"]
+        if not isinstance(raw, str):
+            raise MalformedEnvelopeError("a direct sync batch is base64url text")
+        batch = b64url.decode(raw, "the batch", error=MalformedEnvelopeError)
+        name = f"{device}|{peer}"
+        if name not in {p for c in self.peers for p in self.sync.peers(c)}:
+            return []  # no session with it any more (a removed device): ignored
+        return self.sync.receive(name, batch, time.time()).delivered
+
+    def outgoing(self) -> list[Outgoing]:
+        """One batch per (device, conversation) that has something worth sending."""
+        if self.node.removed:
+            return []
+        now = time.time()
+        out: list[Outgoing] = []
+        for peer in self.peers.values():
+            for device in self._devices(peer):
+                name = f"{device}|{peer}"
+                batch = self.sync.poll(name, now)
+                if batch is None:
+                    continue
+                holds = self._holds(name)
+                if not worth_sending(summarize(batch), holds):
+                    continue
+                body = {"v": BATCH_VERSION, "batch": b64url.encode(batch)}
+                out.append(self.node.send_to(device, peer, SYNC_TYPE, body))
+        return out
+
+    def _holds(self, name: str) -> Any:
+        def holds(conversation: str, message_id: str) -> bool:
+            return bool(self.store.peer_has(conversation, name, [message_id]))
+
+        return holds
+
+    # --- reading -----------------------------------------------------------------------
+
+    def history(self, peer: str) -> list[Message]:
+        """The conversation in the order every device computes alike (depth, time, id),
+        so that the same messages read the same everywhere; it respects causal order."""
+        conv = conversation_id(self.node.owner, peer)
+        return self.store.get(conv, self.store.history(conv))
+
+    def history_hash(self, peer: str) -> str:
+        return self.store.history_hash(conversation_id(self.node.owner, peer))

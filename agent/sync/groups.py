@@ -1,0 +1,580 @@
+"""The groups of one owner: create, add, remove, send, and the sync they ride on.
+
+A group is a sync conversation (agent/sync/protocol.py) whose members are owners this
+one holds relationships with.  Its log holds the membership records
+(agent/sync/group_log.py) and the messages; every member keeps all of it.  Each
+member's sync batches travel over the pairwise relationship with each other member it
+has one with, as relationship messages of type ``SYNC_TYPE`` (agent/sync/transport.py):
+the Double Ratchet of each relationship encrypts every batch for that member alone.
+
+State, in the edge agent's state directory: the sync key and its certificate, the
+groups (id, local name, creator) and the certificates of other members' sync keys in
+the relationship vault (sealed there); the logs in ``sync/groups.db`` (a
+:class:`SyncStore`, mode 0600).  ``sync/.lock`` is held for an instance's lifetime, so
+two commands never drive one sync node at once.
+
+The sync node's timers live in memory, and a command is one process: retransmission is
+driven by the owner's commands.  Every ``open`` of this class opens each (member,
+group) pair, which offers the member what it is not known to hold and asks for
+what is missing; every ``janus rel receive`` and ``janus group send`` then sends what
+is due.  A lost relationship message (or one taken but lost before the sync layer
+applied it) is thus repaired at the next command on either side.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from agent.didcomm.message import Message as DIDCommMessage
+from agent.relationships.errors import RelationshipError
+from agent.relationships.manager import SYNC_TYPE, Relationships
+from agent.sync.errors import SyncError
+from agent.sync.group_errors import (
+    BadGroupNameError,
+    GroupError,
+    GroupExistsError,
+    GroupMemberError,
+    GroupStateError,
+    NotAGroupMemberError,
+    NotGroupCreatorError,
+    UnknownGroupError,
+)
+from agent.sync.group_log import (
+    CONTENT_TYPES,
+    DATA_TYPE,
+    MAX_MEMBERS,
+    OP_TYPES,
+    TEXT_TYPE,
+    Op,
+    op_message,
+    parse_op,
+)
+from agent.sync.group_rules import GroupRules
+from agent.sync.ids import ID_BYTES, id_bytes, new_conversation_id
+from agent.sync.messages import MAX_BODY, Message
+from agent.sync.protocol import Limits, SyncNode
+from agent.sync.store import SyncStore
+from agent.sync.sync_key import SyncKey, certify, parse_certificate
+from agent.sync.transport import Envelope, parse_envelope, summarize, worth_sending
+from janus_hsm.file_lock import locked_file
+
+SYNC_DIR: Final = "sync"
+STORE_FILE: Final = "groups.db"
+#: A batch of 36 KiB is 48 KiB in base64: with the certificates it names, it fits a
+#: relationship message (64 KiB of plaintext).
+LIMITS: Final = Limits(max_batch_bytes=36 * 1024)
+#: The heads are offered to a peer believed to hold them (how a peer restored from an
+#: old backup learns what it lost) at most this often, so idle groups cost nothing.
+HEADS_EVERY: Final = 3600.0
+#: Batches per peer per command: what is left waits for the next command.
+MAX_POLLS: Final = 16
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._@+'-]{0,63}")
+
+
+def check_group_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise BadGroupNameError(
+            "a group name is 1-64 characters: letters, digits, space and . _ @ + ' -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class GroupRecord:
+    """One group as this owner keeps it (in the vault)."""
+
+    id: str
+    name: str
+    creator: str
+    joined: int
+    #: False until the name is taken from the group's create record (a group joined
+    #: from a batch is named after its id until then).
+    named: bool = True
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"v": 1, **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GroupRecord:
+        try:
+            d = json.loads(data)
+            if d.pop("v") != 1:
+                raise GroupStateError("a group record of an unknown version")
+            return cls(**d)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GroupStateError(f"a group record is damaged: {type(exc).__name__}") from None
+
+
+@dataclass
+class TakeReport:
+    """What the batches of one ``receive`` did: group messages to show, events, errors."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Groups:
+    """One owner's groups over its relationships (module docstring)."""
+
+    def __init__(
+        self, rels: Relationships, *, limits: Limits | None = None, durable: bool = True
+    ) -> None:
+        self.rels = rels
+        self.me = rels.edge.did
+        directory = rels.edge.config.state_dir / SYNC_DIR
+        directory.mkdir(mode=0o700, exist_ok=True)
+        self._exit = contextlib.ExitStack()
+        self._exit.enter_context(locked_file(directory / ".lock"))
+        try:
+            self.store = SyncStore(directory / STORE_FILE, durable=durable)
+            self._exit.callback(self.store.close)
+            self._load(limits)
+        except BaseException:
+            self._exit.close()
+            raise
+
+    def _load(self, limits: Limits | None) -> None:
+        vault = self.rels.vault
+        self.records = {k: GroupRecord.from_bytes(d) for k, d in vault.all("group")}
+        self._compacts: dict[str, str] = {}
+        certs: dict[str, str] = {}
+        for sync_did, data in vault.all("sync_cert"):
+            stored = json.loads(data)
+            certs[sync_did], self._compacts[sync_did] = stored["root"], stored["compact"]
+        self.rules = GroupRules(self.store, certs)
+        for gid, record in self.records.items():
+            self.rules.add_group(gid, record.creator)
+        self.node = SyncNode(self.store, limits=limits or LIMITS, admit=self.rules.admit)
+        self._key: SyncKey | None = None
+        self.labels = {
+            str(r["peer"]): str(r["name"])
+            for r in self.rels.list()
+            if "peer" in r and r.get("state") != "blocked"
+        }
+        self.sync_peers()
+
+    def close(self) -> None:
+        self._exit.close()
+
+    def __enter__(self) -> Groups:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls, state_dir: Path, *, on_touch: Callable[[str], None] | None = None
+    ) -> Iterator[Groups]:
+        """The relationships and the groups of the edge agent in ``state_dir``."""
+        with Relationships.open(state_dir, on_touch=on_touch) as rels, cls(rels) as groups:
+            yield groups
+
+    # --- the sync key ---------------------------------------------------------------------
+
+    def key(self) -> SyncKey:
+        """This owner's sync key; made and certified by the root (one token signature)
+        the first time the owner writes to a group."""
+        if self._key is None:
+            vault = self.rels.vault
+            seed = vault.get("sync_key", "own")
+            if seed is None:
+                key = SyncKey.generate()
+                cert = certify(self.rels.edge.root, key)
+                with vault.transaction() as tx:
+                    tx.put("sync_key", "own", key.seed)
+                    tx.put("sync_cert", key.did, _cert_record(self.me, cert.compact))
+                self._compacts[key.did] = cert.compact
+            else:
+                key = SyncKey(seed)
+            self.rules.certs[key.did] = self.me
+            self._key = key
+        return self._key
+
+    # --- peers ----------------------------------------------------------------------------
+
+    def sync_peers(self) -> list[tuple[str, str]]:
+        """Open every (member, group) pair this owner syncs, close the others; returns
+        the pairs newly opened.  A group whose records have not arrived yet syncs with
+        its creator only; an owner no longer a member syncs with no one."""
+        now = time.time()
+        opened: list[tuple[str, str]] = []
+        for gid in self.rules.groups():
+            members = self.rules.members(gid)
+            if not members:
+                want = {self.rules.creator(gid)}
+            elif self.me in members:
+                want = set(members)
+            else:
+                want = set()
+            want = {p for p in want if p in self.labels and p != self.me}
+            current = set(self.node.peers(gid))
+            for peer in current - want:
+                self.node.close(peer, gid)
+            create = self.rules.create_record(gid) if self.rules.creator(gid) == self.me else None
+            for peer in sorted(want - current):
+                self.node.open(peer, gid, now)
+                opened.append((peer, gid))
+                if create is not None and not self.store.peer_has(gid, peer, [create]):
+                    # A member joins on a batch from the creator that holds group
+                    # records: until it is known to hold the create record, every
+                    # command of the creator sends it again (a first batch may be lost).
+                    self.node.push(peer, gid, [create])
+        return opened
+
+    def label_of(self, did: str) -> str:
+        if did == self.me:
+            return "me"
+        return self.labels.get(did, f"…{did[-12:]}")
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _find(self, name: str) -> GroupRecord:
+        for record in self.records.values():
+            if record.name == name:
+                return record
+        raise UnknownGroupError(f"no group named {name!r}: see `janus sync status`")
+
+    def _member_did(self, label: str) -> str:
+        for did, name in self.labels.items():
+            if name == label:
+                return did
+        raise GroupMemberError(f"no active relationship named {label!r}: see `janus rel list`")
+
+    def _save(self, record: GroupRecord) -> None:
+        with self.rels.vault.transaction() as tx:
+            tx.put("group", record.id, record.to_bytes())
+        self.records[record.id] = record
+
+    def _post(self, gid: str, content_type: str, body: bytes) -> Message:
+        message = Message.create(
+            self.key(),
+            conversation=gid,
+            parents=self.store.heads(gid),
+            content_type=content_type,
+            body=body,
+            timestamp=int(time.time() * 1000),
+        )
+        self.rules.delivered(self.node.post(message, time.time()))
+        return message
+
+    def _push_all(self, gid: str, ids: list[str]) -> None:
+        for peer in self.node.peers(gid):
+            self.node.push(peer, gid, ids)
+
+    def create(self, name: str, labels: list[str]) -> dict[str, Any]:
+        """A new group of this owner and the named relationships' owners."""
+        check_group_name(name)
+        if any(r.name == name for r in self.records.values()):
+            raise GroupExistsError(f"a group named {name!r} exists here")
+        members = sorted({self._member_did(label) for label in labels})
+        if len(members) > MAX_MEMBERS:
+            raise GroupMemberError(f"a group has at most {MAX_MEMBERS} members")
+        self.key()  # the token signature (if any) before anything is written
+        gid = new_conversation_id()
+        self._save(GroupRecord(gid, name, self.me, int(time.time())))
+        self.rules.add_group(gid, self.me)
+        content_type, body = op_message(Op("create", tuple(members), name))
+        message = self._post(gid, content_type, body)
+        self.sync_peers()
+        self._push_all(gid, [message.id])
+        errors = self.flush()
+        return {"name": name, "id": gid, "members": self._members(gid), "errors": errors}
+
+    def _creator_only(self, record: GroupRecord) -> None:
+        if record.creator != self.me:
+            raise NotGroupCreatorError(
+                f"only the group's creator ({self.label_of(record.creator)}) changes its members"
+            )
+
+    def add(self, name: str, label: str) -> dict[str, Any]:
+        record = self._find(name)
+        self._creator_only(record)
+        did = self._member_did(label)
+        if did in self.rules.members(record.id):
+            raise GroupMemberError(f"{label!r} is a member of {name!r} already")
+        content_type, body = op_message(Op("add", (did,)))
+        message = self._post(record.id, content_type, body)
+        for peer, gid in self.sync_peers():
+            if gid == record.id:  # the new member: its whole history, unasked
+                self.node.push(peer, gid, self.store.history(gid))
+        self._push_all(record.id, [message.id])
+        errors = self.flush()
+        return {"name": name, "added": label, "members": self._members(record.id), "errors": errors}
+
+    def remove(self, name: str, label: str) -> dict[str, Any]:
+        record = self._find(name)
+        self._creator_only(record)
+        did = self._member_did(label)
+        if did == self.me or did not in self.rules.members(record.id):
+            raise GroupMemberError(f"{label!r} is not a member of {name!r} that can be removed")
+        content_type, body = op_message(Op("remove", (did,)))
+        message = self._post(record.id, content_type, body)
+        # The removed member gets the removal itself (so it knows), then nothing more:
+        # sync_peers closes it before any later batch is made.
+        self._push_all(record.id, [message.id])
+        errors = self.flush()
+        self.sync_peers()
+        return {
+            "name": name,
+            "removed": label,
+            "members": self._members(record.id),
+            "errors": errors,
+        }
+
+    def send(
+        self, name: str, *, text: str | None = None, data: bytes | None = None
+    ) -> dict[str, Any]:
+        if (text is None) == (data is None):
+            raise GroupError("give a text or data")
+        record = self._find(name)
+        if self.me not in self.rules.members(record.id):
+            raise NotAGroupMemberError(f"this owner is not a member of {name!r}")
+        if text is not None:
+            content_type, body = TEXT_TYPE, text.encode("utf-8")
+        else:
+            assert data is not None
+            content_type, body = DATA_TYPE, data
+        if len(body) > MAX_BODY:
+            raise GroupError(f"a group message is at most {MAX_BODY} bytes")
+        message = self._post(record.id, content_type, body)
+        self._push_all(record.id, [message.id])
+        peers = [self.label_of(p) for p in self.node.peers(record.id)]
+        errors = self.flush()
+        return {"name": name, "id": message.id, "to": sorted(peers), "errors": errors}
+
+    # --- batches in and out ---------------------------------------------------------------
+
+    def take(self, entries: list[dict[str, Any]]) -> TakeReport:
+        """Apply the sync batches a ``receive`` found (``ReceiveReport.sync``)."""
+        report = TakeReport()
+        for entry in entries:
+            self._take_one(str(entry["name"]), str(entry["peer"]), entry["body"], report)
+        self.sync_peers()
+        return report
+
+    def _take_one(self, label: str, peer: str, body: Any, report: TakeReport) -> None:
+        now = time.time()
+        try:
+            envelope = parse_envelope(body)
+        except GroupError as exc:
+            report.errors.append({"code": exc.code, "message": f"from {label!r}: {exc}"})
+            return
+        fresh: list[tuple[str, str, str]] = []
+        for compact in envelope.keys:
+            try:
+                cert = parse_certificate(compact)
+            except GroupError as exc:
+                report.errors.append({"code": exc.code, "message": f"from {label!r}: {exc}"})
+                return
+            if cert.sync_did not in self.rules.certs:
+                fresh.append((cert.sync_did, cert.root_did, cert.compact))
+        if fresh:
+            with self.rels.vault.transaction() as tx:
+                for sync_did, root, compact in fresh:
+                    tx.put("sync_cert", sync_did, _cert_record(root, compact))
+            for sync_did, root, compact in fresh:
+                self.rules.certs[sync_did], self._compacts[sync_did] = root, compact
+        joined: list[str] = []
+        for gid, creator in envelope.groups:
+            if gid not in self.records and creator == peer and _is_id(gid):
+                # Joined when the creator itself sends the group: it names the members.
+                self.records[gid] = GroupRecord(gid, f"group-{gid[:8]}", creator, int(now), False)
+                self.rules.add_group(gid, creator)
+                self.node.open(peer, gid, now)
+                joined.append(gid)
+        try:
+            result = self.node.receive(peer, envelope.batch, now)
+        except SyncError as exc:
+            report.errors.append({"code": exc.code, "message": f"from {label!r}: {exc}"})
+            result = None
+        for gid in joined:
+            # Kept only if the batch brought something of it: a peer cannot make this
+            # owner keep groups by naming ids.
+            if result is not None and self.store.has(gid, result.stored):
+                self._save(self.records[gid])
+                report.events.append({"event": "group_joined", "group_id": gid, "from": label})
+            else:
+                del self.records[gid]
+                self.rules.remove_group(gid)
+                self.node.close(peer, gid)
+        if result is None:
+            return
+        self.rules.delivered(result.delivered)
+        for mid, code in sorted(result.refused.items()):
+            report.errors.append(
+                {"code": code, "message": f"a group message from {label!r} was refused", "id": mid}
+            )
+        for message in result.delivered:
+            self._show(message, report)
+
+    def _show(self, message: Message, report: TakeReport) -> None:
+        record = self.records[message.conversation]
+        if message.content_type in OP_TYPES:
+            op = parse_op(message.content_type, message.body, parents=len(message.parents))
+            if op.kind == "create" and not record.named and op.name is not None:
+                record.name, record.named = self._free_name(op.name, record.id), True
+                self._save(record)
+            report.events.append(
+                {
+                    "event": f"group_{op.kind}",
+                    "group": record.name,
+                    "members": [self.label_of(m) for m in op.members],
+                }
+            )
+            return
+        shown = self.describe(message)
+        if shown["member"]:
+            report.messages.append(shown)
+        else:
+            report.events.append(
+                {"event": "group_not_member", "group": record.name, "id": message.id}
+            )
+
+    def _free_name(self, wanted: str, gid: str) -> str:
+        try:
+            base = check_group_name(wanted)
+        except BadGroupNameError:
+            base = f"group-{gid[:8]}"
+        taken = {r.name for r in self.records.values() if r.id != gid}
+        name, n = base, 2
+        while name in taken:
+            name, n = f"{base[:58]} ({n})", n + 1
+        return name
+
+    def describe(self, message: Message) -> dict[str, Any]:
+        """A group message as ``rel receive`` and ``group show`` print it."""
+        record = self.records[message.conversation]
+        author = self.rules.author_root(message) or ""
+        shown: dict[str, Any] = {
+            "group": record.name,
+            "group_id": record.id,
+            "id": message.id,
+            "author": self.label_of(author),
+            "author_did": author,
+            "timestamp": message.timestamp,
+            "content_type": message.content_type,
+            "parents": list(message.parents),
+            "member": self.rules.member_at(message),
+        }
+        if message.content_type == TEXT_TYPE:
+            shown["text"] = message.body.decode("utf-8", "replace")
+        elif message.content_type in CONTENT_TYPES:
+            shown["data"] = base64.b64encode(message.body).decode()
+        else:
+            op = parse_op(message.content_type, message.body, parents=len(message.parents))
+            shown["change"] = op.kind
+            shown["members"] = [self.label_of(m) for m in op.members]
+        return shown
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Send every batch due to every peer (over its relationship); returns the
+        problems (a message a service could not take stays queued and goes later)."""
+        errors: list[dict[str, Any]] = []
+        now = time.time()
+        peers = sorted({p for gid in self.rules.groups() for p in self.node.peers(gid)})
+        for peer in peers:
+            for _ in range(MAX_POLLS):
+                batch = self.node.poll(peer, now)
+                if batch is None:
+                    break
+                summary = summarize(batch)
+                heads_only = not worth_sending(summary, self._holds(peer))
+                if heads_only and not self._heads_due(peer, now):
+                    continue
+                keys = [self._compacts[a] for a in sorted(summary.authors) if a in self._compacts]
+                groups = [
+                    (c, self.records[c].creator)
+                    for c in sorted(summary.conversations)
+                    if c in self.records
+                ]
+                body = Envelope(batch, tuple(keys), tuple(groups)).to_body()
+                label = self.labels[peer]
+                try:
+                    self.rels.send(label, DIDCommMessage.new(SYNC_TYPE, body))
+                except RelationshipError as exc:
+                    errors.append({"code": exc.code, "message": str(exc), "to": label})
+                    break
+                if heads_only:
+                    with self.rels.vault.transaction() as tx:
+                        tx.put("sync_heads", peer, str(now).encode())
+        return errors
+
+    def _holds(self, peer: str) -> Callable[[str, str], bool]:
+        def holds(conversation: str, message_id: str) -> bool:
+            return bool(self.store.peer_has(conversation, peer, [message_id]))
+
+        return holds
+
+    def _heads_due(self, peer: str, now: float) -> bool:
+        last = self.rels.vault.get("sync_heads", peer)
+        return last is None or now - float(last) >= HEADS_EVERY
+
+    # --- reading --------------------------------------------------------------------------
+
+    def _members(self, gid: str) -> list[dict[str, str]]:
+        return [{"name": self.label_of(m), "did": m} for m in sorted(self.rules.members(gid))]
+
+    def status(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for record in sorted(self.records.values(), key=lambda r: r.name):
+            gid = record.id
+            out.append(
+                {
+                    "name": record.name,
+                    "id": gid,
+                    "creator": self.label_of(record.creator),
+                    "member": self.me in self.rules.members(gid),
+                    "members": self._members(gid),
+                    "heads": self.store.heads(gid),
+                    "delivered": len(self.store.delivered_ids(gid)),
+                    "waiting": len(self.store.waiting(gid)),
+                    "missing": len(self.store.missing(gid)),
+                    "history_hash": self.store.history_hash(gid),
+                    "peers": [
+                        {
+                            "name": self.label_of(p),
+                            "did": p,
+                            "not_acknowledged": len(self.store.unknown_to(gid, p)),
+                        }
+                        for p in sorted(self.node.peers(gid))
+                    ],
+                }
+            )
+        return out
+
+    def show(self, name: str) -> dict[str, Any]:
+        """A group and its history (the order every member computes alike)."""
+        record = self._find(name)
+        ids = self.store.history(record.id)
+        by_id = {m.id: m for m in self.store.get(record.id, ids)}
+        return {
+            "name": record.name,
+            "id": record.id,
+            "creator": self.label_of(record.creator),
+            "members": self._members(record.id),
+            "history_hash": self.store.history_hash(record.id),
+            "history": [self.describe(by_id[m]) for m in ids],
+        }
+
+
+def _cert_record(root: str, compact: str) -> bytes:
+    return json.dumps({"root": root, "compact": compact}).encode()
+
+
+def _is_id(text: str) -> bool:
+    try:
+        return len(id_bytes(text, "a group id", SyncError)) == ID_BYTES
+    except SyncError:
+        return False
