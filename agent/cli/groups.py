@@ -130,9 +130,15 @@ def take_sync(args: argparse.Namespace, rels: Any, report: Any) -> dict[str, Any
 
     if not report.sync and not (_state(args) / SYNC_DIR).is_dir():
         return {"group_messages": [], "events": [], "errors": []}
-    with Groups(rels) as groups:
-        taken = groups.take(report.sync)
-        errors = taken.errors + groups.flush()
+    from agent.sync.errors import SyncError
+
+    try:
+        with Groups(rels) as groups:
+            taken = groups.take(report.sync)
+            errors = taken.errors + groups.flush()
+    except SyncError as exc:  # e.g. a device removed from its owner's list
+        error = {"code": exc.code, "message": str(exc)}
+        return {"group_messages": [], "events": [], "errors": [error]}
     return {"group_messages": taken.messages, "events": taken.events, "errors": errors}
 
 

@@ -54,6 +54,7 @@ from agent.sync.fanout_store import FANOUT_KEY, FANOUT_KIND, FanoutStore
 from agent.sync.fanout_wire import Announcement, parse_plaintext
 from agent.sync.groups import SYNC_DIR
 from agent.sync.messages import Message as SyncMessage
+from agent.sync.transport import GROUP_BATCH_TYPE
 from janus_hsm import b64url
 from janus_hsm.strictjson import loads_object
 
@@ -360,7 +361,17 @@ class DeviceLink:
             report.errors.append({"code": exc.code, "message": f"device message: {exc}"})
             return
         if got.kind == "message" and got.conversation is not None:
-            if got.type != SYNC_TYPE or direct is None:
+            if got.type == GROUP_BATCH_TYPE:
+                # For the groups, applied after the pickup (agent/sync/groups.py).
+                report.sync.append(
+                    {
+                        "name": self.label(got.owner),
+                        "peer": got.device,
+                        "owner": got.owner,
+                        "body": got.body,
+                    }
+                )
+            elif got.type != SYNC_TYPE or direct is None:
                 report.errors.append(
                     {"code": "malformed_fanout_message", "message": "a device message of no use"}
                 )

@@ -261,9 +261,11 @@ class FanoutNode:
 
     def send_to(self, device: str, owner: str, content_type: str, body: Any) -> Outgoing:
         """One message on the session with one device (of ``owner`` or of this owner),
-        for the conversation with the peer ``owner``: a sync batch for that device."""
+        for the conversation with the peer ``owner``: a sync batch for that device.
+        ``owner`` may be this owner for a message to an own device that belongs to no
+        one peer's conversation (a group's batch)."""
         self._check_active()
-        if owner == self.owner or owner not in self.views:
+        if owner not in self.views:
             raise UnknownOwnerError(f"no relationship with the owner {owner:.80}")
         plaintext = OwnerMessage(owner, content_type, body).encode()
         parse_plaintext(plaintext)
@@ -439,7 +441,9 @@ class FanoutNode:
             self._commit(session, state)
             return Received(session.device, session.owner, "announce", outgoing=self._apply(staged))
         if own:
-            if msg.to == self.owner or msg.to not in self.views:
+            # ``to`` is the peer whose conversation it is, or this owner for what is
+            # no one peer's (a group's batch between own devices).
+            if msg.to not in self.views:
                 raise UnknownOwnerError("a copy of a message to an owner unknown here")
             conversation = msg.to
         else:

@@ -6,6 +6,10 @@ one holds relationships with.  Its log holds the membership records
 member's sync batches travel over the pairwise relationship with each other member it
 has one with, as relationship messages of type ``SYNC_TYPE`` (agent/sync/transport.py):
 the Double Ratchet of each relationship encrypts every batch for that member alone.
+With a device list here, sync peers are *devices* instead (every current device of
+every member, this owner's too), batches ride device-pair sessions (fanout.py) as 1:1
+conversations do (direct.py), and messages are signed by the writing device's key,
+admitted while it is a current device in its owner's list.
 
 State, in the edge agent's state directory: the sync key and its certificate, the
 groups (id, local name, creator) and the certificates of other members' sync keys in
@@ -36,7 +40,9 @@ from typing import Any, Final
 from agent.didcomm.message import Message as DIDCommMessage
 from agent.relationships.errors import RelationshipError
 from agent.relationships.manager import SYNC_TYPE, Relationships
+from agent.sync.device_errors import RemovedDeviceError
 from agent.sync.errors import SyncError
+from agent.sync.fanout import FanoutNode
 from agent.sync.group_errors import (
     BadGroupNameError,
     GroupError,
@@ -45,6 +51,7 @@ from agent.sync.group_errors import (
     GroupStateError,
     NotAGroupMemberError,
     NotGroupCreatorError,
+    UncertifiedAuthorError,
     UnknownGroupError,
 )
 from agent.sync.group_log import (
@@ -63,8 +70,15 @@ from agent.sync.messages import MAX_BODY, Message
 from agent.sync.protocol import Limits, SyncNode
 from agent.sync.store import SyncStore
 from agent.sync.sync_key import SyncKey, certify, parse_certificate
-from agent.sync.transport import Envelope, parse_envelope, summarize, worth_sending
+from agent.sync.transport import (
+    GROUP_BATCH_TYPE,
+    Envelope,
+    parse_envelope,
+    summarize,
+    worth_sending,
+)
 from janus_hsm.file_lock import locked_file
+from janus_hsm.provider import KeyHandle
 
 SYNC_DIR: Final = "sync"
 STORE_FILE: Final = "groups.db"
@@ -151,17 +165,77 @@ class Groups:
         for sync_did, data in vault.all("sync_cert"):
             stored = json.loads(data)
             certs[sync_did], self._compacts[sync_did] = stored["root"], stored["compact"]
+        #: With a device list here, the fan-out node: sync peers are then devices.
+        self.fanout = self._open_fanout()
+        if self.fanout is not None:
+            self.me = self.fanout.owner
+            certs.update(self._device_certs(self.fanout))
         self.rules = GroupRules(self.store, certs)
         for gid, record in self.records.items():
             self.rules.add_group(gid, record.creator)
-        self.node = SyncNode(self.store, limits=limits or LIMITS, admit=self.rules.admit)
+        admit = self.rules.admit if self.fanout is None else self._admit_device
+        self.node = SyncNode(self.store, limits=limits or LIMITS, admit=admit)
         self._key: SyncKey | None = None
         self.labels = {
             str(r["peer"]): str(r["name"])
             for r in self.rels.list()
             if "peer" in r and r.get("state") != "blocked"
         }
+        if self.fanout is not None:
+            # A device without relationships of its own knows its peers by root did.
+            for owner in self.fanout.peers():
+                self.labels.setdefault(owner, owner)
         self.sync_peers()
+
+    # --- devices --------------------------------------------------------------------------
+
+    def _open_fanout(self) -> FanoutNode | None:
+        """The fan-out node when this owner has a device list (committing what bringing
+        it up to date produced: it leaves with the next batches), else None."""
+        from agent.sync.device_link import DeviceLink
+
+        link = DeviceLink(self.rels)
+        if not link.enabled():
+            return None
+        with self.rels._locked():
+            node, out = link._open()
+            if out:
+                link._commit(node, out)
+        return node
+
+    @staticmethod
+    def _device_certs(node: FanoutNode) -> dict[str, str]:
+        """Device key -> owner root, for every device any known list ever named (so
+        that what a device wrote before its removal still names its owner); ``admit``
+        takes only current devices."""
+        return {
+            entry.did: owner
+            for owner, view in node.views.items()
+            for entry in view.current.entries()
+        }
+
+    def _admit_device(self, message: Message) -> None:
+        """With devices, a group message's author is a device key: admitted while it is
+        a current device of an owner whose list this device holds, then by the rules."""
+        assert self.fanout is not None
+        owner = self.rules.certs.get(message.author)
+        view = None if owner is None else self.fanout.views.get(owner)
+        if view is None or not view.current.is_current(message.author):
+            raise UncertifiedAuthorError("the author is no current device of an owner known here")
+        self.rules.admit(message)
+
+    def owner_of(self, peer: str) -> str:
+        """The owner a sync peer stands for (a device's owner with devices)."""
+        return self.rules.certs.get(peer, peer) if self.fanout is not None else peer
+
+    def _signer(self) -> KeyHandle:
+        """What signs this owner's group messages: with devices, this device's own key
+        (admitted by its owner's list, as 1:1 messages are); else the sync key."""
+        if self.fanout is None:
+            return self.key()
+        if self.fanout.removed:
+            raise RemovedDeviceError("this device was removed from its owner's list")
+        return self.rels.edge.root
 
     def close(self) -> None:
         self._exit.close()
@@ -213,12 +287,12 @@ class Groups:
         for gid in self.rules.groups():
             members = self.rules.members(gid)
             if not members:
-                want = {self.rules.creator(gid)}
+                owners = {self.rules.creator(gid)}
             elif self.me in members:
-                want = set(members)
+                owners = set(members)
             else:
-                want = set()
-            want = {p for p in want if p in self.labels and p != self.me}
+                owners = set()
+            want = self._peers_of(owners)
             current = set(self.node.peers(gid))
             for peer in current - want:
                 self.node.close(peer, gid)
@@ -232,6 +306,16 @@ class Groups:
                     # command of the creator sends it again (a first batch may be lost).
                     self.node.push(peer, gid, [create])
         return opened
+
+    def _peers_of(self, owners: set[str]) -> set[str]:
+        """The sync peers standing for these owners: their relationships' peers, or
+        with devices every device of theirs (this owner's too) with a live session."""
+        if self.fanout is None:
+            return {p for p in owners if p in self.labels and p != self.me}
+        if self.fanout.removed:
+            return set()
+        views = self.fanout.views
+        return {s.device for o in sorted(owners) if o in views for s in views[o].live()}
 
     def label_of(self, did: str) -> str:
         if did == self.me:
@@ -259,7 +343,7 @@ class Groups:
 
     def _post(self, gid: str, content_type: str, body: bytes) -> Message:
         message = Message.create(
-            self.key(),
+            self._signer(),
             conversation=gid,
             parents=self.store.heads(gid),
             content_type=content_type,
@@ -281,7 +365,7 @@ class Groups:
         members = sorted({self._member_did(label) for label in labels})
         if len(members) > MAX_MEMBERS:
             raise GroupMemberError(f"a group has at most {MAX_MEMBERS} members")
-        self.key()  # the token signature (if any) before anything is written
+        self._signer()  # the token signature (if any) before anything is written
         gid = new_conversation_id()
         self._save(GroupRecord(gid, name, self.me, int(time.time())))
         self.rules.add_group(gid, self.me)
@@ -350,9 +434,17 @@ class Groups:
             raise GroupError(f"a group message is at most {MAX_BODY} bytes")
         message = self._post(record.id, content_type, body)
         self._push_all(record.id, [message.id])
-        peers = [self.label_of(p) for p in self.node.peers(record.id)]
+        peers = self.node.peers(record.id)
         errors = self.flush()
-        return {"name": name, "id": message.id, "to": sorted(peers), "errors": errors}
+        sent: dict[str, Any] = {
+            "name": name,
+            "id": message.id,
+            "to": sorted({self.label_of(self.owner_of(p)) for p in peers}),
+            "errors": errors,
+        }
+        if self.fanout is not None:
+            sent["devices"] = sorted(peers)
+        return sent
 
     # --- batches in and out ---------------------------------------------------------------
 
@@ -360,7 +452,18 @@ class Groups:
         """Apply the sync batches a ``receive`` found (``ReceiveReport.sync``)."""
         report = TakeReport()
         for entry in entries:
-            self._take_one(str(entry["name"]), str(entry["peer"]), entry["body"], report)
+            label, owner = str(entry["name"]), entry.get("owner")
+            if (owner is None) != (self.fanout is None):
+                # With devices, batches ride device-pair sessions only (and without,
+                # relationships only): a peer's software out of step with this one.
+                report.errors.append(
+                    {
+                        "code": "group_batch_path",
+                        "message": f"a group batch from {label!r} by a path not used here",
+                    }
+                )
+                continue
+            self._take_one(label, str(entry["peer"]), entry["body"], report)
         self.sync_peers()
         return report
 
@@ -387,8 +490,12 @@ class Groups:
             for sync_did, root, compact in fresh:
                 self.rules.certs[sync_did], self._compacts[sync_did] = root, compact
         joined: list[str] = []
+        sender = self.owner_of(peer)
         for gid, creator in envelope.groups:
-            if gid not in self.records and creator == peer and _is_id(gid):
+            # Joined from the creator, or (with devices) from another device of this
+            # owner, which is trusted as this one is.
+            trusted = creator == sender or (self.fanout is not None and sender == self.me)
+            if gid not in self.records and trusted and _is_id(gid):
                 # Joined when the creator itself sends the group: it names the members.
                 self.records[gid] = GroupRecord(gid, f"group-{gid[:8]}", creator, int(now), False)
                 self.rules.add_group(gid, creator)
@@ -468,6 +575,8 @@ class Groups:
             "parents": list(message.parents),
             "member": self.rules.member_at(message),
         }
+        if self.fanout is not None:
+            shown["device"] = message.author  # the device it was written on
         if message.content_type == TEXT_TYPE:
             shown["text"] = message.body.decode("utf-8", "replace")
         elif message.content_type in CONTENT_TYPES:
@@ -481,25 +590,18 @@ class Groups:
     def flush(self) -> list[dict[str, Any]]:
         """Send every batch due to every peer (over its relationship); returns the
         problems (a message a service could not take stays queued and goes later)."""
+        if self.fanout is not None:
+            return self._flush_devices()
         errors: list[dict[str, Any]] = []
         now = time.time()
-        peers = sorted({p for gid in self.rules.groups() for p in self.node.peers(gid)})
-        for peer in peers:
+        for peer in self._all_peers():
             for _ in range(MAX_POLLS):
-                batch = self.node.poll(peer, now)
-                if batch is None:
+                due = self._due(peer, now)
+                if due is None:
                     break
-                summary = summarize(batch)
-                heads_only = not worth_sending(summary, self._holds(peer))
-                if heads_only and not self._heads_due(peer, now):
+                body, heads_only = due
+                if body is None:
                     continue
-                keys = [self._compacts[a] for a in sorted(summary.authors) if a in self._compacts]
-                groups = [
-                    (c, self.records[c].creator)
-                    for c in sorted(summary.conversations)
-                    if c in self.records
-                ]
-                body = Envelope(batch, tuple(keys), tuple(groups)).to_body()
                 label = self.labels[peer]
                 try:
                     self.rels.send(label, DIDCommMessage.new(SYNC_TYPE, body))
@@ -509,6 +611,61 @@ class Groups:
                 if heads_only:
                     with self.rels.vault.transaction() as tx:
                         tx.put("sync_heads", peer, str(now).encode())
+        return errors
+
+    def _all_peers(self) -> list[str]:
+        return sorted({p for gid in self.rules.groups() for p in self.node.peers(gid)})
+
+    def _due(self, peer: str, now: float) -> tuple[dict[str, Any] | None, bool] | None:
+        """The next envelope for ``peer`` and whether it only offers heads (None for
+        the envelope: a heads offer not due yet), or None when nothing is due."""
+        batch = self.node.poll(peer, now)
+        if batch is None:
+            return None
+        summary = summarize(batch)
+        heads_only = not worth_sending(summary, self._holds(peer))
+        if heads_only and not self._heads_due(peer, now):
+            return None, heads_only
+        keys = [self._compacts[a] for a in sorted(summary.authors) if a in self._compacts]
+        groups = [
+            (c, self.records[c].creator) for c in sorted(summary.conversations) if c in self.records
+        ]
+        return Envelope(batch, tuple(keys), tuple(groups)).to_body(), heads_only
+
+    def _flush_devices(self) -> list[dict[str, Any]]:
+        """With devices: one batch per device over its device-pair session, committed
+        with the fan-out node (its ratchets) before anything leaves, as 1:1 sends are."""
+        from agent.sync.device_link import DeviceLink
+
+        link = DeviceLink(self.rels)
+        errors: list[dict[str, Any]] = []
+        now = time.time()
+        with self.rels._locked():
+            node, out = link._open()  # the node as saved now (ratchets move on)
+            self.fanout = node
+            self.rules.certs.update(self._device_certs(node))
+            self.sync_peers()  # devices removed meanwhile: closed before any batch
+            for peer in self._all_peers():
+                owner = next((o for o, v in node.views.items() if peer in v.sessions), None)
+                if owner is None:
+                    continue
+                for _ in range(MAX_POLLS):
+                    due = self._due(peer, now)
+                    if due is None:
+                        break
+                    body, heads_only = due
+                    if body is None:
+                        continue
+                    try:
+                        out.append(node.send_to(peer, owner, GROUP_BATCH_TYPE, body))
+                    except SyncError as exc:
+                        errors.append({"code": exc.code, "message": str(exc), "to": peer})
+                        break
+                    if heads_only:
+                        with self.rels.vault.transaction() as tx:
+                            tx.put("sync_heads", peer, str(now).encode())
+            link._commit(node, out)
+            errors += link._flush(node)
         return errors
 
     def _holds(self, peer: str) -> Callable[[str, str], bool]:
@@ -544,7 +701,7 @@ class Groups:
                     "history_hash": self.store.history_hash(gid),
                     "peers": [
                         {
-                            "name": self.label_of(p),
+                            "name": self.label_of(self.owner_of(p)),
                             "did": p,
                             "not_acknowledged": len(self.store.unknown_to(gid, p)),
                         }

@@ -9,6 +9,10 @@ Double Ratchet of that relationship encrypts it, and says which peer sent it)::
 member may relay a message by someone it shares no relationship with); ``groups``
 names each group the batch speaks of with its creator, which is how an owner added to
 a group learns of it (it joins a group only when its creator sends it).
+
+With devices, the same envelope travels over the device-pair session with one device
+(a fan-out message of type ``GROUP_BATCH_TYPE``), its ``keys`` empty: authors are
+device keys, which the owners' device lists certify.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from agent.sync.records import MAX_BATCH_BYTES, RECORD_HEAD, RecordType
 from janus_hsm import b64url
 
 ENVELOPE_VERSION: Final = 1
+#: With devices, the envelope rides one device-pair session (fanout.py) as a message of
+#: this type, instead of a relationship message of ``SYNC_TYPE``.
+GROUP_BATCH_TYPE: Final = "https://janus.dev/sync/1.0/group-batch"
 #: Certificates and groups an envelope may name (more is refused, not truncated).
 MAX_KEYS: Final = 64
 MAX_GROUPS: Final = 64

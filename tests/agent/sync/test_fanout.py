@@ -36,6 +36,7 @@ from agent.sync.fanout_errors import (
     DeviceBundleError,
     MalformedFanoutError,
     UnknownOwnerError,
+    UnknownSessionError,
 )
 from agent.sync.fanout_state import dump_node, load_node
 from agent.sync.fanout_store import FanoutStore
@@ -239,6 +240,18 @@ def test_a_message_from_any_device_reaches_every_device_of_both(world: World) ->
     second = next(o for o in w.a2.fan.send(w.b, TEXT, {"n": 2}) if o.device == w.b1.did)
     assert w.b1.fan.receive(first.wire, device=w.a1.did).device == w.a1.did
     assert w.b1.fan.receive(second.wire, device=w.b2.did).body == {"n": 2}
+
+
+def test_a_message_for_an_own_device_names_its_owner(world: World) -> None:
+    """What belongs to no one peer's conversation (a group's batch) goes to an own
+    device addressed to this owner; a peer's device cannot be sent one that way."""
+    w = world
+    out = w.a1.fan.send_to(w.a2.did, w.a, TEXT, {"group": 1})
+    w.net.deliver([out])
+    got = w.net.messages(w.a2)[-1]
+    assert got.own_copy and got.conversation == w.a and got.body == {"group": 1}
+    with pytest.raises(UnknownSessionError):
+        w.a1.fan.send_to(w.b1.did, w.a, TEXT, {})
 
 
 def test_a_lost_first_message_is_repeated_by_the_next(make_device: Any, tmp_path: Path) -> None:
