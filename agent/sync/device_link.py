@@ -45,6 +45,7 @@ from agent.relationships.manager import (
 from agent.relationships.relationship import new_id
 from agent.relationships.vault import Transaction
 from agent.sync.device_errors import DeviceError
+from agent.sync.device_sync_key import DeviceSyncKeys
 from agent.sync.devices import Devices
 from agent.sync.direct import Direct
 from agent.sync.errors import SyncError
@@ -243,7 +244,9 @@ class DeviceLink:
         return name if name in node.peers() else None
 
     def _direct(self, node: FanoutNode) -> Direct:
-        return Direct(self.rels.edge.config.state_dir / SYNC_DIR, node)
+        return Direct(
+            self.rels.edge.config.state_dir / SYNC_DIR, node, DeviceSyncKeys(self.rels.vault)
+        )
 
     def send(self, name: str, message: Message) -> dict[str, Any] | None:
         """``message`` into the conversation with the peer, for every device of both
@@ -260,8 +263,8 @@ class DeviceLink:
                 return None
             direct = self._direct(node)
             try:
-                # One token signature (this device's key writes the message), stored
-                # in the sync store before the batches that carry it are made.
+                # Signed by this device's sync key (the token only certifies that key,
+                # once), stored in the sync store before the batches that carry it.
                 direct.post(self.rels.edge.root, peer, message)
                 sent = direct.outgoing()
             finally:
@@ -382,18 +385,20 @@ class DeviceLink:
                     taken = []
                     report.errors.append({"code": exc.code, "message": f"sync batch: {exc}"})
                 for message in taken:
-                    report.messages.append(self._shown(got.conversation, message))
+                    report.messages.append(
+                        self._shown(got.conversation, message, direct.device_of(message.author))
+                    )
         with self.rels.vault.transaction() as tx:
             tx.mark_seen(wire)
             self._commit(node, got.outgoing, tx=tx)
         if got.opened:
             report.event("device_session", device=got.device, owner=got.owner)
 
-    def _shown(self, peer: str, written: SyncMessage) -> dict[str, Any]:
+    def _shown(self, peer: str, written: SyncMessage, device: str) -> dict[str, Any]:
         return {
             "name": self.label(peer),
             "id": written.id,
-            "device": written.author,
+            "device": device,
             "parents": list(written.parents),
             "message": json.loads(written.body),
         }
@@ -418,7 +423,11 @@ class DeviceLink:
                 raise UnknownConversationError(f"no conversation with {name!r} here")
         direct = self._direct(node)
         try:
-            return [self._shown(p, m) for p in peers for m in direct.history(p)]
+            return [
+                self._shown(p, m, direct.device_of(m.author))
+                for p in peers
+                for m in direct.history(p)
+            ]
         finally:
             direct.close()
 

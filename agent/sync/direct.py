@@ -10,9 +10,11 @@ several paths (from its author and relayed by another device) is stored once.
 
 - **Conversation id**: SHA-256 of the two owners' root dids (sorted), so both sides
   name it alike without agreeing on anything.
-- **Author**: the writing device's own device key (one token signature per message
-  sent: a 1:1 message is written by a person at a device, not in bulk); a message is
-  admitted only if its author is a current device of one of the two owners.
+- **Author**: the writing device's sync key (agent/sync/device_sync_key.py), certified
+  once by the device's key: the token signs that certificate, never a message.  The
+  certificates of a batch's authors travel in the batch (``keys``); a message is
+  admitted only if its author is a sync key certified by a current device of one of
+  the two owners (or, as written before sync keys, a current device's own key).
 - **Sync peers** are named ``DEVICE|OWNER`` (the device, and the peer owner whose
   conversation it is): one poll makes one batch for one device and one conversation.
 
@@ -32,6 +34,7 @@ from typing import Any, Final
 
 from agent.didcomm.message import Message as DIDCommMessage
 from agent.relationships.manager import SYNC_TYPE
+from agent.sync.device_sync_key import DeviceSyncKeys
 from agent.sync.errors import NotAdmittedError
 from agent.sync.fanout import FanoutNode, Outgoing
 from agent.sync.ids import id_text
@@ -60,10 +63,13 @@ def conversation_id(one: str, other: str) -> str:
 class Direct:
     """One device's 1:1 conversations with every peer owner its fan-out node knows."""
 
-    def __init__(self, directory: Path, node: FanoutNode) -> None:
+    def __init__(
+        self, directory: Path, node: FanoutNode, keys: DeviceSyncKeys | None = None
+    ) -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
         self.store = SyncStore(directory / DIRECT_DB)
         self.node = node
+        self.keys = DeviceSyncKeys() if keys is None else keys
         self.sync = SyncNode(self.store, admit=self._admit)
         self.peers = {conversation_id(node.owner, p): p for p in node.peers()}
         self._open(time.time())
@@ -88,19 +94,26 @@ class Direct:
         peer = self.peers.get(message.conversation)
         if peer is None:
             raise NotADeviceError("a message of no conversation here")
-        if not any(
-            self.node.views[o].current.is_current(message.author) for o in (peer, self.node.owner)
-        ):
-            raise NotADeviceError("the author is no current device of the two owners")
+        device = self.device_of(message.author)
+        if not any(self.node.views[o].current.is_current(device) for o in (peer, self.node.owner)):
+            raise NotADeviceError("the author is no sync key of a current device of the two owners")
+
+    def device_of(self, author: str) -> str:
+        """The device a message's author stands for (its certified sync key's device)."""
+        return self.keys.device_of(author) or author
+
+    def _known_device(self, did: str) -> bool:
+        return any(any(e.did == did for e in v.current.entries()) for v in self.node.views.values())
 
     # --- writing and taking ------------------------------------------------------------
 
     def post(self, key: KeyHandle, peer: str, message: DIDCommMessage) -> Message:
-        """A new message of this device in the conversation with ``peer`` (its parents:
-        the current heads), stored, and pushed to every device at the next batch."""
+        """A new message of this device (``key``: the device's key, which certifies its
+        sync key once) in the conversation with ``peer`` (its parents: the current
+        heads), signed by the sync key, stored, and pushed to every device."""
         conv = conversation_id(self.node.owner, peer)
         written = Message.create(
-            key,
+            self.keys.signer(key),
             conversation=conv,
             parents=self.store.heads(conv),
             content_type=CONTENT_TYPE,
@@ -117,8 +130,12 @@ class Direct:
         made deliverable (in causal order); a malformed batch raises, nothing changed."""
         from agent.sync.group_errors import MalformedEnvelopeError
 
-        if not isinstance(body, dict) or set(body) != {"v", "batch"} or body["v"] != 1:
-            raise MalformedEnvelopeError("a direct sync batch is {'v': 1, 'batch'}")
+        if (
+            not isinstance(body, dict)
+            or set(body) - {"keys"} != {"v", "batch"}
+            or body["v"] != BATCH_VERSION
+        ):
+            raise MalformedEnvelopeError("a direct sync batch is {'v': 1, 'batch', 'keys'}")
         raw = body["batch"]
         if not isinstance(raw, str):
             raise MalformedEnvelopeError("a direct sync batch is base64url text")
@@ -126,6 +143,8 @@ class Direct:
         name = f"{device}|{peer}"
         if name not in {p for c in self.peers for p in self.sync.peers(c)}:
             return []  # no session with it any more (a removed device): ignored
+        # Verified all before any is kept: a bad certificate refuses the batch.
+        self.keys.learn(body.get("keys", []), self._known_device)
         return self.sync.receive(name, batch, time.time()).delivered
 
     def outgoing(self) -> list[Outgoing]:
@@ -141,9 +160,14 @@ class Direct:
                 if batch is None:
                     continue
                 holds = self._holds(name)
-                if not worth_sending(summarize(batch), holds):
+                summary = summarize(batch)
+                if not worth_sending(summary, holds):
                     continue
-                body = {"v": BATCH_VERSION, "batch": b64url.encode(batch)}
+                body = {
+                    "v": BATCH_VERSION,
+                    "batch": b64url.encode(batch),
+                    "keys": self.keys.certificates(summary.authors),
+                }
                 out.append(self.node.send_to(device, peer, SYNC_TYPE, body))
         return out
 

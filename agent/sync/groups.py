@@ -8,8 +8,10 @@ has one with, as relationship messages of type ``SYNC_TYPE`` (agent/sync/transpo
 the Double Ratchet of each relationship encrypts every batch for that member alone.
 With a device list here, sync peers are *devices* instead (every current device of
 every member, this owner's too), batches ride device-pair sessions (fanout.py) as 1:1
-conversations do (direct.py), and messages are signed by the writing device's key,
-admitted while it is a current device in its owner's list.
+conversations do (direct.py), and messages are signed by the writing device's sync key
+(agent/sync/device_sync_key.py: certified once by the device's key, its certificate
+in the ``keys`` of the batches), admitted while that device is current in its owner's
+list.
 
 State, in the edge agent's state directory: the sync key and its certificate, the
 groups (id, local name, creator) and the certificates of other members' sync keys in
@@ -41,6 +43,7 @@ from agent.didcomm.message import Message as DIDCommMessage
 from agent.relationships.errors import RelationshipError
 from agent.relationships.manager import SYNC_TYPE, Relationships
 from agent.sync.device_errors import RemovedDeviceError
+from agent.sync.device_sync_key import DeviceSyncKeys
 from agent.sync.errors import SyncError
 from agent.sync.fanout import FanoutNode
 from agent.sync.group_errors import (
@@ -165,6 +168,8 @@ class Groups:
         for sync_did, data in vault.all("sync_cert"):
             stored = json.loads(data)
             certs[sync_did], self._compacts[sync_did] = stored["root"], stored["compact"]
+        #: The device sync keys (used with a device list only).
+        self.device_keys = DeviceSyncKeys(vault)
         #: With a device list here, the fan-out node: sync peers are then devices.
         self.fanout = self._open_fanout()
         if self.fanout is not None:
@@ -203,25 +208,41 @@ class Groups:
                 link._commit(node, out)
         return node
 
-    @staticmethod
-    def _device_certs(node: FanoutNode) -> dict[str, str]:
-        """Device key -> owner root, for every device any known list ever named (so
-        that what a device wrote before its removal still names its owner); ``admit``
-        takes only current devices."""
-        return {
+    def _device_certs(self, node: FanoutNode) -> dict[str, str]:
+        """Device key and device sync key -> owner root, for every device any known
+        list ever named (so that what a device wrote before its removal still names its
+        owner); ``admit`` takes only current devices."""
+        devices = {
             entry.did: owner
             for owner, view in node.views.items()
             for entry in view.current.entries()
         }
+        synced = {
+            sync_did: devices[device]
+            for sync_did, (device, _) in self.device_keys.known.items()
+            if device in devices
+        }
+        return {**devices, **synced}
+
+    def _known_device(self, did: str) -> bool:
+        return self.fanout is not None and did in self._device_certs(self.fanout)
+
+    def device_of(self, author: str) -> str:
+        """The device a group message's author stands for (with devices)."""
+        return self.device_keys.device_of(author) or author
 
     def _admit_device(self, message: Message) -> None:
-        """With devices, a group message's author is a device key: admitted while it is
-        a current device of an owner whose list this device holds, then by the rules."""
+        """With devices, a group message's author is a device sync key (or, as written
+        before sync keys, a device key): admitted while its device is current in the
+        list of an owner this device holds, then by the rules."""
         assert self.fanout is not None
-        owner = self.rules.certs.get(message.author)
+        device = self.device_of(message.author)
+        owner = self.rules.certs.get(device)
         view = None if owner is None else self.fanout.views.get(owner)
-        if view is None or not view.current.is_current(message.author):
-            raise UncertifiedAuthorError("the author is no current device of an owner known here")
+        if view is None or not view.current.is_current(device):
+            raise UncertifiedAuthorError(
+                "the author is no sync key of a current device of an owner known here"
+            )
         self.rules.admit(message)
 
     def owner_of(self, peer: str) -> str:
@@ -229,13 +250,16 @@ class Groups:
         return self.rules.certs.get(peer, peer) if self.fanout is not None else peer
 
     def _signer(self) -> KeyHandle:
-        """What signs this owner's group messages: with devices, this device's own key
-        (admitted by its owner's list, as 1:1 messages are); else the sync key."""
+        """What signs this owner's group messages: with devices, this device's sync key
+        (certified once by the device's key, admitted by its owner's list, as 1:1
+        messages are); else the owner's sync key.  Never the token, per message."""
         if self.fanout is None:
             return self.key()
         if self.fanout.removed:
             raise RemovedDeviceError("this device was removed from its owner's list")
-        return self.rels.edge.root
+        key = self.device_keys.signer(self.rels.edge.root)
+        self.rules.certs[key.did] = self.me
+        return key
 
     def close(self) -> None:
         self._exit.close()
@@ -474,8 +498,15 @@ class Groups:
         except GroupError as exc:
             report.errors.append({"code": exc.code, "message": f"from {label!r}: {exc}"})
             return
+        if self.fanout is not None:
+            try:
+                self.device_keys.learn(list(envelope.keys), self._known_device)
+            except GroupError as exc:
+                report.errors.append({"code": exc.code, "message": f"from {label!r}: {exc}"})
+                return
+            self.rules.certs.update(self._device_certs(self.fanout))
         fresh: list[tuple[str, str, str]] = []
-        for compact in envelope.keys:
+        for compact in envelope.keys if self.fanout is None else ():
             try:
                 cert = parse_certificate(compact)
             except GroupError as exc:
@@ -576,7 +607,7 @@ class Groups:
             "member": self.rules.member_at(message),
         }
         if self.fanout is not None:
-            shown["device"] = message.author  # the device it was written on
+            shown["device"] = self.device_of(message.author)  # the device it was written on
         if message.content_type == TEXT_TYPE:
             shown["text"] = message.body.decode("utf-8", "replace")
         elif message.content_type in CONTENT_TYPES:
@@ -626,7 +657,10 @@ class Groups:
         heads_only = not worth_sending(summary, self._holds(peer))
         if heads_only and not self._heads_due(peer, now):
             return None, heads_only
-        keys = [self._compacts[a] for a in sorted(summary.authors) if a in self._compacts]
+        if self.fanout is not None:
+            keys = self.device_keys.certificates(summary.authors)
+        else:
+            keys = [self._compacts[a] for a in sorted(summary.authors) if a in self._compacts]
         groups = [
             (c, self.records[c].creator) for c in sorted(summary.conversations) if c in self.records
         ]

@@ -77,22 +77,26 @@ class SyncKeyCertificate:
     issued: int
 
 
-def certify(root: KeyHandle, sync_key: KeyHandle, *, now: int | None = None) -> SyncKeyCertificate:
-    """The root signs the binding (one token signature, once per sync key)."""
+def certify(
+    root: KeyHandle, sync_key: KeyHandle, *, now: int | None = None, typ: str = CERT_TYP
+) -> SyncKeyCertificate:
+    """The root signs the binding (one token signature, once per sync key).  A device's
+    sync key is certified the same way by the device's key, under a ``typ`` of its own
+    (agent/sync/device_sync_key.py), so neither certificate passes for the other."""
     issued = int(time.time()) if now is None else now
     payload = {"iss": root.did, "sub": sync_key.did, "iat": issued}
-    compact = sign_compact(root, {"typ": CERT_TYP}, payload)
+    compact = sign_compact(root, {"typ": typ}, payload)
     return SyncKeyCertificate(compact, root.did, sync_key.did, issued)
 
 
-def parse_certificate(compact: object) -> SyncKeyCertificate:
+def parse_certificate(compact: object, *, typ: str = CERT_TYP) -> SyncKeyCertificate:
     """Verify a certificate that came from a peer; any fault is a typed refusal."""
     if not isinstance(compact, str) or len(compact) > MAX_CERT_CHARS:
         raise BadSyncKeyCertificateError(
             f"a sync-key certificate is a compact JWS of at most {MAX_CERT_CHARS} characters"
         )
     try:
-        parsed = parse_compact(compact, typ=CERT_TYP, what="the sync-key certificate")
+        parsed = parse_compact(compact, typ=typ, what="the sync-key certificate")
         payload = parsed.payload
         if set(payload) != {"iss", "sub", "iat"}:
             raise BadSyncKeyCertificateError("a sync-key certificate has iss, sub and iat only")

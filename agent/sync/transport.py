@@ -11,8 +11,9 @@ names each group the batch speaks of with its creator, which is how an owner add
 a group learns of it (it joins a group only when its creator sends it).
 
 With devices, the same envelope travels over the device-pair session with one device
-(a fan-out message of type ``GROUP_BATCH_TYPE``), its ``keys`` empty: authors are
-device keys, which the owners' device lists certify.
+(a fan-out message of type ``GROUP_BATCH_TYPE``), its ``keys`` the device sync-key
+certificates of the authors (agent/sync/device_sync_key.py): each binds a sync key to
+a device, which its owner's device list names.
 """
 
 from __future__ import annotations

@@ -87,6 +87,17 @@ def settle(devices: list[Device], rounds: int = 1) -> None:
             device.receive()
 
 
+def authors(store_path: Path) -> dict[str, str]:
+    """Message id -> author key, of every message a device's sync store holds."""
+    from agent.sync.store import SyncStore
+
+    store = SyncStore(store_path)
+    try:
+        return {m.id: m.author for conv in store.conversations() for _, m in store.delivered(conv)}
+    finally:
+        store.close()
+
+
 def sessions(device: Device) -> set[str]:
     return {d for owner in device.devices()["owners"] for d in owner["sessions"]}
 
@@ -148,6 +159,12 @@ def test_fanout_converges_and_a_removed_device_gets_nothing(world: dict[str, Any
     assert all(h == ["one", "two", "three"] for h in histories), histories
     hashes = {c["history_hash"] for d in everyone for c in d.devices()["conversations"]}
     assert len(hashes) == 1
+    # Each message is signed by its device's sync key (certified once by the device's
+    # key: the token signs no message), and shown as written on that device.
+    items = blair[1].ok("rel", "history")["history"]
+    assert [h["device"] for h in items] == [alex[0].did, blair[0].did, alex[1].did]
+    written = authors(blair[1].state / "sync" / "direct.db")
+    assert len(set(written.values())) == 3 and not set(written.values()) & dids
 
     # Blair removes the desktop: from then on no device sends it anything.
     blair[0].ok("device", "remove", blair[1].did)

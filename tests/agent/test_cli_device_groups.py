@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 
 from agent.cloud.process import CloudProcess
-from tests.agent.test_cli_device_fanout import SERVICE_ARGS, Device, join, sessions, settle
+from tests.agent.test_cli_device_fanout import (
+    SERVICE_ARGS,
+    Device,
+    authors,
+    join,
+    sessions,
+    settle,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +116,10 @@ def test_group_across_devices_converges_and_a_removed_device_gets_nothing(
     by_text = {h["text"]: h for h in shown[0]["history"] if "text" in h}
     assert by_text["a1"]["device"] == alex[0].did and by_text["a2"]["device"] == alex[1].did
     assert by_text["b1"]["author_did"] == blair[0].did and by_text["b1"]["device"] == blair[1].did
+    # Signed by each device's sync key (the token only certified it), never the token.
+    written = authors(casey[0].state / "sync" / "groups.db")
+    keys = {written[by_text[t]["id"]] for t in ("a1", "a2", "b1", "c1")}
+    assert len(keys) == 4 and not keys & dids
 
     # Blair removes the desktop: from then on no device sends it anything of the group.
     blair[0].ok("device", "remove", blair[1].did)

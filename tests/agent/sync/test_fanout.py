@@ -718,10 +718,13 @@ def test_device_addresses_travel_in_announcements(world: World, tmp_path: Path) 
 def test_a_direct_conversation_catches_up_through_any_device(world: World, tmp_path: Path) -> None:
     from agent.didcomm.message import Message as DIDComm
     from agent.relationships.manager import SYNC_TYPE
+    from agent.sync.device_sync_key import DeviceSyncKeys
     from agent.sync.direct import Direct
 
     w = world
-    directs = {d.did: Direct(tmp_path / f"direct-{d.name}", d.fan) for d in w.all}
+    # What a device's vault keeps across commands: its sync key, the certificates known.
+    keys = {d.did: DeviceSyncKeys() for d in w.all}
+    directs = {d.did: Direct(tmp_path / f"direct-{d.name}", d.fan, keys[d.did]) for d in w.all}
     taken: dict[str, int] = {d.did: 0 for d in w.all}
 
     def run(out: list[Outgoing], drop: frozenset[str] = frozenset()) -> None:
@@ -747,7 +750,7 @@ def test_a_direct_conversation_catches_up_through_any_device(world: World, tmp_p
     assert texts(w.a2, w.b) == ["one"] and texts(w.b1, w.a) == []
     # A2's next command re-opens its pairs: its offers bring "one" to B1 and B2.
     directs[w.a2.did].close()
-    directs[w.a2.did] = Direct(tmp_path / "direct-a2", w.a2.fan)
+    directs[w.a2.did] = Direct(tmp_path / "direct-a2", w.a2.fan, keys[w.a2.did])
     run(directs[w.a2.did].outgoing())
     assert texts(w.b1, w.a) == ["one"] and texts(w.b2, w.a) == ["one"]
     # B2 answers: "two" names "one" as its parent; every device delivers each once.
