@@ -244,8 +244,9 @@ class DeviceLink:
         return name if name in node.peers() else None
 
     def _direct(self, node: FanoutNode) -> Direct:
+        vault = self.rels.vault
         return Direct(
-            self.rels.edge.config.state_dir / SYNC_DIR, node, DeviceSyncKeys(self.rels.vault)
+            self.rels.edge.config.state_dir / SYNC_DIR, node, DeviceSyncKeys(vault), vault
         )
 
     def send(self, name: str, message: Message) -> dict[str, Any] | None:

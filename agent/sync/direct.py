@@ -20,8 +20,11 @@ several paths (from its author and relayed by another device) is stored once.
 
 Retransmission is driven by the owner's commands, as for groups: every ``rel send`` and
 ``rel receive`` re-opens each (device, conversation) pair, which offers what the device
-is not known to hold and asks for missing parents; a batch that would only offer what
-the device is known to hold is not sent.
+is not known to hold and asks for missing parents.  A batch that would only offer heads
+the device is known to hold goes to it only when its session is new (opened, or
+re-opened by a device restored from an old backup) or at most once an hour (``HEADS_EVERY``,
+as for groups): that offer is how a restored device learns what it lost, and asks for
+it; idle conversations cost nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from typing import Any, Final
 
 from agent.didcomm.message import Message as DIDCommMessage
 from agent.relationships.manager import SYNC_TYPE
+from agent.relationships.vault import Vault
 from agent.sync.device_sync_key import DeviceSyncKeys
 from agent.sync.errors import NotAdmittedError
 from agent.sync.fanout import FanoutNode, Outgoing
+from agent.sync.groups import HEADS_EVERY
 from agent.sync.ids import id_text
 from agent.sync.messages import Message
 from agent.sync.protocol import SyncNode
@@ -49,6 +54,8 @@ DIRECT_DB: Final = "direct.db"
 #: A 1:1 message's content type: the DIDComm plaintext message, as JSON.
 CONTENT_TYPE: Final = "application/didcomm-plain+json"
 BATCH_VERSION: Final = 1
+#: Vault kind of the last heads offer per device: ``{"session": digest, "at": time}``.
+HEADS_KIND: Final = "direct_heads"
 
 
 class NotADeviceError(NotAdmittedError):
@@ -64,12 +71,20 @@ class Direct:
     """One device's 1:1 conversations with every peer owner its fan-out node knows."""
 
     def __init__(
-        self, directory: Path, node: FanoutNode, keys: DeviceSyncKeys | None = None
+        self,
+        directory: Path,
+        node: FanoutNode,
+        keys: DeviceSyncKeys | None = None,
+        vault: Vault | None = None,
     ) -> None:
+        """``vault`` keeps when heads were last offered to each device (in memory
+        without one)."""
         directory.mkdir(mode=0o700, exist_ok=True)
         self.store = SyncStore(directory / DIRECT_DB)
         self.node = node
         self.keys = DeviceSyncKeys() if keys is None else keys
+        self.vault = vault
+        self._heads: dict[str, bytes] = {}
         self.sync = SyncNode(self.store, admit=self._admit)
         self.peers = {conversation_id(node.owner, p): p for p in node.peers()}
         self._open(time.time())
@@ -148,11 +163,14 @@ class Direct:
         return self.sync.receive(name, batch, time.time()).delivered
 
     def outgoing(self) -> list[Outgoing]:
-        """One batch per (device, conversation) that has something worth sending."""
+        """One batch per (device, conversation) that has something worth sending, and
+        the heads of every shared conversation to each device whose offer is due."""
         if self.node.removed:
             return []
         now = time.time()
         out: list[Outgoing] = []
+        due = {d for p in self.peers.values() for d in self._devices(p) if self._heads_due(d, now)}
+        offered: set[str] = set()
         for peer in self.peers.values():
             for device in self._devices(peer):
                 name = f"{device}|{peer}"
@@ -162,14 +180,44 @@ class Direct:
                 holds = self._holds(name)
                 summary = summarize(batch)
                 if not worth_sending(summary, holds):
-                    continue
+                    if device not in due or not summary.offers:
+                        continue
+                    offered.add(device)
                 body = {
                     "v": BATCH_VERSION,
                     "batch": b64url.encode(batch),
                     "keys": self.keys.certificates(summary.authors),
                 }
                 out.append(self.node.send_to(device, peer, SYNC_TYPE, body))
+        for device in sorted(offered):
+            self._heads_offered(device, now)
         return out
+
+    def _session_digest(self, device: str) -> str:
+        views = self.node.views.values()
+        session = next(v.sessions[device] for v in views if device in v.sessions)
+        return session.initial_digest.hex()
+
+    def _heads_due(self, device: str, now: float) -> bool:
+        """Whether heads go to ``device`` even if it is known to hold them: its session
+        is not the one they last went over (new, or re-opened after a restore), or an
+        hour has passed."""
+        raw = self._heads.get(device)
+        if raw is None and self.vault is not None:
+            raw = self.vault.get(HEADS_KIND, device)
+        if raw is None:
+            return True
+        last = json.loads(raw)
+        return bool(
+            last["session"] != self._session_digest(device) or now - last["at"] >= HEADS_EVERY
+        )
+
+    def _heads_offered(self, device: str, now: float) -> None:
+        raw = json.dumps({"session": self._session_digest(device), "at": now}).encode()
+        self._heads[device] = raw
+        if self.vault is not None:
+            with self.vault.transaction() as tx:
+                tx.put(HEADS_KIND, device, raw)
 
     def _holds(self, name: str) -> Any:
         def holds(conversation: str, message_id: str) -> bool:

@@ -472,11 +472,13 @@ def test_a_session_opened_before_its_owner_is_known_waits_for_it(
 ) -> None:
     """The opener may learn of the pair first: its first message is kept aside (not
     accepted) and taken once the relationship reaches the other device."""
-    b1, b2 = owner_with_two(make_device, tmp_path, "b1", "b2")
-    a1 = next(
-        d for d in (make_device(f"a{i}") for i in range(20)) if d.did < b1.did
-    )  # so that A1 opens the session with B1
-    a1.devices.init("a1", now=NOW)
+    # The device whose did sorts first opens a session: of two fresh devices, the
+    # first becomes A1 and the other B1, so that A1 opens the session with B1.
+    a1, b1 = sorted((make_device("x"), make_device("y")), key=lambda d: d.did)
+    b1.devices.init(b1.name, now=NOW)
+    b2 = make_device("b2")
+    join(b2, b1)
+    a1.devices.init(a1.name, now=NOW)
     for d in (a1, b1, b2):
         start_node(d, tmp_path)
     net = Net([a1, b1, b2])
@@ -782,3 +784,103 @@ def test_a_direct_conversation_catches_up_through_any_device(world: World, tmp_p
     assert exc.value.code == "direct_author_not_a_device"
     for direct in directs.values():
         direct.close()
+
+
+def test_a_device_restored_from_an_old_backup_catches_up_in_one_round(
+    world: World, tmp_path: Path
+) -> None:
+    import shutil
+    import time
+
+    from agent.didcomm.message import Message as DIDComm
+    from agent.relationships.manager import SYNC_TYPE
+    from agent.sync.device_sync_key import DeviceSyncKeys
+    from agent.sync.direct import HEADS_KIND, Direct
+    from agent.sync.groups import HEADS_EVERY
+
+    w = world
+    vaults = {d.did: Vault.open(tmp_path / f"vault-{d.name}", d.edge.agreement) for d in w.all}
+    keys = {d.did: DeviceSyncKeys(vaults[d.did]) for d in w.all}
+    directs: dict[str, Direct] = {}
+
+    def command(device: Device) -> Direct:
+        """Each owner's command works on a Direct of its own, as `janus rel` does."""
+        if device.did in directs:
+            directs[device.did].close()
+        directs[device.did] = Direct(
+            tmp_path / f"direct-{device.name}", device.fan, keys[device.did], vaults[device.did]
+        )
+        return directs[device.did]
+
+    def run(out: list[Outgoing]) -> None:
+        queue = deque(out)
+        while queue:
+            item = queue.popleft()
+            got = w.net.by_did[item.device].fan.receive(item.wire)
+            queue.extend(got.outgoing)
+            if got.kind == "message" and got.type == SYNC_TYPE:
+                assert got.conversation is not None
+                here = directs[item.device]
+                here.take(got.device, got.conversation, got.body)
+                queue.extend(here.outgoing())
+
+    def write(device: Device, text: str) -> None:
+        peer = device.fan.peers()[0]
+        direct = command(device)
+        direct.post(device.edge.root, peer, DIDComm.new(TEXT, {"text": text}))
+        run(direct.outgoing())
+
+    def texts(device: Device) -> list[str]:
+        history = directs[device.did].history(device.fan.peers()[0])
+        return [json.loads(m.body)["body"]["text"] for m in history]
+
+    def hashes() -> set[str]:
+        return {directs[d.did].history_hash(d.fan.peers()[0]) for d in w.all}
+
+    try:
+        for d in w.all:
+            run(command(d).outgoing())
+        write(w.a1, "before the backup")
+        assert all(texts(d) == ["before the backup"] for d in w.all)
+        node_backup = dump_node(w.b2.fan)
+        directs[w.b2.did].store.backup(tmp_path / "b2-backup.db")
+        for device, text in ((w.a1, "one"), (w.b2, "two"), (w.b1, "three"), (w.a2, "four")):
+            write(device, text)
+        whole = texts(w.a1)
+        assert len(whole) == 5 and len(hashes()) == 1
+        # B2 comes back from its backup: the store and the node (its ratchets) both old.
+        directs.pop(w.b2.did).close()
+        here = tmp_path / "direct-b2"
+        for leftover in here.iterdir():
+            leftover.unlink()
+        shutil.copy(tmp_path / "b2-backup.db", here / "direct.db")
+        w.b2.node = load_node(w.b2.edge.root, w.b2.edge.agreement, node_backup, tmp_path / "r")
+        command(w.b2)
+        assert texts(w.b2) == ["before the backup"]
+        # It re-opens its sessions; then one round of commands, nothing new written:
+        # the heads offered over the new sessions bring it all it lost.
+        run(w.b2.fan.reopen())
+        for d in w.all:
+            run(command(d).outgoing())
+        assert texts(w.b2) == whole and len(hashes()) == 1
+        # Nothing changed and the hour has not passed: the next commands send nothing.
+        assert [command(d).outgoing() for d in w.all] == [[]] * 4
+        # Its sessions work both ways.
+        write(w.b2, "back")
+        write(w.a1, "welcome back")
+        assert all(texts(d)[-2:] == ["back", "welcome back"] for d in w.all)
+        assert len(hashes()) == 1
+        # An hour after the last offer, the heads go again (to that device only).
+        raw = json.loads(vaults[w.a1.did].get(HEADS_KIND, w.b1.did) or b"{}")
+        raw["at"] = time.time() - HEADS_EVERY
+        with vaults[w.a1.did].transaction() as tx:
+            tx.put(HEADS_KIND, w.b1.did, json.dumps(raw).encode())
+        again = command(w.a1).outgoing()
+        assert [o.device for o in again] == [w.b1.did]
+        run(again)
+        assert len(hashes()) == 1
+    finally:
+        for direct in directs.values():
+            direct.close()
+        for vault in vaults.values():
+            vault.close()
