@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.cli.output import (
     CommandError,
@@ -336,6 +336,30 @@ def cmd_approve(args: argparse.Namespace) -> int:
         f"approval request for rule {json.dumps(request.rule)}; approving signs exactly "
         f"these claims (challenge {request.challenge.hex()}):\n" + describe_claims(claims)
     )
+    return approve_shown(args, request)
+
+
+class ShownRequest(Protocol):
+    """What an approval request offers once its claims have been shown to the approver."""
+
+    @property
+    def claims(self) -> dict[str, Any]: ...
+    @property
+    def rp_id(self) -> str: ...
+    @property
+    def origin(self) -> str: ...
+    @property
+    def approvers(self) -> Sequence[tuple[str, bytes]]: ...
+    @property
+    def challenge(self) -> bytes: ...
+
+
+def approve_shown(args: argparse.Namespace, request: ShownRequest) -> int:
+    """Ask the security key for one approval of claims already shown, and write it out.
+
+    Shared by ``janus fido2 approve`` (grant approvals) and ``janus hsm approve`` (the
+    HSM service's operations): each shows its own claims first, the touch is the same.
+    """
     candidates = [(i, c) for i, c in request.approvers if args.approver in (None, i)]
     if not candidates:
         raise UnknownCredentialError(f"the request names no approver {args.approver!r}")
@@ -353,7 +377,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
         approval = request_approval(
             auth.client(request.origin),
             approver,
-            claims,
+            request.claims,
             rp_id=request.rp_id,
             origin=request.origin,
             user_verification="required" if args.uv else "discouraged",

@@ -22,7 +22,6 @@ from agent.cli.output import (
     CommandError,
     common_options,
     emit,
-    print_json,
     read_input,
     write_output,
 )
@@ -233,12 +232,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
     The same display and touch as ``janus fido2 approve`` (its helpers), for the HSM
     service's claims: operation, key, SHA-256 of the data, requester, nonce, expiry.
     """
-    from agent.cli.fido2 import _authenticator, _placeholder_approver, _say, describe_claims
+    from agent.cli.fido2 import _say, approve_shown, describe_claims
     from agent.hsm_service.client import HsmApprovalRequest
-    from janus_hsm import b64url
-    from janus_hsm.fido2.errors import UnknownCredentialError
-    from policies.approval_requests import approval_file
-    from policies.approvals import ApprovalRequestError, request_approval
 
     request = HsmApprovalRequest.loads(read_input(args.request), args.request)
     claims = request.claims
@@ -255,43 +250,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
         f"{request.required} approval(s) needed. Approving signs exactly these claims "
         f"(challenge {request.challenge.hex()}):\n" + describe_claims(claims)
     )
-    candidates = [(i, c) for i, c in request.approvers if args.approver in (None, i)]
-    if not candidates:
-        raise UnknownCredentialError(f"the request names no approver {args.approver!r}")
-    auth = _authenticator(args, "approving")
-    held = auth.holds(request.rp_id, [c for _, c in candidates])
-    if held is None:
-        raise UnknownCredentialError(
-            f"{auth.name} holds none of the approver credentials the request names"
-        )
-    approver_id, credential_id = next((i, c) for i, c in candidates if c == held)
-    approver = _placeholder_approver(approver_id, credential_id, request.rp_id)
-    try:
-        approval = request_approval(
-            auth.client(request.origin),
-            approver,
-            claims,
-            rp_id=request.rp_id,
-            origin=request.origin,
-            user_verification="required" if args.uv else "discouraged",
-            prompt=lambda a: _say(f"approver {a.id!r}: touch your security key to approve"),
-        )
-    except ApprovalRequestError as exc:
-        raise auth.map_error(exc.__cause__ or exc, f"approval by {approver_id!r}") from None
-    data = approval_file(approval, request.challenge)
-    result = {"approver_id": approver_id, "challenge": b64url.encode(request.challenge)}
-    if args.out:
-        write_output(args.out, data)
-        return emit(
-            {**result, "out": args.out},
-            f"approved as {approver_id!r}: wrote {args.out}",
-            as_json=args.json,
-        )
-    if args.json:
-        print_json({**result, "approval": data.decode()})
-    else:
-        sys.stdout.write(data.decode())
-    return 0
+    return approve_shown(args, request)
 
 
 # ------------------------------------------------------------------ registration
