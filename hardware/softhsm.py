@@ -20,6 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from janus_hsm.backends.pkcs11.module import resolve_module_path
 
@@ -97,8 +98,14 @@ def ensure_token(
     label: str = "janus",
     *,
     module_path: str | None = None,
+    set_user_pin: bool = True,
 ) -> SoftHSMToken:
-    """The token ``label`` in ``state_dir``, created with fresh random PINs if missing."""
+    """The token ``label`` in ``state_dir``, created with fresh random PINs if missing.
+
+    ``set_user_pin=False`` leaves the new token without a user PIN (C_InitPIN never
+    called), as a token fresh from its SO's initialisation is: the PIN file is still
+    written, so a URI can name a PIN the token does not have.
+    """
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     module = os.path.realpath(module_path or resolve_module_path(None))
@@ -116,6 +123,7 @@ def ensure_token(
             "label": label,
             "so_pin_file": str(token.so_pin_file),
             "pin_file": str(token.pin_file),
+            "set_user_pin": set_user_pin,
         }
     )
     result = subprocess.run(
@@ -154,7 +162,7 @@ def _call(lib: ctypes.CDLL, name: str, *args: object) -> None:
         raise SoftHSMError(f"{name} failed with CKR 0x{rv:x}")
 
 
-def _init_token_in_child(request: dict[str, str]) -> None:
+def _init_token_in_child(request: dict[str, Any]) -> None:
     lib = ctypes.CDLL(request["module"])
     for fn in ("C_GetSlotList", "C_InitToken", "C_OpenSession", "C_Login", "C_InitPIN"):
         getattr(lib, fn).restype = ctypes.c_ulong
@@ -201,7 +209,8 @@ def _init_token_in_child(request: dict[str, str]) -> None:
         ctypes.byref(session),
     )
     _call(lib, "C_Login", session, ctypes.c_ulong(CKU_SO), so_pin, ctypes.c_ulong(len(so_pin)))
-    _call(lib, "C_InitPIN", session, user_pin, ctypes.c_ulong(len(user_pin)))
+    if request.get("set_user_pin", True):
+        _call(lib, "C_InitPIN", session, user_pin, ctypes.c_ulong(len(user_pin)))
     lib.C_Logout(session)
     lib.C_CloseSession(session)
     lib.C_Finalize(None)

@@ -646,3 +646,113 @@ def test_a_general_error_twice_is_a_typed_error(
         with pytest.raises(BackendError):
             Pkcs11Provider.open(softhsm_token.uri())
     assert isinstance(provider.list_keys(), list)
+
+
+class _LoginRaceLib:
+    """The real module, whose C_Login answers CKR_USER_PIN_NOT_INITIALIZED the first
+    ``failures`` times: what SoftHSM answers when it read the token file half-written
+    (a fault injected around the real library; the race cannot be timed in a test)."""
+
+    def __init__(self, lib: Any, failures: int) -> None:
+        self._lib, self.failures, self.initialisations = lib, failures, 0
+
+    def get_slots(self, token_present: bool = False) -> list[Any]:
+        return [_LoginRaceSlot(slot, self) for slot in self._lib.get_slots(token_present)]
+
+    def initialize(self) -> None:
+        self.initialisations += 1
+        self._lib.initialize()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+
+class _LoginRaceSlot:
+    def __init__(self, slot: Any, lib: _LoginRaceLib) -> None:
+        self._slot, self._racing = slot, lib
+
+    def get_token(self) -> Any:
+        return _LoginRaceToken(self._slot.get_token(), self._racing)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._slot, name)
+
+
+class _LoginRaceToken:
+    def __init__(self, token: Any, lib: _LoginRaceLib) -> None:
+        self._token, self._racing = token, lib
+
+    def open(self, **kwargs: Any) -> Any:
+        if self._racing.failures > 0:
+            self._racing.failures -= 1
+            raise pkcs11.exceptions.UserPinNotInitialized()
+        return self._token.open(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._token, name)
+
+
+@contextlib.contextmanager
+def _login_racing(provider: Pkcs11Provider, failures: int) -> Iterator[_LoginRaceLib]:
+    session = provider.token_session
+    module = session.module
+    with module.lock:
+        session._discard()  # the next operation opens (and logs in) afresh
+        real = module.lib
+        module.lib = racing = _LoginRaceLib(real, failures)
+        try:
+            yield racing
+        finally:
+            module.lib = real
+
+
+@pytest.mark.local_softhsm
+def test_a_pin_missing_for_a_moment_is_retried_after_a_fresh_initialise(
+    provider: Pkcs11Provider,
+) -> None:
+    """A process that read the token file while another rewrote it keeps that reading
+    until C_Initialize: without one, every later round of the process failed."""
+    with _login_racing(provider, failures=1) as racing:
+        assert isinstance(provider.list_keys(), list)
+        assert racing.failures == 0
+        assert racing.initialisations == 1
+
+
+@pytest.mark.local_softhsm
+def test_a_pin_missing_twice_is_a_typed_error(provider: Pkcs11Provider) -> None:
+    with _login_racing(provider, failures=100) as racing:
+        with pytest.raises(BackendError, match="has no user PIN set") as info:
+            provider.list_keys()
+        assert info.value.code == "backend_error"
+        assert racing.failures == 98  # once, and once more after initialising: no more
+    assert isinstance(provider.list_keys(), list)
+
+
+def test_a_token_without_a_user_pin_is_a_clear_error(tmp_path: Path) -> None:
+    """A token fresh from its SO's initialisation, before anyone set the user PIN."""
+    from hardware.softhsm import ensure_token
+
+    token = ensure_token(tmp_path, "no-user-pin", set_user_pin=False)
+    code = (
+        "import sys\n"
+        "from janus_hsm import open_provider\n"
+        "from janus_hsm.errors import BackendError\n"
+        "try:\n"
+        f"    open_provider({token.uri()!r}).list_keys()\n"
+        "except BackendError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=token.environ(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "has no user PIN set" in result.stdout
+    assert "--init-pin" in result.stdout
+    assert token.pin_file.read_text().strip() not in result.stdout

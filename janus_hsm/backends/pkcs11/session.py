@@ -66,9 +66,19 @@ _TOKEN_KEYS = frozenset(
 
 
 class _OpenFailed(Exception):
-    """Opening the session hit a transient module error (SoftHSM's token-file race)."""
+    """Opening the session hit what SoftHSM's token-file race looks like: a general
+    error, or a user PIN that seems not to be set (read from a half-written file)."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(type(cause).__name__)
+        self.cause = cause
 
 
+# What opening a session answers while SoftHSM's token file is half-written.
+_OPEN_RACE: tuple[type[Exception], ...] = (
+    pkcs11.exceptions.GeneralError,
+    pkcs11.exceptions.UserPinNotInitialized,
+)
 _RETRYABLE: tuple[type[Exception], ...] = (*_SESSION_LOST, _OpenFailed)
 # The token was found when its TokenSession was made: not finding it later means the
 # module lost it (a server or device went away), like a device error does.
@@ -232,10 +242,29 @@ class TokenSession:
             except _MODULE_LOST:
                 self._discard()
                 self.module.reinitialize()
+            except _OpenFailed:
+                # SoftHSM keeps what it read of a half-written token file for the rest of
+                # the process: only a fresh C_Initialize reads the store again.
+                self._discard()
+                time.sleep(_RACE_PAUSE)
+                self.module.reinitialize()
             except _RETRYABLE:
                 self._discard()
             try:
                 return self._attempt(operation, what)
+            except _OpenFailed as exc:
+                self._discard()
+                if isinstance(exc.cause, pkcs11.exceptions.UserPinNotInitialized):
+                    raise BackendError(
+                        f"{described} has no user PIN set (CKR_USER_PIN_NOT_INITIALIZED): "
+                        "set one (softhsm2-util --init-token, or pkcs11-tool --init-pin "
+                        "with the SO PIN), then retry"
+                    ) from None
+                raise BackendError(
+                    f"{self.module.path}: opening a session with {described} failed twice "
+                    f"({exc}). With SoftHSM, this happens while other processes log in to "
+                    "the same token at the same moment: retry"
+                ) from None
             except _LOST as exc:
                 self._discard()
                 raise TokenLostError(
@@ -248,10 +277,11 @@ class TokenSession:
     def _attempt(self, operation: Callable[[Any], T], what: str) -> T:
         try:
             session = self._open()
-        except pkcs11.exceptions.GeneralError:
+        except _OPEN_RACE as exc:
             # SoftHSM rewrites its token file non-atomically on login; a process reading
-            # it at that moment gets CKR_GENERAL_ERROR. Opening again is the remedy.
-            raise _OpenFailed from None
+            # it at that moment gets CKR_GENERAL_ERROR, or finds no user PIN set.
+            # Initialising the module again and opening again is the remedy.
+            raise _OpenFailed(exc) from None
         except _PASSED_UP:
             raise
         except pkcs11.PKCS11Error as exc:
