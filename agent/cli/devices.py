@@ -209,6 +209,21 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return emit(result, text, as_json=args.json)
 
 
+def cmd_reopen(args: argparse.Namespace) -> int:
+    from agent.relationships.manager import Relationships
+    from agent.sync.device_link import DeviceLink
+
+    devices = _open(args)
+    with Relationships(devices.edge) as rels:
+        result = DeviceLink(rels).reopen(args.device or None)
+    for problem in result["errors"]:
+        print(f"janus: warning: {problem['message']}", file=sys.stderr)
+    text = f"opened new sessions with {len(result['reopened'])} device(s)" + (
+        " (some messages are queued: they go with the next command)" if result["queued"] else ""
+    )
+    return emit(result, text, as_json=args.json)
+
+
 def register(commands: Any) -> None:
     common, state = common_options(), _state_parent()
     device = commands.add_parser("device", help="the owner's devices, each with its own keys")
@@ -277,6 +292,20 @@ def register(commands: Any) -> None:
         "list", parents=[common, state, out], help="the devices, which one is this, the version"
     )
     p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser(
+        "reopen",
+        parents=[common, state],
+        help="after restoring this device from a backup: new sessions with the other devices",
+    )
+    p.add_argument(
+        "device",
+        nargs="*",
+        metavar="NAME|DID",
+        help="only these devices (a name of this owner's list, or any device's did:key); "
+        "every other current device by default",
+    )
+    p.set_defaults(handler=cmd_reopen)
 
     p = sub.add_parser(
         "remove",

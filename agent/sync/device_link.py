@@ -44,7 +44,12 @@ from agent.relationships.manager import (
 )
 from agent.relationships.relationship import new_id
 from agent.relationships.vault import Transaction
-from agent.sync.device_errors import DeviceError
+from agent.sync.device_errors import (
+    DeviceError,
+    NoDeviceListError,
+    RemovedDeviceError,
+    UnknownDeviceError,
+)
 from agent.sync.device_sync_key import DeviceSyncKeys
 from agent.sync.devices import Devices
 from agent.sync.direct import Direct
@@ -278,6 +283,55 @@ class DeviceLink:
             "queued": bool(problems),
             "devices": sorted({o.device for o in sent}),
         }
+
+    # --- after a restore ------------------------------------------------------------
+
+    def reopen(self, names: list[str] | None = None) -> dict[str, Any]:
+        """On a device restored from an old backup: new sessions with the other devices
+        (every current one, or those named by name or did:key), whose ratchets moved past
+        this copy's.  The first batches go with them: heads offered over a new session
+        are how each side learns what the other lost, so the device catches up with
+        nothing new written, at the other devices' next command."""
+        if not self.enabled():
+            raise NoDeviceListError(
+                "this owner has no device list here: `janus device init` or `accept` first"
+            )
+        with self.rels._locked():
+            node, out = self._open()
+            if node.removed:
+                raise RemovedDeviceError("this device was removed from the owner's list")
+            wanted = None if names is None else [self._device_named(node, n) for n in names]
+            opened = node.reopen(wanted)
+            direct = self._direct(node)
+            try:
+                sent = direct.outgoing()
+            finally:
+                direct.close()
+            self._commit(node, out + opened + sent)
+            problems = self._flush(node)
+        return {
+            "device": node.did,
+            "reopened": sorted({o.device for o in opened}),
+            "queued": bool(problems),
+            "errors": problems,
+        }
+
+    @staticmethod
+    def _device_named(node: FanoutNode, name: str) -> str:
+        """A current device of any owner here, by did:key, or by name when one matches."""
+        found = {
+            e.did
+            for view in node.views.values()
+            for e in view.current.devices
+            if name in (e.did, e.name) and e.did != node.did
+        }
+        if len(found) == 1:
+            return found.pop()
+        if not found:
+            raise UnknownDeviceError(f"no other current device named {name[:80]!r} here")
+        raise UnknownDeviceError(
+            f"{len(found)} devices are named {name[:80]!r} (of several owners): give its did:key"
+        )
 
     # --- receiving -------------------------------------------------------------------
 

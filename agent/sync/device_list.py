@@ -243,6 +243,19 @@ class DeviceList:
     def was_removed(self, did: str) -> bool:
         return any(e.did == did for e in self.removed)
 
+    def admits_author(self, did: str, timestamp: int) -> bool:
+        """Whether a message that ``did`` signed with ``timestamp`` is taken: from a
+        current device, or from a removed one if written before the root-signed time of
+        its removal.  Every device holding this list decides alike, so a device that
+        joins after a removal gets what the removed device wrote before it, as the
+        others kept it.  The time is the author's own claim: a device that is stolen,
+        not yet removed, can write anything it could write before, and backdated
+        writes after the removal reach only devices that have not taken this list."""
+        if self.is_current(did):
+            return True
+        entry = next((e for e in self.removed if e.did == did), None)
+        return entry is not None and entry.removed_at is not None and timestamp < entry.removed_at
+
     def summary(self) -> dict[str, Any]:
         return {
             "owner": self.owner,

@@ -13,8 +13,9 @@ several paths (from its author and relayed by another device) is stored once.
 - **Author**: the writing device's sync key (agent/sync/device_sync_key.py), certified
   once by the device's key: the token signs that certificate, never a message.  The
   certificates of a batch's authors travel in the batch (``keys``); a message is
-  admitted only if its author is a sync key certified by a current device of one of
-  the two owners (or, as written before sync keys, a current device's own key).
+  admitted only if its author is a sync key certified by a device of one of the two
+  owners (or, as written before sync keys, a device's own key) that is current, or
+  was removed after the message's time (``DeviceList.admits_author``).
 - **Sync peers** are named ``DEVICE|OWNER`` (the device, and the peer owner whose
   conversation it is): one poll makes one batch for one device and one conversation.
 
@@ -110,8 +111,14 @@ class Direct:
         if peer is None:
             raise NotADeviceError("a message of no conversation here")
         device = self.device_of(message.author)
-        if not any(self.node.views[o].current.is_current(device) for o in (peer, self.node.owner)):
-            raise NotADeviceError("the author is no sync key of a current device of the two owners")
+        if not any(
+            self.node.views[o].current.admits_author(device, message.timestamp)
+            for o in (peer, self.node.owner)
+        ):
+            raise NotADeviceError(
+                "the author is no sync key of a device of the two owners that was current "
+                "when the message was written"
+            )
 
     def device_of(self, author: str) -> str:
         """The device a message's author stands for (its certified sync key's device)."""

@@ -10,8 +10,8 @@ With a device list here, sync peers are *devices* instead (every current device 
 every member, this owner's too), batches ride device-pair sessions (fanout.py) as 1:1
 conversations do (direct.py), and messages are signed by the writing device's sync key
 (agent/sync/device_sync_key.py: certified once by the device's key, its certificate
-in the ``keys`` of the batches), admitted while that device is current in its owner's
-list.
+in the ``keys`` of the batches), admitted if that device is current in its owner's
+list, or was removed after the message's time.
 
 State, in the edge agent's state directory: the sync key and its certificate, the
 groups (id, local name, creator) and the certificates of other members' sync keys in
@@ -233,15 +233,17 @@ class Groups:
 
     def _admit_device(self, message: Message) -> None:
         """With devices, a group message's author is a device sync key (or, as written
-        before sync keys, a device key): admitted while its device is current in the
-        list of an owner this device holds, then by the rules."""
+        before sync keys, a device key): admitted if its device is current in the list
+        of an owner this device holds, or was removed after the message's time, then by
+        the rules."""
         assert self.fanout is not None
         device = self.device_of(message.author)
         owner = self.rules.certs.get(device)
         view = None if owner is None else self.fanout.views.get(owner)
-        if view is None or not view.current.is_current(device):
+        if view is None or not view.current.admits_author(device, message.timestamp):
             raise UncertifiedAuthorError(
-                "the author is no sync key of a current device of an owner known here"
+                "the author is no sync key of a device of an owner known here that was "
+                "current when the message was written"
             )
         self.rules.admit(message)
 

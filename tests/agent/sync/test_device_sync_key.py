@@ -167,14 +167,14 @@ def test_bad_certificates_refuse_the_batch_with_nothing_kept(
         assert (dict(b1.keys.known), b1.history_hash(w.a)) == before
 
 
-def forged(author: KeyHandle, w: World, parents: list[str]) -> SyncMessage:
+def forged(author: KeyHandle, w: World, parents: list[str], timestamp: int = 1) -> SyncMessage:
     return SyncMessage.create(
         author,
         conversation=conversation_id(w.a, w.b),
         parents=parents,
         content_type=CONTENT_TYPE,
         body=b"{}",
-        timestamp=1,
+        timestamp=timestamp,
     )
 
 
@@ -209,9 +209,9 @@ def test_a_sync_key_of_a_removed_device_is_refused(
     b1._admit(forged(a2_sync, w, [written.id]))  # admitted while A2 is current
     removed, _ = w.a1.devices.remove("a2", now=NOW + 1)
     w.net.deliver(w.a1.fan.accept_own_list(removed.compact))
-    # A2's sync key (held by whoever kept A2) writes no more: refused at every device,
-    # nothing stored.
-    late = forged(a2_sync, w, [written.id])
+    # A2's sync key (held by whoever kept A2) writes no more: what is stamped at or
+    # after the removal's time is refused at every device, nothing stored.
+    late = forged(a2_sync, w, [written.id], timestamp=NOW + 1)
     for d in (w.a1, w.b1, w.b2):
         here = directs.by_did[d.did]
         with pytest.raises(NotADeviceError):

@@ -884,3 +884,77 @@ def test_a_device_restored_from_an_old_backup_catches_up_in_one_round(
             direct.close()
         for vault in vaults.values():
             vault.close()
+
+
+def test_what_a_removed_device_wrote_before_its_removal_still_reaches_every_device(
+    world: World, tmp_path: Path
+) -> None:
+    """Admission by the list each device holds, alike everywhere: a device that was
+    offline during a removal (or joins after it) gets what the removed device wrote
+    before, from any device that kept it; nothing stamped after the removal is taken."""
+    from agent.didcomm.message import Message as DIDComm
+    from agent.relationships.manager import SYNC_TYPE
+    from agent.sync.device_sync_key import DeviceSyncKeys
+    from agent.sync.direct import CONTENT_TYPE, Direct, NotADeviceError, conversation_id
+    from agent.sync.messages import Message as SyncMessage
+
+    w = world
+    keys = {d.did: DeviceSyncKeys() for d in w.all}
+    directs = {d.did: Direct(tmp_path / f"direct-{d.name}", d.fan, keys[d.did]) for d in w.all}
+
+    def run(out: list[Outgoing], drop: frozenset[str] = frozenset()) -> None:
+        queue = deque(out)
+        while queue:
+            item = queue.popleft()
+            if item.device in drop:
+                continue
+            got = w.net.by_did[item.device].fan.receive(item.wire)
+            queue.extend(got.outgoing)
+            if got.kind == "message" and got.type == SYNC_TYPE:
+                assert got.conversation is not None
+                here = directs[item.device]
+                here.take(got.device, got.conversation, got.body)
+                queue.extend(here.outgoing())
+
+    def texts(device: Device, peer: str) -> list[str]:
+        return [json.loads(m.body)["body"]["text"] for m in directs[device.did].history(peer)]
+
+    try:
+        offline = frozenset({w.b2.did})
+        run([o for d in w.all for o in directs[d.did].outgoing()], drop=offline)
+        written = directs[w.a2.did].post(
+            w.a2.edge.root, w.b, DIDComm.new(TEXT, {"text": "from the desktop"})
+        )
+        assert written.timestamp < NOW + 1  # the removal below is stamped later
+        run(directs[w.a2.did].outgoing(), drop=offline)
+        assert texts(w.b1, w.a) == ["from the desktop"] and texts(w.b2, w.a) == []
+        # A removes A2 while B2 is offline; A2's sessions end everywhere.
+        removed, _ = w.a1.devices.remove("a2", now=NOW + 1)
+        w.net.deliver(w.a1.fan.accept_own_list(removed.compact))
+        assert w.b2.fan.views[w.a].current.was_removed(w.a2.did)
+        # B2 is back: B1's next command offers its heads; B2 takes A2's earlier message.
+        directs[w.b1.did].close()
+        directs[w.b1.did] = Direct(tmp_path / "direct-b1", w.b1.fan, keys[w.b1.did])
+        run(directs[w.b1.did].outgoing())
+        assert texts(w.b2, w.a) == ["from the desktop"]
+        assert directs[w.b2.did].history_hash(w.a) == directs[w.a1.did].history_hash(w.b)
+
+        # Stamped after the removal, by A2's certified sync key: refused everywhere.
+        def by_a2(timestamp: int) -> SyncMessage:
+            return SyncMessage.create(
+                keys[w.a2.did].signer(w.a2.edge.root),
+                conversation=conversation_id(w.a, w.b),
+                parents=[written.id],
+                content_type=CONTENT_TYPE,
+                body=b"{}",
+                timestamp=timestamp,
+            )
+
+        for device in (w.a1, w.b1, w.b2):
+            directs[device.did]._admit(by_a2(NOW))  # before the removal: taken
+            with pytest.raises(NotADeviceError) as exc:
+                directs[device.did]._admit(by_a2(NOW + 1))
+            assert exc.value.code == "direct_author_not_a_device"
+    finally:
+        for direct in directs.values():
+            direct.close()
