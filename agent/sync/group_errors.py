@@ -37,6 +37,14 @@ class GroupMemberError(GroupError):
     code = "group_member_error"
 
 
+class MixedDevicesError(GroupMemberError):
+    """A member whose owner has no device list known here, on a device with one: its
+    batches would travel by relationship and this device's by device-pair sessions, so
+    the two would never sync.  Refused up front rather than a group that stays silent."""
+
+    code = "group_mixed_devices"
+
+
 class NotGroupCreatorError(GroupError):
     """Only the group's creator changes its membership."""
 

@@ -52,6 +52,7 @@ from agent.sync.group_errors import (
     GroupExistsError,
     GroupMemberError,
     GroupStateError,
+    MixedDevicesError,
     NotAGroupMemberError,
     NotGroupCreatorError,
     UncertifiedAuthorError,
@@ -362,6 +363,16 @@ class Groups:
                 return did
         raise GroupMemberError(f"no active relationship named {label!r}: see `janus rel list`")
 
+    def _check_path(self, did: str, label: str) -> None:
+        """With a device list here, every member's owner must have one known here too:
+        groups sync by device then, and an owner without a list syncs by relationship."""
+        if self.fanout is not None and did not in self.fanout.views:
+            raise MixedDevicesError(
+                f"{label!r} has no device list known here, and this owner has one: a group "
+                "syncs by device, so its members need device lists too (if they have one, "
+                "`janus rel receive` first, to take their announcement)"
+            )
+
     def _save(self, record: GroupRecord) -> None:
         with self.rels.vault.transaction() as tx:
             tx.put("group", record.id, record.to_bytes())
@@ -389,6 +400,8 @@ class Groups:
         if any(r.name == name for r in self.records.values()):
             raise GroupExistsError(f"a group named {name!r} exists here")
         members = sorted({self._member_did(label) for label in labels})
+        for label in labels:
+            self._check_path(self._member_did(label), label)
         if len(members) > MAX_MEMBERS:
             raise GroupMemberError(f"a group has at most {MAX_MEMBERS} members")
         self._signer()  # the token signature (if any) before anything is written
@@ -414,6 +427,7 @@ class Groups:
         did = self._member_did(label)
         if did in self.rules.members(record.id):
             raise GroupMemberError(f"{label!r} is a member of {name!r} already")
+        self._check_path(did, label)
         content_type, body = op_message(Op("add", (did,)))
         message = self._post(record.id, content_type, body)
         for peer, gid in self.sync_peers():

@@ -131,3 +131,33 @@ def test_a_device_added_after_a_removal_gets_what_the_removed_one_wrote(
     desktop.receive()
     assert desktop.devices()["removed"] is True
     assert desktop.fails("device", "reopen") == "device_removed"
+
+
+def test_a_group_mixing_owners_with_and_without_device_lists_is_refused_up_front(
+    world: dict[str, Any],
+) -> None:
+    """With a device list here a group syncs by device; an owner without a list syncs by
+    relationship: such a group would stay silent between them, so it is not made."""
+    alex, base = world["alex"], world["base"]
+    casey = Device("casey-laptop", base)
+    cloud = CloudProcess(base / "casey" / "cloud", owner=casey.did, extra_args=SERVICE_ARGS)
+    try:
+        for role in ("receiving", "sending"):
+            casey.ok("edge", "service", "add", cloud.url, "--role", role)
+        invitation = base / "casey.invite"
+        alex.ok("rel", "invite", "--name", "casey", "--out", str(invitation))
+        casey.ok("rel", "accept", str(invitation), "--name", "alex")
+        alex.receive()
+        before = alex.ok("sync", "status")
+        assert alex.fails("group", "create", "mixed", "--member", "casey") == "group_mixed_devices"
+        assert alex.fails("group", "create", "mixed", "--member", "blair", "--member", "casey") == (
+            "group_mixed_devices"
+        )
+        assert alex.ok("sync", "status")["groups"] == before["groups"]  # nothing made
+        # Adding such a member to a group of owners with lists is refused alike.
+        alex.ok("group", "create", "listed", "--member", "blair")
+        assert alex.fails("group", "add", "listed", "casey") == "group_mixed_devices"
+        members = {m["name"] for m in alex.ok("group", "show", "listed")["members"]}
+        assert "casey" not in members
+    finally:
+        cloud.stop()
