@@ -369,8 +369,9 @@ class Groups:
         if self.fanout is not None and did not in self.fanout.views:
             raise MixedDevicesError(
                 f"{label!r} has no device list known here, and this owner has one: a group "
-                "syncs by device, so its members need device lists too (if they have one, "
-                "`janus rel receive` first, to take their announcement)"
+                "syncs by device, so its members need device lists too (one device is "
+                "enough: they run `janus device init` once; if they have one, `janus rel "
+                "receive` here first, to take their announcement)"
             )
 
     def _save(self, record: GroupRecord) -> None:

@@ -159,5 +159,19 @@ def test_a_group_mixing_owners_with_and_without_device_lists_is_refused_up_front
         assert alex.fails("group", "add", "listed", "casey") == "group_mixed_devices"
         members = {m["name"] for m in alex.ok("group", "show", "listed")["members"]}
         assert "casey" not in members
+        # What the error advises: a list of one device, announced over the relationship.
+        casey.ok("device", "init", "--name", "laptop")
+        for _ in range(4):
+            settle([casey, alex])
+            if casey.did in {o["owner"] for o in alex.devices()["owners"]}:
+                break
+        alex.ok("group", "add", "listed", "casey")
+        alex.ok("group", "send", "listed", "--text", "hello casey")
+        for _ in range(4):
+            settle([casey, alex])
+            shown = casey.ok("group", "show", "listed")["history"]
+            if any(h.get("text") == "hello casey" for h in shown):
+                break
+        assert [h["text"] for h in shown if "text" in h] == ["hello casey"]
     finally:
         cloud.stop()
