@@ -58,6 +58,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             cloud.stop()
 
 
+def group_texts(device: Device) -> list[str]:
+    shown = device.ok("group", "show", "pair")["history"]
+    return [h["text"] for h in shown if "text" in h]
+
+
 def hashes(devices: list[Device]) -> set[str]:
     return {c["history_hash"] for d in devices for c in d.devices()["conversations"]}
 
@@ -66,35 +71,48 @@ def test_a_restored_device_reopens_its_sessions_and_catches_up(world: dict[str, 
     alex, desktop, blair = world["alex"], world["desktop"], world["blair"]
     everyone = [alex, desktop, blair]
     alex.ok("rel", "send", "blair", "--text", "before the backup")
-    settle(everyone)
+    alex.ok("group", "create", "pair", "--member", "blair")
+    alex.ok("group", "send", "pair", "--text", "group before the backup")
+    settle(everyone, rounds=2)
     assert all(d.history() == ["before the backup"] for d in everyone)
+    assert all(group_texts(d) == ["group before the backup"] for d in everyone)
+    settle(everyone, rounds=2)  # quiet rounds: every heads offer due is made (and noted)
     backup = world["base"] / "desktop-backup"
     shutil.copytree(desktop.state, backup)
 
     blair.ok("rel", "send", "alex", "--text", "one")
     desktop.receive()
     desktop.ok("rel", "send", blair.did, "--text", "two")  # its ratchets move on
+    desktop.ok("group", "send", "pair", "--text", "group two")
+    blair.ok("group", "send", "pair", "--text", "group three")
     settle(everyone, rounds=2)
     whole = ["before the backup", "one", "two"]
     assert all(d.history() == whole for d in everyone)
+    whole_group = {"group before the backup", "group two", "group three"}
+    assert all(set(group_texts(d)) == whole_group for d in everyone)
+    settle(everyone, rounds=2)
 
     # The desktop comes back from its backup: history and ratchets both old.
     shutil.rmtree(desktop.state)
     shutil.copytree(backup, desktop.state)
     assert desktop.history() == ["before the backup"]
+    assert group_texts(desktop) == ["group before the backup"]
     # Naming a device it has no session with is refused, nothing changed.
     assert desktop.fails("device", "reopen", "no-such-device") == "unknown_device"
     reopened = desktop.ok("device", "reopen")
     assert reopened["reopened"] == sorted({alex.did, blair.did})
     assert reopened["errors"] == [] and reopened["queued"] is False
     # Nothing new written: the heads offered over the new sessions, then requests and
-    # answers, bring back all it lost (its own "two" included) in a few commands.
+    # answers, bring back all it lost (its own "two" included) in a few commands, in
+    # the 1:1 conversation and in the group alike.
     for _ in range(5):
         settle([alex, blair, desktop])
-        if desktop.history() == whole:
+        if desktop.history() == whole and set(group_texts(desktop)) == whole_group:
             break
     assert desktop.history() == whole
     assert len(hashes(everyone)) == 1
+    assert set(group_texts(desktop)) == whole_group
+    assert len({d.ok("group", "show", "pair")["history_hash"] for d in everyone}) == 1
     # Its sessions work both ways again.
     desktop.ok("rel", "send", blair.did, "--text", "back")
     assert blair.receive() == ["back"] and alex.receive() == ["back"]
