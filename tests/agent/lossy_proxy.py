@@ -36,6 +36,7 @@ class LossyProxy:
         duplicate: float = 0.1,
         hold: float = 0.15,
     ) -> None:
+        self.seed = seed
         parts = urlsplit(upstream)
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
         self._random = random.Random(seed)

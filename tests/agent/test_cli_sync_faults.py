@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +39,29 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("sync-faults")
     clouds: list[CloudProcess] = []
     proxies: list[LossyProxy] = []
+
+    def one(n: int, owner: str) -> list[Device]:
+        root = Device(f"{owner}-laptop", base)
+        cloud = CloudProcess(base / owner / "cloud", owner=root.did, extra_args=SERVICE_ARGS)
+        clouds.append(cloud)
+        proxy = LossyProxy(cloud.url, seed=SEED + n)
+        proxies.append(proxy)
+        # Every delivery to this owner's devices (relationship addresses and device
+        # inboxes alike) goes through the proxy; its sending service is reached direct.
+        root.ok("edge", "service", "add", proxy.url, "--role", "receiving")
+        root.ok("edge", "service", "add", cloud.url, "--role", "sending")
+        root.ok("device", "init", "--name", "laptop")
+        other = Device(f"{owner}-desktop", base)
+        join(root, other, base)
+        return [root, other]
+
     try:
-        owners: dict[str, list[Device]] = {}
-        for n, owner in enumerate(("alex", "blair", "casey")):
-            root = Device(f"{owner}-laptop", base)
-            cloud = CloudProcess(base / owner / "cloud", owner=root.did, extra_args=SERVICE_ARGS)
-            clouds.append(cloud)
-            proxy = LossyProxy(cloud.url, seed=SEED + n)
-            proxies.append(proxy)
-            # Every delivery to this owner's devices (relationship addresses and device
-            # inboxes alike) goes through the proxy; its sending service is reached direct.
-            root.ok("edge", "service", "add", proxy.url, "--role", "receiving")
-            root.ok("edge", "service", "add", cloud.url, "--role", "sending")
-            root.ok("device", "init", "--name", "laptop")
-            other = Device(f"{owner}-desktop", base)
-            join(root, other, base)
-            owners[owner] = [root, other]
+        # The owners share nothing until they meet: set up side by side, so no owner's
+        # set-up waits on another's processes.
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            made = {o: pool.submit(one, n, o) for n, o in enumerate(("alex", "blair", "casey"))}
+        owners = {owner: future.result() for owner, future in made.items()}
+        proxies.sort(key=lambda p: p.seed)
         alex, blair, casey = (owners[o][0] for o in ("alex", "blair", "casey"))
         connect(alex, blair, base)
         connect(alex, casey, base)
