@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,19 @@ class Device:
         status: dict[str, Any] = self.ok("sync", "status")["devices"]
         return status
 
-    def history(self) -> list[str]:
-        """The texts of this device's conversation with the other owner, in history
-        order; checks that every message comes after its causal parents."""
-        items = self.ok("rel", "history")["history"]
+    def history_items(self) -> list[dict[str, Any]]:
+        """This device's conversation with the other owner, in history order; checks
+        that every message comes after its causal parents."""
+        items: list[dict[str, Any]] = self.ok("rel", "history")["history"]
         seen: set[str] = set()
         for item in items:
             assert set(item["parents"]) <= seen, item
             seen.add(item["id"])
-        return [h["message"]["body"]["text"] for h in items]
+        return items
+
+    def history(self) -> list[str]:
+        """The texts of ``history_items``."""
+        return [h["message"]["body"]["text"] for h in self.history_items()]
 
 
 def join(root: Device, new: Device, base: Path) -> None:
@@ -102,22 +107,41 @@ def sessions(device: Device) -> set[str]:
     return {d for owner in device.devices()["owners"] for d in owner["sessions"]}
 
 
+def make_owners(
+    base: Path, devices: dict[str, int], clouds: list[CloudProcess]
+) -> dict[str, list[Device]]:
+    """Each owner's laptop (root device) with its own cloud agent as receiving and sending
+    service, and with 2 ``devices`` a desktop joined to it; every cloud agent started
+    goes into ``clouds``, for the caller to stop, also on failure.
+
+    The owners share nothing, so they are set up at the same time: one owner's set-up
+    runs while another's waits on its subprocesses.
+    """
+
+    def one(owner: str) -> list[Device]:
+        root = Device(f"{owner}-laptop", base)
+        cloud = CloudProcess(base / owner / "cloud", owner=root.did, extra_args=SERVICE_ARGS)
+        clouds.append(cloud)
+        for role in ("receiving", "sending"):
+            root.ok("edge", "service", "add", cloud.url, "--role", role)
+        root.ok("device", "init", "--name", "laptop")
+        if devices[owner] == 1:
+            return [root]
+        other = Device(f"{owner}-desktop", base)
+        join(root, other, base)
+        return [root, other]
+
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        made = {owner: pool.submit(one, owner) for owner in devices}
+    return {owner: future.result() for owner, future in made.items()}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("fanout")
     clouds: list[CloudProcess] = []
     try:
-        owners: dict[str, list[Device]] = {}
-        for owner in ("alex", "blair"):
-            root = Device(f"{owner}-laptop", base)
-            cloud = CloudProcess(base / owner / "cloud", owner=root.did, extra_args=SERVICE_ARGS)
-            clouds.append(cloud)
-            for role in ("receiving", "sending"):
-                root.ok("edge", "service", "add", cloud.url, "--role", role)
-            root.ok("device", "init", "--name", "laptop")
-            other = Device(f"{owner}-desktop", base)
-            join(root, other, base)
-            owners[owner] = [root, other]
+        owners = make_owners(base, {"alex": 2, "blair": 2}, clouds)
         alex, blair = owners["alex"], owners["blair"]
         # An inbox document is for one device: another refuses it.
         listed, inbox = base / f"{alex[1].name}.list", base / f"{blair[1].name}.inbox"
@@ -139,9 +163,9 @@ def test_fanout_converges_and_a_removed_device_gets_nothing(world: dict[str, Any
     dids = {d.did for d in everyone}
     for _ in range(4):  # the relationship's start carries the two announcements
         settle(everyone)
-        if all(sessions(d) == dids - {d.did} for d in everyone):
+        if converged := all(sessions(d) == dids - {d.did} for d in everyone):
             break
-    assert all(sessions(d) == dids - {d.did} for d in everyone)
+    assert converged, {d.name: sessions(d) for d in everyone}
 
     # Sends from three devices; Blair's desktop is offline meanwhile.
     assert alex[0].ok("rel", "send", "blair", "--text", "one")["devices"] == sorted(
@@ -155,13 +179,14 @@ def test_fanout_converges_and_a_removed_device_gets_nothing(world: dict[str, Any
     settle([alex[0], blair[0], alex[1]])
     assert blair[1].receive() == ["one", "two", "three"]  # back online: all of it, in order
     settle(everyone)
-    histories = [d.history() for d in everyone]
+    shown = [d.history_items() for d in everyone]
+    histories = [[h["message"]["body"]["text"] for h in items] for items in shown]
     assert all(h == ["one", "two", "three"] for h in histories), histories
     hashes = {c["history_hash"] for d in everyone for c in d.devices()["conversations"]}
     assert len(hashes) == 1
     # Each message is signed by its device's sync key (certified once by the device's
     # key: the token signs no message), and shown as written on that device.
-    items = blair[1].ok("rel", "history")["history"]
+    items = shown[everyone.index(blair[1])]
     assert [h["device"] for h in items] == [alex[0].did, blair[0].did, alex[1].did]
     written = authors(blair[1].state / "sync" / "direct.db")
     assert len(set(written.values())) == 3 and not set(written.values()) & dids

@@ -18,10 +18,9 @@ import pytest
 
 from agent.cloud.process import CloudProcess
 from tests.agent.test_cli_device_fanout import (
-    SERVICE_ARGS,
     Device,
     authors,
-    join,
+    make_owners,
     sessions,
     settle,
 )
@@ -40,19 +39,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[D
     base = tmp_path_factory.mktemp("device-groups")
     clouds: list[CloudProcess] = []
     try:
-        owners: dict[str, list[Device]] = {}
-        for owner, devices in (("alex", 2), ("blair", 2), ("casey", 1)):
-            root = Device(f"{owner}-laptop", base)
-            cloud = CloudProcess(base / owner / "cloud", owner=root.did, extra_args=SERVICE_ARGS)
-            clouds.append(cloud)
-            for role in ("receiving", "sending"):
-                root.ok("edge", "service", "add", cloud.url, "--role", role)
-            root.ok("device", "init", "--name", "laptop")
-            owners[owner] = [root]
-            if devices == 2:
-                other = Device(f"{owner}-desktop", base)
-                join(root, other, base)
-                owners[owner].append(other)
+        owners = make_owners(base, {"alex": 2, "blair": 2, "casey": 1}, clouds)
         alex, blair, casey = owners["alex"][0], owners["blair"][0], owners["casey"][0]
         connect(alex, blair, base)
         connect(alex, casey, base)
@@ -72,8 +59,9 @@ def group(device: Device) -> dict[str, Any]:
     return shown
 
 
-def texts(device: Device) -> list[str]:
-    return [h["text"] for h in group(device)["history"] if "text" in h]
+def texts(shown: dict[str, Any]) -> list[str]:
+    """The texts of a device's group history, as ``group`` showed it."""
+    return [h["text"] for h in shown["history"] if "text" in h]
 
 
 def test_group_across_devices_converges_and_a_removed_device_gets_nothing(
@@ -84,9 +72,9 @@ def test_group_across_devices_converges_and_a_removed_device_gets_nothing(
     dids = {d.did for d in everyone}
     for _ in range(5):  # the relationships' starts carry the owners' announcements
         settle(everyone)
-        if all(sessions(d) == dids - {d.did} for d in everyone):
+        if converged := all(sessions(d) == dids - {d.did} for d in everyone):
             break
-    assert all(sessions(d) == dids - {d.did} for d in everyone)
+    assert converged, {d.name: sessions(d) for d in everyone}
 
     # Alex's desktop (no relationship of its own) creates the group, naming the other
     # owners by their roots; every device of every member joins.
@@ -112,7 +100,7 @@ def test_group_across_devices_converges_and_a_removed_device_gets_nothing(
     settle(everyone)
     shown = [group(d) for d in everyone]
     assert len({s["history_hash"] for s in shown}) == 1, shown
-    assert all(sorted(texts(d)) == ["a1", "a2", "b1", "c1"] for d in everyone)
+    assert all(sorted(texts(s)) == ["a1", "a2", "b1", "c1"] for s in shown), shown
     by_text = {h["text"]: h for h in shown[0]["history"] if "text" in h}
     assert by_text["a1"]["device"] == alex[0].did and by_text["a2"]["device"] == alex[1].did
     assert by_text["b1"]["author_did"] == blair[0].did and by_text["b1"]["device"] == blair[1].did
@@ -130,9 +118,11 @@ def test_group_across_devices_converges_and_a_removed_device_gets_nothing(
     casey[0].ok("group", "send", "friends", "--text", "after too")
     settle(everyone)
     assert blair[1].ok("sync", "status")["devices"]["removed"] is True
-    assert group(blair[1])["history_hash"] == at_removal
-    assert "after" not in texts(blair[1])
+    removed = group(blair[1])
+    assert removed["history_hash"] == at_removal
+    assert "after" not in texts(removed)
     assert blair[1].fails("group", "send", "friends", "--text", "x") == "device_removed"
     current = [alex[0], alex[1], blair[0], casey[0]]
-    assert len({group(d)["history_hash"] for d in current}) == 1
-    assert all({"after", "after too"} <= set(texts(d)) for d in current)
+    shown = [group(d) for d in current]
+    assert len({s["history_hash"] for s in shown}) == 1, shown
+    assert all({"after", "after too"} <= set(texts(s)) for s in shown), shown

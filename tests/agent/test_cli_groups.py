@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,20 @@ def connect(a: Owner, b: Owner, base: Path) -> None:
 def owners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Owner, Owner, Owner]]:
     base = tmp_path_factory.mktemp("groups")
     made: list[Owner] = []
+
+    def one(name: str) -> Owner:
+        who = Owner(name, base)
+        made.append(who)
+        for role in ("receiving", "sending"):
+            who.ok("edge", "service", "add", who.cloud.url, "--role", role)
+        return who
+
     try:
-        for name in ("alex", "blair", "casey"):
-            who = Owner(name, base)
-            made.append(who)
-            for role in ("receiving", "sending"):
-                who.ok("edge", "service", "add", who.cloud.url, "--role", role)
-        alex, blair, casey = made
+        # The owners share nothing until they connect, so they are set up at the same
+        # time: one owner's set-up runs while another's waits on its subprocesses.
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            started = [pool.submit(one, name) for name in ("alex", "blair", "casey")]
+        alex, blair, casey = (future.result() for future in started)
         connect(alex, blair, base)
         connect(alex, casey, base)
         connect(blair, casey, base)
@@ -167,9 +175,10 @@ def test_removed_member_receives_nothing_new(owners: tuple[Owner, Owner, Owner])
     assert sorted(m["name"] for m in removed["members"]) == ["blair", "me"]
     got = casey.receive()
     assert any(e["event"] == "group_remove" for e in got["events"])
-    assert casey.status()["friends"]["member"] is False
-    assert casey.status()["friends"]["peers"] == []
-    at_removal = casey.status()["friends"]["history_hash"]
+    removed_view = casey.status()["friends"]
+    assert removed_view["member"] is False
+    assert removed_view["peers"] == []
+    at_removal = removed_view["history_hash"]
     assert casey.fails("group", "send", "friends", "--text", "still here?")["code"] == (
         "not_a_group_member"
     )
@@ -186,14 +195,15 @@ def test_removed_member_receives_nothing_new(owners: tuple[Owner, Owner, Owner])
 
 def test_forged_records_are_refused_with_typed_errors(owners: tuple[Owner, Owner, Owner]) -> None:
     alex, blair, _ = owners
-    gid = alex.status()["friends"]["id"]
-    before = alex.status()["friends"]["history_hash"]
+    friends = alex.status()["friends"]
+    gid, before = friends["id"], friends["history_hash"]
     done = blair.run("tests.agent.sync.group_forge", str(blair.state), "alex", gid)
     assert done.returncode == 0, done.stderr
     got = alex.receive()
     codes = sorted(e["code"] for e in got["errors"])
     assert codes == ["group_bad_content_type", "group_change_refused", "sync_key_uncertified"]
     assert got["group_messages"] == []
-    assert alex.status()["friends"]["history_hash"] == before
-    assert set(alex.status()) == {"friends"}  # a group named without its records: not joined
-    assert sorted(m["name"] for m in alex.status()["friends"]["members"]) == ["blair", "me"]
+    after = alex.status()
+    assert after["friends"]["history_hash"] == before
+    assert set(after) == {"friends"}  # a group named without its records: not joined
+    assert sorted(m["name"] for m in after["friends"]["members"]) == ["blair", "me"]

@@ -52,8 +52,13 @@ def age_grants(state: Path, seconds: float) -> None:
         )
 
 
-def test_demo_succeeds_twice_reusing_its_token_and_keys(tmp_path: Path) -> None:
-    first = run_demo(tmp_path / "demo")
+def test_demo_succeeds_and_reruns_on_its_token_keys_and_ended_grants(tmp_path: Path) -> None:
+    """One state directory, four runs: the first narrates every step; a rerun at once
+    reuses the token and root key; a rerun at any interval copes with the earlier
+    mailbox grants, still listed as active, having expired (a rerun ten minutes later)
+    or lost their key; a valid one is used."""
+    state = tmp_path / "demo"
+    first = run_demo(state)
     assert first.returncode == 0, first.stdout + first.stderr
     out = first.stdout
     assert "generated root key pkcs11:token=janus;object=edge-root" in out
@@ -74,21 +79,13 @@ def test_demo_succeeds_twice_reusing_its_token_and_keys(tmp_path: Path) -> None:
     did = next(
         line.split("identity:")[1].strip() for line in out.splitlines() if "identity:" in line
     )
+    stale = active_grants(state)
+    assert len(stale) == 1  # the mailbox grant: the payment grants were used up, revoked
 
-    second = run_demo(tmp_path / "demo")
+    second = run_demo(state)  # at once: the earlier mailbox grant is still valid
     assert second.returncode == 0, second.stdout + second.stderr
     assert "found existing root key" in second.stdout
     assert f"identity: {did}" in second.stdout
-
-
-def test_demo_reruns_after_its_earlier_mailbox_grants_ended(tmp_path: Path) -> None:
-    """A rerun at any interval: the earlier run's mailbox grant, still listed as active,
-    has expired (a rerun ten minutes later) or lost its key; a valid one is used."""
-    state = tmp_path / "demo"
-    first = run_demo(state)
-    assert first.returncode == 0, first.stdout + first.stderr
-    stale = active_grants(state)
-    assert len(stale) == 1  # the mailbox grant: the payment grants were used up, revoked
 
     age_grants(state, 60)
     later = run_demo(state)
