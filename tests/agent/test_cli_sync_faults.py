@@ -21,7 +21,7 @@ import pytest
 
 from agent.cloud.process import CloudProcess
 from tests.agent.lossy_proxy import LossyProxy
-from tests.agent.test_cli_device_fanout import Device, join, sessions, settle
+from tests.agent.test_cli_device_fanout import Device, authors, join, sessions, settle
 
 pytestmark = pytest.mark.slow
 SERVICE_ARGS = ["--receiving", "--sending", "--sending-allow-host", "127.0.0.1"]
@@ -119,12 +119,27 @@ def test_six_devices_converge_through_a_lossy_network(world: dict[str, Any]) -> 
         if all(members(d) == set(roots.values()) for d in everyone):
             break
     assert all(members(d) == set(roots.values()) for d in everyone)
+    by_name = {d.name: d for d in everyone}
+    dids = set(by_name[n].did for n in by_name)
+
+    # A calm start: a group message goes to every other device of every member at once,
+    # and a device that was offline gets all of it in one receive, each after its parents.
+    sent = alex[0].ok("group", "send", "crew", "--text", "calm from alex-laptop")
+    assert sent["devices"] == sorted(dids - {alex[0].did})
+    settle([alex[1], blair[1], casey[0], casey[1]])
+    casey[1].ok("group", "send", "crew", "--text", "calm from casey-desktop")
+    settle([alex[0], alex[1], blair[1], casey[0]])
+    got = blair[0].ok("rel", "receive")
+    assert sorted(m["text"] for m in got["group_messages"]) == [
+        "calm from alex-laptop",
+        "calm from casey-desktop",
+    ]
+    group_texts = ["calm from alex-laptop", "calm from casey-desktop"]
 
     for proxy in proxies:
         proxy.faulty = True
     rng = random.Random(SEED)
     offline = alex[1]
-    group_texts: list[str] = []
     direct_texts: list[str] = []
     for round_ in range(3):
         order = [d for d in everyone if d is not offline or round_ == 2]
@@ -154,6 +169,17 @@ def test_six_devices_converge_through_a_lossy_network(world: dict[str, Any]) -> 
     shown = [group(d) for d in everyone]
     assert all(texts(d) == set(group_texts) for d in everyone)
     assert len({s["history_hash"] for s in shown}) == 1
+    # Each message shows the device it was written on and its owner's root; it is signed
+    # by that device's sync key (certified once by the device's key), never the token.
+    for item in (h for h in shown[0]["history"] if "text" in h):
+        writer = by_name[item["text"].rsplit(" from ", 1)[1]]
+        assert item["device"] == writer.did, item
+        assert item["author_did"] == roots[writer.name.split("-")[0]], item
+    written = authors(casey[0].state / "sync" / "groups.db")
+    ids = [h["id"] for h in shown[0]["history"] if "text" in h]
+    writers = {h["device"] for h in shown[0]["history"] if "text" in h}
+    keys = {written[i] for i in ids}
+    assert len(keys) == len(writers) and not keys & dids
     pair = alex + blair
     for _ in range(4):
         if len({conversation_hash(d, roots["blair" if d in alex else "alex"]) for d in pair}) == 1:
@@ -167,12 +193,15 @@ def test_six_devices_converge_through_a_lossy_network(world: dict[str, Any]) -> 
     alex[0].ok("device", "remove", alex[1].did)
     settle([blair[0], alex[0], blair[1], casey[0], casey[1]])
     at_removal = {d.name: group(d)["history_hash"] for d in (casey[0], casey[1], alex[1])}
-    alex[0].ok("group", "send", "crew", "--text", "after the removals")
+    sent = alex[0].ok("group", "send", "crew", "--text", "after the removals")
+    assert sent["devices"] == sorted({blair[0].did, blair[1].did})
     blair[1].ok("group", "send", "crew", "--text", "after them too")
     settle(everyone, rounds=2)
     for device in (casey[0], casey[1], alex[1]):
         assert group(device)["history_hash"] == at_removal[device.name], device.name
         assert not {"after the removals", "after them too"} & texts(device)
+    assert alex[1].ok("sync", "status")["devices"]["removed"] is True
+    assert alex[1].fails("group", "send", "crew", "--text", "x") == "device_removed"
     current = [alex[0], blair[0], blair[1]]
     assert len({group(d)["history_hash"] for d in current}) == 1
     assert all({"after the removals", "after them too"} <= texts(d) for d in current)
