@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 
 from agent.cloud.process import CloudProcess
-from tests.agent.test_cli_device_fanout import SERVICE_ARGS, Device, join, sessions, settle
+from tests.agent.test_cli_device_fanout import (
+    SERVICE_ARGS,
+    Device,
+    join,
+    make_owners,
+    sessions,
+    settle,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -30,18 +37,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("reopen")
     clouds: list[CloudProcess] = []
     try:
-        owners: dict[str, Device] = {}
-        for owner in ("alex", "blair"):
-            root = Device(f"{owner}-laptop", base)
-            cloud = CloudProcess(base / owner / "cloud", owner=root.did, extra_args=SERVICE_ARGS)
-            clouds.append(cloud)
-            for role in ("receiving", "sending"):
-                root.ok("edge", "service", "add", cloud.url, "--role", role)
-            root.ok("device", "init", "--name", "laptop")
-            owners[owner] = root
-        alex, blair = owners["alex"], owners["blair"]
-        desktop = Device("alex-desktop", base)
-        join(alex, desktop, base)
+        owners = make_owners(base, {"alex": 2, "blair": 1}, clouds)
+        (alex, desktop), (blair,) = owners["alex"], owners["blair"]
         invitation = base / "blair.invite"
         alex.ok("rel", "invite", "--name", "blair", "--out", str(invitation))
         blair.ok("rel", "accept", str(invitation), "--name", "alex")

@@ -717,9 +717,39 @@ def test_device_addresses_travel_in_announcements(world: World, tmp_path: Path) 
 # --- 1:1 conversations as sync conversations over the sessions -------------------------
 
 
+def deliver_sync(
+    w: World,
+    directs: dict[str, Any],
+    out: list[Outgoing],
+    drop: frozenset[str] = frozenset(),
+    taken: dict[str, int] | None = None,
+) -> None:
+    """Deliver ``out`` and all it causes (answers, sync batches and theirs) until quiet;
+    what goes to a device in ``drop`` is lost; ``taken`` counts messages delivered."""
+    from agent.relationships.manager import SYNC_TYPE
+
+    queue = deque(out)
+    while queue:
+        item = queue.popleft()
+        if item.device in drop:
+            continue
+        got = w.net.by_did[item.device].fan.receive(item.wire)
+        queue.extend(got.outgoing)
+        if got.kind == "message" and got.type == SYNC_TYPE:
+            assert got.conversation is not None
+            here = directs[item.device]
+            delivered = here.take(got.device, got.conversation, got.body)
+            if taken is not None:
+                taken[item.device] += len(delivered)
+            queue.extend(here.outgoing())
+
+
+def direct_texts(directs: dict[str, Any], device: Device, peer: str) -> list[str]:
+    return [json.loads(m.body)["body"]["text"] for m in directs[device.did].history(peer)]
+
+
 def test_a_direct_conversation_catches_up_through_any_device(world: World, tmp_path: Path) -> None:
     from agent.didcomm.message import Message as DIDComm
-    from agent.relationships.manager import SYNC_TYPE
     from agent.sync.device_sync_key import DeviceSyncKeys
     from agent.sync.direct import Direct
 
@@ -730,21 +760,10 @@ def test_a_direct_conversation_catches_up_through_any_device(world: World, tmp_p
     taken: dict[str, int] = {d.did: 0 for d in w.all}
 
     def run(out: list[Outgoing], drop: frozenset[str] = frozenset()) -> None:
-        queue = deque(out)
-        while queue:
-            item = queue.popleft()
-            if item.device in drop:
-                continue
-            got = w.net.by_did[item.device].fan.receive(item.wire)
-            queue.extend(got.outgoing)
-            if got.kind == "message" and got.type == SYNC_TYPE:
-                assert got.conversation is not None
-                here = directs[item.device]
-                taken[item.device] += len(here.take(got.device, got.conversation, got.body))
-                queue.extend(here.outgoing())
+        deliver_sync(w, directs, out, drop, taken)
 
     def texts(device: Device, peer: str) -> list[str]:
-        return [json.loads(m.body)["body"]["text"] for m in directs[device.did].history(peer)]
+        return direct_texts(directs, device, peer)
 
     # A1 writes; its batches reach A2 only (B's devices lose them).
     first = directs[w.a1.did].post(w.a1.edge.root, w.b, DIDComm.new(TEXT, {"text": "one"}))
@@ -893,7 +912,6 @@ def test_what_a_removed_device_wrote_before_its_removal_still_reaches_every_devi
     offline during a removal (or joins after it) gets what the removed device wrote
     before, from any device that kept it; nothing stamped after the removal is taken."""
     from agent.didcomm.message import Message as DIDComm
-    from agent.relationships.manager import SYNC_TYPE
     from agent.sync.device_sync_key import DeviceSyncKeys
     from agent.sync.direct import CONTENT_TYPE, Direct, NotADeviceError, conversation_id
     from agent.sync.messages import Message as SyncMessage
@@ -903,21 +921,10 @@ def test_what_a_removed_device_wrote_before_its_removal_still_reaches_every_devi
     directs = {d.did: Direct(tmp_path / f"direct-{d.name}", d.fan, keys[d.did]) for d in w.all}
 
     def run(out: list[Outgoing], drop: frozenset[str] = frozenset()) -> None:
-        queue = deque(out)
-        while queue:
-            item = queue.popleft()
-            if item.device in drop:
-                continue
-            got = w.net.by_did[item.device].fan.receive(item.wire)
-            queue.extend(got.outgoing)
-            if got.kind == "message" and got.type == SYNC_TYPE:
-                assert got.conversation is not None
-                here = directs[item.device]
-                here.take(got.device, got.conversation, got.body)
-                queue.extend(here.outgoing())
+        deliver_sync(w, directs, out, drop)
 
     def texts(device: Device, peer: str) -> list[str]:
-        return [json.loads(m.body)["body"]["text"] for m in directs[device.did].history(peer)]
+        return direct_texts(directs, device, peer)
 
     try:
         offline = frozenset({w.b2.did})
