@@ -11,7 +11,6 @@ import time
 import pytest
 
 from janus_hsm.algorithms import Algorithm
-from janus_hsm.backends.software.provider import SoftwareProvider
 from janus_hsm.provider import KeyHandle
 from policies.abilities import Ability
 from policies.capability import CAPABILITY_TYP, Bundle, Capability, Limits, capability_claims
@@ -19,21 +18,15 @@ from policies.errors import AttenuationError, FormatError
 from policies.issue import grant
 from policies.jws import sign_compact
 from policies.verify import Verifier
+from tests.policies.keys import software_keys
 
 PAY = Ability("janus:payments/eur", "sign/payment")
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyHandle]:
-    provider = SoftwareProvider.open(
-        f"soft:dir={tmp_path_factory.mktemp('keys')}",
-        passphrase_source=lambda: "pw",
-        allow_extractable=True,
-    )
-    return {
-        name: provider.generate(provider.key_uri(name), Algorithm.EdDSA)
-        for name in ("root", "operator", "holder")
-    }
+    names = ("root", "operator", "holder")
+    return software_keys(tmp_path_factory.mktemp("keys"), dict.fromkeys(names, Algorithm.EdDSA))
 
 
 def _parent(keys: dict[str, KeyHandle], *, fresh: bool) -> Bundle:
