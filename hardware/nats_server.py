@@ -9,6 +9,7 @@ consumers: that is how the tests check that a consumer resumes after a restart.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,3 +181,22 @@ def cluster(root: Path, size: int = 3) -> list[NatsServer]:
         NatsServer(store=root / f"n{i}", name=f"n{i}", cluster_port=port, routes=tuple(ports))
         for i, port in enumerate(ports)
     ]
+
+
+@contextlib.contextmanager
+def leaf_linked_pair(root: Path) -> Iterator[tuple[NatsServer, NatsServer]]:
+    """Two running servers of two deployments: A's (JetStream domain A, accepting leaf
+    links) and B's (domain B, leaf-linked to A), as `janus bus link` expects; both
+    stopped afterwards."""
+    leaf_port = free_port()
+    a = NatsServer(store=root / "bus-a", domain="A", leaf_port=leaf_port, name="a")
+    b = NatsServer(
+        store=root / "bus-b", domain="B", leaf_remote=f"nats-leaf://127.0.0.1:{leaf_port}", name="b"
+    )
+    try:
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()

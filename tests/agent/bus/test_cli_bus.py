@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.bus import open_bus
-from hardware.nats_server import NatsServer
+from hardware.nats_server import NatsServer, leaf_linked_pair
 from hardware.postgres import free_port
 from janus_hsm.provider import KeyHandle
 from tests.agent.bus.conftest import drop_schema, new_schema, with_schema
@@ -33,18 +33,8 @@ def janus(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def nats_pair(tmp_path: Path) -> Iterator[tuple[NatsServer, NatsServer]]:
-    leaf_port = free_port()
-    a = NatsServer(store=tmp_path / "a", domain="A", leaf_port=leaf_port, name="a")
-    b = NatsServer(
-        store=tmp_path / "b", domain="B", leaf_remote=f"nats-leaf://127.0.0.1:{leaf_port}", name="b"
-    )
-    try:
-        a.start()
-        b.start()
-        yield a, b
-    finally:
-        b.stop()
-        a.stop()
+    with leaf_linked_pair(tmp_path) as pair:
+        yield pair
 
 
 def test_nats_link_and_unlink(nats_pair: tuple[NatsServer, NatsServer]) -> None:

@@ -10,8 +10,7 @@ import pytest
 
 from agent.bus import Event, open_bus
 from agent.bus.link import link, unlink
-from hardware.nats_server import NatsServer
-from hardware.postgres import free_port
+from hardware.nats_server import NatsServer, leaf_linked_pair
 from janus_hsm.provider import KeyHandle
 from tests.agent.bus.conftest import drop_schema, new_schema, with_schema
 from tests.agent.bus.helpers import Inbox, revocation_event, stored_count, use_event
@@ -20,18 +19,8 @@ from tests.agent.bus.helpers import Inbox, revocation_event, stored_count, use_e
 @pytest.fixture
 def nats_pair(tmp_path: Path) -> Iterator[tuple[NatsServer, NatsServer]]:
     """A's server (domain A, accepting leaf links) and B's (domain B, leaf-linked to A)."""
-    leaf_port = free_port()
-    a = NatsServer(store=tmp_path / "a", domain="A", leaf_port=leaf_port, name="a")
-    b = NatsServer(
-        store=tmp_path / "b", domain="B", leaf_remote=f"nats-leaf://127.0.0.1:{leaf_port}", name="b"
-    )
-    try:
-        a.start()
-        b.start()
-        yield a, b
-    finally:
-        b.stop()
-        a.stop()
+    with leaf_linked_pair(tmp_path) as pair:
+        yield pair
 
 
 async def _consume(url: str, consumer: str) -> tuple[Inbox, object]:

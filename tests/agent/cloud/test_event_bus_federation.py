@@ -18,8 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hardware.nats_server import NatsServer
-from hardware.postgres import free_port
+from hardware.nats_server import NatsServer, leaf_linked_pair
 from tests.agent.cloud.bus_helpers import (
     Owner,
     code,
@@ -32,21 +31,8 @@ from tests.agent.cloud.bus_helpers import (
 
 @pytest.fixture
 def deployments(tmp_path: Path) -> Iterator[tuple[NatsServer, NatsServer]]:
-    leaf_port = free_port()
-    a = NatsServer(store=tmp_path / "bus-a", domain="A", leaf_port=leaf_port, name="a")
-    b = NatsServer(
-        store=tmp_path / "bus-b",
-        domain="B",
-        leaf_remote=f"nats-leaf://127.0.0.1:{leaf_port}",
-        name="b",
-    )
-    try:
-        a.start()
-        b.start()
-        yield a, b
-    finally:
-        b.stop()
-        a.stop()
+    with leaf_linked_pair(tmp_path) as pair:
+        yield pair
 
 
 def _janus_bus(action: str, source: str, target: str) -> dict[str, object]:
