@@ -400,9 +400,10 @@ class Groups:
         check_group_name(name)
         if any(r.name == name for r in self.records.values()):
             raise GroupExistsError(f"a group named {name!r} exists here")
-        members = sorted({self._member_did(label) for label in labels})
-        for label in labels:
-            self._check_path(self._member_did(label), label)
+        named = {label: self._member_did(label) for label in labels}
+        for label, did in named.items():
+            self._check_path(did, label)
+        members = sorted(set(named.values()))
         if len(members) > MAX_MEMBERS:
             raise GroupMemberError(f"a group has at most {MAX_MEMBERS} members")
         self._signer()  # the token signature (if any) before anything is written

@@ -14,7 +14,6 @@ lie to the sender about exactly one route, which no general proxy does.
 from __future__ import annotations
 
 import http.client
-import json
 import random
 import threading
 from collections import Counter
@@ -99,28 +98,23 @@ class LossyProxy:
         lose, duplicate, hold = self._odds
         with self._lock:
             draw = self._random.random()
-        if draw < lose:
-            self.counts["lost"] += 1
-            return (
-                202,
-                {"content-type": "application/json"},
-                json.dumps({"status": "accepted"}).encode(),
+            fate = (
+                "lost"
+                if draw < lose
+                else "held"
+                if draw < lose + hold
+                else "duplicated"
+                if draw < lose + hold + duplicate
+                else "passed"
             )
-        if draw < lose + hold:
-            with self._lock:
+            self.counts[fate] += 1
+            if fate == "held":
                 self._held.append((path, headers, body))
-            self.counts["held"] += 1
-            return (
-                202,
-                {"content-type": "application/json"},
-                json.dumps({"status": "accepted"}).encode(),
-            )
+        if fate in ("lost", "held"):  # answered as the service answers a delivery it took
+            return 202, {"content-type": "application/json"}, b'{"status":"accepted"}'
         answer = self._forward("POST", path, headers, body)
-        if draw < lose + hold + duplicate:
-            self.counts["duplicated"] += 1
+        if fate == "duplicated":
             self._forward("POST", path, headers, body)
-        else:
-            self.counts["passed"] += 1
         self._release()  # what was held back arrives after this one
         return answer
 
@@ -131,4 +125,5 @@ class LossyProxy:
             try:
                 self._forward("POST", path, headers, body)
             except OSError:
-                self.counts["lost"] += 1  # the service went away meanwhile: a loss too
+                with self._lock:
+                    self.counts["lost"] += 1  # the service went away meanwhile: a loss too

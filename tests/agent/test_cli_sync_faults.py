@@ -12,6 +12,7 @@ removed device receive nothing new.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_six_devices_converge_through_a_lossy_network(world: dict[str, Any]) -> 
             break
     assert all(members(d) == set(roots.values()) for d in everyone)
     by_name = {d.name: d for d in everyone}
-    dids = set(by_name[n].did for n in by_name)
+    dids = {d.did for d in everyone}
 
     # A calm start: a group message goes to every other device of every member at once,
     # and a device that was offline gets all of it in one receive, each after its parents.
@@ -156,7 +157,7 @@ def test_six_devices_converge_through_a_lossy_network(world: dict[str, Any]) -> 
                 device.ok("rel", "send", peer, "--text", text)
                 direct_texts.append(text)
             device.ok("rel", "receive")  # faults make errors, never a failed command
-    faults = sum((p.counts for p in proxies), start=type(proxies[0].counts)())
+    faults = sum((p.counts for p in proxies), start=Counter[str]())
     assert faults["lost"] and faults["duplicated"] and faults["held"], faults
 
     # The network heals: commands alone (offers, requests, acks) bring every device level.
