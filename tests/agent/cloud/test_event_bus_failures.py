@@ -158,7 +158,7 @@ def test_forged_replayed_and_out_of_chain_revocations_are_refused_and_logged(
         # A relay signature that does not verify: the bus itself drops it.
         head, payload, signature = out_of_chain.compact.split(".")
         tampered = Event(
-            out_of_chain.id[:-2] + "AA",
+            out_of_chain.id[:-2] + ("AA" if out_of_chain.id[-2:] != "AA" else "BA"),
             "revocation",
             relay.did,
             now,

@@ -168,7 +168,9 @@ def test_errors_have_stable_codes(sh: Shell, keys: dict[str, Any]) -> None:
     assert error["code"] == "wrong_recipient"
 
     tampered = dict(packed["envelope"])
-    tampered["ciphertext"] = "A" + tampered["ciphertext"][1:]
+    first = tampered["ciphertext"][0]
+    # A different first character: replacing it with a fixed one is a no-op 1 time in 64.
+    tampered["ciphertext"] = ("B" if first == "A" else "A") + tampered["ciphertext"][1:]
     error = sh.fails("msg", "unpack", "--key", bob["uri"], "--in", sh.file("t.json", tampered))
     assert error["code"] in {"decryption_failed", "malformed_envelope"}
 
