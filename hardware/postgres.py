@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,11 +77,25 @@ def _die_with_parent() -> Callable[[], None]:
     return preexec
 
 
+# Ports free_port() has handed out in this process.  The kernel picks a bind(0) port at
+# random among ~14,000, so two calls in a row return the same one about 1 time in
+# 20,000: a server given one port for clients and the same port for monitoring (or a
+# cluster given nine) would then fail to start, now and then.
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (start() retries on a race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (start() retries on a race),
+    and that no earlier call in this process returned."""
+    with _handed_out_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 @dataclass

@@ -52,6 +52,10 @@ def age_grants(state: Path, seconds: float) -> None:
         )
 
 
+# Four runs of about two minutes together on an idle machine, mostly CPU: the suite's
+# 300 s default would be less than three times that, too tight on a busy one.
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_demo_succeeds_and_reruns_on_its_token_keys_and_ended_grants(tmp_path: Path) -> None:
     """One state directory, four runs: the first narrates every step; a rerun at once
     reuses the token and root key; a rerun at any interval copes with the earlier

@@ -706,9 +706,8 @@ def test_presence_timeout_after_keepalives(
 
 
 def test_waiting_for_presence_can_be_cancelled_and_blocks_other_callers() -> None:
-    device = SoftwareAuthenticator(
-        presence=ScriptedPresence(default=Presence.TIMEOUT), presence_timeout=10
-    )
+    presence = ScriptedPresence(default=Presence.TIMEOUT)
+    device = SoftwareAuthenticator(presence=presence, presence_timeout=10)
     ctap = Ctap2(device)
     cancel = threading.Event()
     outcome: list[int] = []
@@ -722,7 +721,12 @@ def test_waiting_for_presence_can_be_cancelled_and_blocks_other_callers() -> Non
     waiter = threading.Thread(target=wait_for_touch)
     started = time.monotonic()
     waiter.start()
-    time.sleep(0.05)
+    # Asked for a touch: it holds the device now (a fixed sleep may be too short when
+    # the machine is busy, and the PING below would then be answered).
+    deadline = time.monotonic() + 5
+    while not presence.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [r.command for r in presence.requests] == ["selection"]
     with pytest.raises(CtapError) as raised:  # another "channel" while it waits
         device.call(CTAPHID.PING, b"x")
     assert raised.value.code == ERR.CHANNEL_BUSY

@@ -17,7 +17,8 @@ def test_token_in_its_own_directory_with_private_pin_files(tmp_path: Path) -> No
         assert len(pin_file.read_text().strip()) >= 8
     assert (tmp_path / "state").stat().st_mode & 0o077 == 0
     assert any((tmp_path / "state" / "tokens").iterdir())
-    assert "pin-source=file:" in token.uri() and token.pin_file.read_text() not in token.uri()
+    assert "pin-source=file:" in token.uri()
+    assert token.pin_file.read_text().strip() not in token.uri()
 
 
 def test_second_run_reuses_the_token(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def test_without_contact_uses_with_limits_are_refused_until_caught_up_again(
     stoppable_bus: StoppableBus, owner: Owner, tmp_path: Path
 ) -> None:
     instance = start_instance(
-        tmp_path / "cloud", owner, stoppable_bus.url, ["--bus-staleness", "2"]
+        tmp_path / "cloud", owner, stoppable_bus.url, ["--bus-staleness", "5"]
     )
     try:
         wait_caught_up(instance)

@@ -189,7 +189,9 @@ def test_an_expired_grant_acts_not_even_within_the_verifiers_skew(
 ) -> None:
     """Other parties' clocks get 60 s of skew; the agent's own grant ends at its expiry
     (another instance may have destroyed the key already), and is then retired."""
-    grant_id, bundle = new_grant(cloud, owner, ttl=2)
+    # The grant is stamped in whole seconds, so it lasts between ttl - 1 and ttl seconds:
+    # 3 leaves the first payment ample time on a busy machine.
+    grant_id, bundle = new_grant(cloud, owner, ttl=3)
     key_uri = cloud.store.grant(grant_id).key_uri
     expires = cloud.store.grant(grant_id).expires_at
     assert expires is not None
