@@ -27,13 +27,12 @@ cannot drift between them.  Resources and actions (see docs/hsm-service.md):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from janus_hsm import b64url
 from janus_hsm.provider import KeyHandle
 from policies.capability import Bundle
 from policies.errors import FormatError, RootMismatchError, VerificationError
@@ -74,7 +73,7 @@ def bound_request(method: str, target: str, body: bytes, audience: str) -> dict[
 
 
 def encode_bundle(bundle: Bundle) -> str:
-    return base64.urlsafe_b64encode(bundle.to_json().encode()).rstrip(b"=").decode()
+    return b64url.encode(bundle.to_json().encode())
 
 
 def authorization_headers(
@@ -129,10 +128,11 @@ def presented(headers: Mapping[str, str]) -> Presented:
         raise AuthError(f"the Authorization header must use the {AUTH_SCHEME} scheme")
     if len(capability) > MAX_CAPABILITY_HEADER:
         raise AuthError(f"the {CAPABILITY_HEADER} header is too large to be a bundle")
-    try:
-        text = base64.urlsafe_b64decode(capability + "=" * (-len(capability) % 4))
-    except (binascii.Error, ValueError):
-        raise AuthError(f"the {CAPABILITY_HEADER} header is not base64url") from None
+    # Strict: the lenient standard decoder skips characters outside the alphabet, so
+    # many header spellings would carry the same bundle.
+    text = b64url.decode(
+        capability.strip(), f"the {CAPABILITY_HEADER} header", error=AuthError, allow_padding=True
+    )
     try:
         bundle = Bundle.parse(text)
     except FormatError as exc:

@@ -22,6 +22,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_public_key,
 )
 
+from agent.hsm_service.auth import (
+    AUTH_SCHEME,
+    CAPABILITY_HEADER,
+    AuthError,
+    encode_bundle,
+    presented,
+)
 from agent.hsm_service.client import HsmClient, HsmClientError, new_nonce
 from janus_hsm import b64url
 from janus_hsm.provider import KeyHandle, raw_to_der
@@ -313,3 +320,28 @@ def test_policy_change_with_approvals_through_http(
     )
     assert answer == {"changed": True}
     bob.sign("hsm-sign", b"bob is a client now")
+
+
+def test_capability_header_is_strict_base64url(client_keys: dict[str, KeyHandle]) -> None:
+    """One spelling per bundle: characters outside base64url are refused, not skipped."""
+    bundle = capability(client_keys["admin"], client_keys["alice-app"])
+    headers = {"authorization": f"{AUTH_SCHEME} a.b.c"}
+    encoded = encode_bundle(bundle)
+    assert presented({**headers, CAPABILITY_HEADER.lower(): encoded}).bundle.leaf.id == (
+        bundle.leaf.id
+    )
+    padded = encoded + "=" * (-len(encoded) % 4)  # the padded spelling is the same bytes
+    assert presented({**headers, CAPABILITY_HEADER.lower(): padded}).bundle.leaf.id == (
+        bundle.leaf.id
+    )
+    middle = len(encoded) // 2
+    for bad in (
+        encoded[:middle] + "!" + encoded[middle:],
+        encoded[:middle] + " " + encoded[middle:],
+        encoded + "+",
+        "=" + encoded,
+    ):
+        with pytest.raises(AuthError) as exc:
+            presented({**headers, CAPABILITY_HEADER.lower(): bad})
+        assert exc.value.code == "hsm_unauthenticated"
+        assert "base64url" in str(exc.value)
