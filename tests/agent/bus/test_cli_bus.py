@@ -81,6 +81,8 @@ def test_postgres_link_once_copies_and_unlink_forgets(
         (f"nats://u:{SECRET}@127.0.0.1:1", f"postgresql://u:{SECRET}@127.0.0.1:1/db"),
         (f"nats://u:{SECRET}@127.0.0.1:{free_port()}", f"nats://u:{SECRET}@127.0.0.1:1"),
     ],
+    # Fixed ids: the values hold a port chosen at collection (ids must not vary by run).
+    ids=["unknown-scheme", "unreachable-postgresql", "unreachable-nats"],
 )
 def test_link_failures_are_one_line_without_the_password(source: str, target: str) -> None:
     result = janus("bus", "link", "--from", source, "--to", target)

@@ -121,6 +121,7 @@ def test_a_holder_signed_request_is_not_replayed(edge: EdgeAgent, service: Cloud
         # an X25519 did:key (agreement only, cannot sign)
         to_did_key(x25519.X25519PrivateKey.generate().public_key()),
     ],
+    ids=["not-a-did", "not-a-string", "bad-base58", "x25519-did-key"],  # fixed: the key is random
 )
 def test_a_bad_holder_key_is_refused_at_creation(
     edge: EdgeAgent, service: CloudProcess, holder: object

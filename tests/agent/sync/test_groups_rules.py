@@ -191,6 +191,17 @@ def test_admit_refuses_bad_records_with_their_codes() -> None:
         (CREATE_TYPE, b'{"members":["b","a"],"name":"g"}', 0),
         ("text/plain", b"{}", 1),
     ],
+    ids=[  # fixed: one record names a key generated at import
+        "add-not-json",
+        "add-not-an-object",
+        "add-extra-field",
+        "add-not-a-did-key",
+        "add-not-canonical",
+        "create-empty-name",
+        "create-with-parents",
+        "create-unsorted-members",
+        "other-type",
+    ],
 )
 def test_malformed_membership_records(content_type: str, body: bytes, parents: int) -> None:
     with pytest.raises(NotAdmittedError) as caught:
