@@ -44,10 +44,13 @@ demo: setup
 	$(PY) -m agent.demo --state-dir $(STATE)/demo
 
 # Three workers on two cores: most of the suite waits (fsync, servers, subprocesses),
-# so a third worker fills the gaps. PYTEST_WORKERS=0 runs it in one process.
+# so a third worker fills the gaps. Whole modules, in collection order (tests/conftest.py
+# puts the modules with slow tests first, so none starts last). PYTEST_WORKERS=0 runs
+# the suite in one process.
 PYTEST_WORKERS ?= 3
 test: setup container-image
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 \
+		$(PYTEST_ARGS)
 
 # Every parser of outside input, FUZZ_CASES generated and mutated inputs in all; prints
 # the cases run per target (docs/fuzzing.md).  A short run is part of `make test`.
