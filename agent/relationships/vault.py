@@ -137,6 +137,7 @@ class Vault:
         self.path = path
         self._aead = AESGCM(storage_key)
         self._hash_key = hashlib.sha256(b"janus vault seen|" + storage_key).digest()
+        self._storage_key = storage_key
         self._db = db
         self._in_transaction = False
 
@@ -218,6 +219,16 @@ class Vault:
 
     def close(self) -> None:
         self._db.close()
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A 256-bit key for another store of this owner's state (the sync stores), as
+        locked as the vault itself: derived from the storage key, one per purpose."""
+        return HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=None,
+            info=b"janus vault derived key|" + purpose.encode(),
+        ).derive(self._storage_key)
 
     # --- sealing ---------------------------------------------------------------------
 

@@ -15,6 +15,12 @@ Per conversation the store keeps:
 - ``peer_has``: which peers are known to hold which messages (what the protocol need
   not offer them again).
 
+Opened with a :class:`~agent.sync.sealing.StoreSealer` (as every store of an owner's
+state is), the encoded messages are sealed at rest, and the store remembers it: it then
+opens only with the same key.  A store written before sealing existed is sealed when
+first opened with a key, in one transaction, and vacuumed so no page keeps a plaintext
+body.  Without a sealer (tests, benchmarks) bodies are stored as given.
+
 The *history* is the delivered messages ordered by (depth, timestamp, id): a linear
 extension of the causal order (a parent's depth is smaller than its child's) that
 depends on the set of messages only, so two devices holding the same messages compute
@@ -38,9 +44,11 @@ from typing import Final
 from agent.sync.errors import StoreError, SyncError
 from agent.sync.ids import id_text
 from agent.sync.messages import Message, parse_message
+from agent.sync.sealing import StoreSealer
 from janus_hsm import b64url
 
-SCHEMA_VERSION: Final = 1
+#: 2 added ``store_meta`` (sealing); a version 1 store is upgraded when opened.
+SCHEMA_VERSION: Final = 2
 MAX_WAITING: Final = 10_000  # per conversation: a peer cannot fill the disk with orphans
 MAX_PEER_NAME: Final = 200
 
@@ -64,6 +72,7 @@ CREATE TABLE IF NOT EXISTS heads (
 CREATE TABLE IF NOT EXISTS peer_has (
     conv BLOB NOT NULL, peer TEXT NOT NULL, id BLOB NOT NULL, PRIMARY KEY (conv, peer, id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS store_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 
 
@@ -90,14 +99,21 @@ class SyncStore:
     """Messages of any number of conversations in one SQLite database."""
 
     def __init__(
-        self, path: str | Path, *, durable: bool = True, max_waiting: int = MAX_WAITING
+        self,
+        path: str | Path,
+        *,
+        durable: bool = True,
+        max_waiting: int = MAX_WAITING,
+        sealer: StoreSealer | None = None,
     ) -> None:
-        """Open (creating) the store; ``durable=False`` skips fsync (tests, benchmarks)."""
+        """Open (creating) the store; ``durable=False`` skips fsync (tests, benchmarks);
+        ``sealer`` seals bodies at rest (module docstring)."""
         self.path = str(path)
         self.max_waiting = max_waiting
+        self._sealer: StoreSealer | None = None
         if self.path != ":memory:":
-            # Bodies are stored as given (plaintext unless the layer above encrypts
-            # them): owner-only from the first byte; SQLite gives -wal/-shm the same mode.
+            # Owner-only from the first byte (ids and the causal graph are in the clear
+            # even when bodies are sealed); SQLite gives -wal/-shm the same mode.
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         self._db = sqlite3.connect(self.path, isolation_level=None)
@@ -107,11 +123,12 @@ class SyncStore:
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION) or (version == 0 and tables):
+            if version not in (0, 1, SCHEMA_VERSION) or (version == 0 and tables):
                 raise StoreError(f"{self.path} is not a sync store of version {SCHEMA_VERSION}")
             self._db.executescript(
                 f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
             )
+            self._sealer = self._check_sealing(sealer)
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StoreError(f"cannot open the sync store {self.path}: {exc}") from None
@@ -121,6 +138,47 @@ class SyncStore:
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def sealed(self) -> bool:
+        return self._sealer is not None
+
+    def _check_sealing(self, sealer: StoreSealer | None) -> StoreSealer | None:
+        """The sealer the store is to use: the one it was sealed with, or none."""
+        row = self._db.execute("SELECT value FROM store_meta WHERE name = 'sealed'").fetchone()
+        if row is not None:
+            if sealer is None:
+                raise StoreError(
+                    f"{self.path} holds sealed messages: it opens only with its owner's "
+                    "vault key (through the janus commands of that state directory)"
+                )
+            if not sealer.is_key_of(bytes(row[0])):
+                raise StoreError(
+                    f"{self.path} was sealed under another key: it belongs to another "
+                    "device's state (its token)"
+                )
+            return sealer
+        if sealer is None:
+            return None
+        with self._transaction() as db:
+            rows = db.execute("SELECT conv, id, encoded FROM messages").fetchall()
+            db.executemany(
+                "UPDATE messages SET encoded = ? WHERE conv = ? AND id = ?",
+                [(sealer.seal(conv, mid, encoded), conv, mid) for conv, mid, encoded in rows],
+            )
+            db.execute(
+                "INSERT INTO store_meta (name, value) VALUES ('sealed', ?)",
+                (sealer.check_value(),),
+            )
+        if rows and self.path != ":memory:":
+            # The plaintext bodies were in pages that are free now: rebuild the file
+            # and empty the WAL, so that no page still holds one.
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return sealer
+
+    def _stored(self, conv: bytes, mid: bytes, encoded: bytes) -> bytes:
+        return encoded if self._sealer is None else self._sealer.seal(conv, mid, encoded)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -170,7 +228,7 @@ class SyncStore:
                 waiting_count[conv] += 1
                 db.execute(
                     "INSERT INTO messages (conv, id, encoded, ts) VALUES (?, ?, ?, ?)",
-                    (conv, mid, message.encoded, message.timestamp),
+                    (conv, mid, self._stored(conv, mid, message.encoded), message.timestamp),
                 )
                 db.executemany(
                     "INSERT INTO edges (conv, parent, child) VALUES (?, ?, ?)",
@@ -213,12 +271,13 @@ class SyncStore:
                     (conv, conv, mid),
                 )
                 db.execute("INSERT INTO heads (conv, id) VALUES (?, ?)", (conv, mid))
-                encoded = db.execute(
-                    "SELECT encoded FROM messages WHERE conv = ? AND id = ?", (conv, mid)
-                ).fetchone()[0]
-                result.delivered.append(
-                    batch.get(id_text(mid)) or parse_message(encoded, verify=False)
-                )
+                known = batch.get(id_text(mid))
+                if known is None:
+                    blob = db.execute(
+                        "SELECT encoded FROM messages WHERE conv = ? AND id = ?", (conv, mid)
+                    ).fetchone()[0]
+                    known = self._load(conv, mid, blob)
+                result.delivered.append(known)
                 work.extend(
                     (conv, child)
                     for (child,) in db.execute(
@@ -251,10 +310,11 @@ class SyncStore:
                 "SELECT encoded FROM messages WHERE conv = ? AND id = ?", (conv, _raw(mid))
             ).fetchone()
             if row is not None:
-                out.append(self._load(row[0]))
+                out.append(self._load(conv, _raw(mid), row[0]))
         return out
 
-    def _load(self, encoded: bytes) -> Message:
+    def _load(self, conv: bytes, mid: bytes, blob: bytes) -> Message:
+        encoded = blob if self._sealer is None else self._sealer.open(conv, mid, blob)
         try:
             return parse_message(encoded, verify=False)
         except SyncError as exc:
@@ -308,11 +368,12 @@ class SyncStore:
 
     def delivered(self, conversation: str, after: int = 0) -> list[tuple[int, Message]]:
         """Delivered messages in this device's delivery order, after sequence ``after``."""
+        conv = _raw(conversation)
         return [
-            (seq, self._load(encoded))
-            for seq, encoded in self._db.execute(
-                "SELECT seq, encoded FROM messages WHERE conv = ? AND seq > ? ORDER BY seq",
-                (_raw(conversation), after),
+            (seq, self._load(conv, mid, blob))
+            for seq, mid, blob in self._db.execute(
+                "SELECT seq, id, encoded FROM messages WHERE conv = ? AND seq > ? ORDER BY seq",
+                (conv, after),
             )
         ]
 

@@ -8,6 +8,7 @@ every device; a removed device receives nothing new.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -92,15 +93,41 @@ def settle(devices: list[Device], rounds: int = 1) -> None:
             device.receive()
 
 
-def authors(store_path: Path) -> dict[str, str]:
-    """Message id -> author key, of every message a device's sync store holds."""
-    from agent.sync.store import SyncStore
+# Run with the device's token: the sync stores are sealed under a key of its vault.
+_READ_STORE = """
+import base64, json, sys
+from pathlib import Path
+from agent.relationships.manager import Relationships
+from agent.sync.sealing import SYNC_STORE_KEY_PURPOSE, StoreSealer
+from agent.sync.store import SyncStore
 
-    store = SyncStore(store_path)
-    try:
-        return {m.id: m.author for conv in store.conversations() for _, m in store.delivered(conv)}
-    finally:
-        store.close()
+state, name = Path(sys.argv[1]), sys.argv[2]
+with Relationships.open(state) as rels:
+    sealer = StoreSealer(rels.vault.derived_key(SYNC_STORE_KEY_PURPOSE))
+    store = SyncStore(state / "sync" / name, sealer=sealer)
+    shown = [m for conv in store.conversations() for _, m in store.delivered(conv)]
+    store.close()
+print(json.dumps({
+    "authors": {m.id: m.author for m in shown},
+    "bodies": [base64.b64encode(m.body).decode() for m in shown],
+}))
+"""
+
+
+def authors(device: Device, store_name: str) -> dict[str, str]:
+    """Message id -> author key, of every message in one of a device's sync stores;
+    checks on the way that the store's files hold none of those bodies (sealed at rest)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_STORE, str(device.state), store_name],
+        env=device.token.environ(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    read = json.loads(done.stdout)
+    files = b"".join(p.read_bytes() for p in (device.state / "sync").glob(f"{store_name}*"))
+    bodies = [base64.b64decode(b) for b in read["bodies"]]
+    assert bodies and all(len(b) >= 8 and b not in files for b in bodies)
+    written: dict[str, str] = read["authors"]
+    return written
 
 
 def sessions(device: Device) -> set[str]:
@@ -188,7 +215,7 @@ def test_fanout_converges_and_a_removed_device_gets_nothing(world: dict[str, Any
     # key: the token signs no message), and shown as written on that device.
     items = shown[everyone.index(blair[1])]
     assert [h["device"] for h in items] == [alex[0].did, blair[0].did, alex[1].did]
-    written = authors(blair[1].state / "sync" / "direct.db")
+    written = authors(blair[1], "direct.db")
     assert len(set(written.values())) == 3 and not set(written.values()) & dids
 
     # Blair removes the desktop: from then on no device sends it anything.

@@ -176,7 +176,7 @@ def test_six_devices_converge_through_a_lossy_network(world: dict[str, Any]) -> 
         writer = by_name[item["text"].rsplit(" from ", 1)[1]]
         assert item["device"] == writer.did, item
         assert item["author_did"] == roots[writer.name.split("-")[0]], item
-    written = authors(casey[0].state / "sync" / "groups.db")
+    written = authors(casey[0], "groups.db")
     ids = [h["id"] for h in shown[0]["history"] if "text" in h]
     writers = {h["device"] for h in shown[0]["history"] if "text" in h}
     keys = {written[i] for i in ids}
