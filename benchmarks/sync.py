@@ -12,6 +12,9 @@ What it answers
   ``synchronous=FULL``, and as many commits as the sync run's message batches):
   what the protocol costs (offers, requests, acks, signature checks, causal delivery
   bookkeeping) over moving the bytes.
+* **Sealing at rest.** The same catch-up with both stores sealed (as an owner's stores
+  are: every body under AES-256-GCM, agent/sync/sealing.py), side by side: what
+  sealing costs a catch-up.
 
 Both sides use durable stores on disk; signing the 1,000 messages is not timed.
 Run it as::
@@ -22,6 +25,7 @@ Run it as::
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sqlite3
 import sys
@@ -39,6 +43,7 @@ from harness import median, progress  # noqa: E402
 
 from agent.relationships.delivery import HolderKey  # noqa: E402
 from agent.sync import Message, SyncNode, SyncStore, new_conversation_id  # noqa: E402
+from agent.sync.sealing import StoreSealer  # noqa: E402
 
 PREFIX = 100
 BODY = b"m" * 100
@@ -65,10 +70,14 @@ def author(conversation: str, count: int, seed: int) -> list[Message]:
     return out
 
 
-def catch_up(directory: Path, messages: list[Message]) -> dict[str, Any]:
+def catch_up(directory: Path, messages: list[Message], *, sealed: bool = False) -> dict[str, Any]:
     conversation = messages[0].conversation
-    a = SyncNode(SyncStore(directory / "a.db"))
-    b = SyncNode(SyncStore(directory / "b.db"))
+
+    def sealer() -> StoreSealer | None:
+        return StoreSealer(os.urandom(32)) if sealed else None
+
+    a = SyncNode(SyncStore(directory / "a.db", sealer=sealer()))
+    b = SyncNode(SyncStore(directory / "b.db", sealer=sealer()))
     for message in messages[:PREFIX]:
         a.post(message, 0)
         b.post(message, 0)
@@ -142,16 +151,24 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="janus-bench-sync-") as tmp:
             run = catch_up(Path(tmp), messages)
             run["raw_seconds"] = raw_copy(Path(tmp), messages, run["message_batches"])
-        progress(f"run {i + 1}: sync {run['seconds']:.3f} s, raw {run['raw_seconds']:.4f} s")
+        with tempfile.TemporaryDirectory(prefix="janus-bench-sync-") as tmp:
+            run["sealed_seconds"] = catch_up(Path(tmp), messages, sealed=True)["seconds"]
+        progress(
+            f"run {i + 1}: sync {run['seconds']:.3f} s, sealed {run['sealed_seconds']:.3f} s,"
+            f" raw {run['raw_seconds']:.4f} s"
+        )
         runs.append(run)
     sync_s = median([r["seconds"] for r in runs])
     raw_s = median([r["raw_seconds"] for r in runs])
+    sealed_ratio = median([r["sealed_seconds"] / r["seconds"] for r in runs])
     last = runs[-1]
     total = last["bytes_to_b"] + last["bytes_to_a"]
     summary = {
         "sync_seconds": sync_s,
         "raw_seconds": raw_s,
         "time_ratio": sync_s / raw_s,
+        "sealed_seconds": median([r["sealed_seconds"] for r in runs]),
+        "sealed_over_plain": sealed_ratio,
         "messages_per_second": args.messages / sync_s,
         "payload_bytes": payload,
         "sync_bytes": total,
@@ -166,6 +183,10 @@ def main() -> None:
     print(f"{'':28}{'sync protocol':>16}{'raw sqlite3 copy':>18}{'ratio':>8}")
     print(f"{'time (s)':28}{sync_s:>16.3f}{raw_s:>18.4f}{sync_s / raw_s:>8.1f}")
     print(f"{'bytes':28}{total:>16,}{payload:>18,}{total / payload:>8.2f}")
+    print(
+        f"sealed stores: {summary['sealed_seconds']:.3f} s, {sealed_ratio:.2f}x the plain"
+        " stores' time (median of per-run ratios)"
+    )
     print(
         f"messages/s: {args.messages / sync_s:,.0f}; batches: {last['batches']}, round trips: "
         f"{last['round_trips']}; bytes A→B {last['bytes_to_b']:,}, B→A {last['bytes_to_a']:,}"
