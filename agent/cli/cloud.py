@@ -117,6 +117,7 @@ def _bus_settings(args: argparse.Namespace) -> tuple[Any, int | None]:
     if args.event_bus is None:
         for flag, value in (
             ("--bus-staleness", args.bus_staleness),
+            ("--home-timeout", args.home_timeout),
             ("--instance-name", args.instance_name),
         ):
             if value is not None:
@@ -125,15 +126,29 @@ def _bus_settings(args: argparse.Namespace) -> tuple[Any, int | None]:
     import asyncio
 
     from agent.bus.base import check_consumer
-    from agent.cloud.bus_link import DEFAULT_QUEUE_DEPTH, DEFAULT_STALENESS, BusSettings, probe
+    from agent.cloud.bus_link import (
+        DEFAULT_QUEUE_DEPTH,
+        DEFAULT_STALENESS,
+        HOME_TIMEOUT,
+        BusSettings,
+        probe,
+    )
 
     staleness = DEFAULT_STALENESS if args.bus_staleness is None else args.bus_staleness
     if not 0 < staleness <= 86_400:
         raise CommandError(f"--bus-staleness {staleness:g}: give 0 < seconds <= 86400")
+    home_timeout = HOME_TIMEOUT if args.home_timeout is None else args.home_timeout
+    if not 0 < home_timeout <= 60:
+        raise CommandError(f"--home-timeout {home_timeout:g}: give 0 < seconds <= 60")
     if args.instance_name is not None:
         check_consumer(args.instance_name)
     asyncio.run(probe(args.event_bus))
-    settings = BusSettings(args.event_bus, staleness=staleness, instance_name=args.instance_name)
+    settings = BusSettings(
+        args.event_bus,
+        staleness=staleness,
+        instance_name=args.instance_name,
+        home_timeout=home_timeout,
+    )
     return settings, DEFAULT_QUEUE_DEPTH if depth is None else depth
 
 
@@ -270,6 +285,13 @@ def register(commands: Any) -> None:
         type=float,
         metavar="SECONDS",
         help="refuse uses with limits after this long without contact with the bus (default 30)",
+    )
+    bus.add_argument(
+        "--home-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a use forwarded to its capability's home instance waits for its"
+        " answer before 503 home_ledger_unreachable (default 2)",
     )
     bus.add_argument(
         "--max-queue-depth",

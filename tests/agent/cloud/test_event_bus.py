@@ -58,8 +58,11 @@ def cluster(bus_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     instances = []
     try:
         for name in ("a", "b", "c"):
+            # b and c forward uses to a's home ledger: ample time for its answer on a
+            # busy machine (the default is 2 s).
+            extra = [] if name == "a" else ["--home-timeout", "10"]
             instances.append(
-                start_instance(tmp_path_factory.mktemp(f"cloud-{name}"), owner, bus_url)
+                start_instance(tmp_path_factory.mktemp(f"cloud-{name}"), owner, bus_url, extra)
             )
         for instance in instances:
             wait_caught_up(instance)
@@ -166,11 +169,19 @@ def test_a_home_ledger_counts_uses_from_every_instance_exactly(cluster: Cluster)
     assert max(r.json()["uses"][shared.leaf.id] for r in served) == 7
 
 
-def test_a_home_that_does_not_answer_refuses_the_use(cluster: Cluster) -> None:
-    _, b, _ = cluster.instances
+def test_a_home_that_does_not_answer_refuses_the_use(cluster: Cluster, tmp_path: Path) -> None:
     # The did:key of an instance that is not running (any Ed25519 did:key will do).
     absent = "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK"
     shared = cluster.owner.shared(uses=5, home=absent)
-    grant_id = cluster.owner.install(b, shared)
-    refused = pay(b, grant_id)
+    # An instance told to wait half a second for a home's answer gives up after that.
+    quick = start_instance(
+        tmp_path / "quick", cluster.owner, cluster.url, ["--home-timeout", "0.5"]
+    )
+    try:
+        wait_caught_up(quick)
+        grant_id = cluster.owner.install(quick, shared)
+        refused = pay(quick, grant_id)
+    finally:
+        quick.stop()
     assert (refused.status_code, code(refused)) == (503, "home_ledger_unreachable")
+    assert "within 0.5 s" in refused.json()["error"]["message"]  # not the default 2 s

@@ -280,6 +280,8 @@ def _serve(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         (["--event-bus", "nats://127.0.0.1:{port}"], "event bus"),
         (["--bus-staleness", "5"], "--bus-staleness needs --event-bus"),
         (["--event-bus", "nats://127.0.0.1:4222", "--bus-staleness", "0"], "--bus-staleness"),
+        (["--home-timeout", "5"], "--home-timeout needs --event-bus"),
+        (["--event-bus", "nats://127.0.0.1:4222", "--home-timeout", "61"], "--home-timeout"),
         (["--max-queue-depth", "0"], "--max-queue-depth"),
     ],
 )
