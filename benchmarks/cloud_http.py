@@ -78,7 +78,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.cloud.process import ServerProcess, free_port  # noqa: E402
+from agent.cloud.process import ServerProcess  # noqa: E402
+from hardware.postgres import free_port  # noqa: E402
 
 DEFAULT_SECONDS = 10
 DEFAULT_CONNECTIONS = 32

@@ -46,7 +46,7 @@ from agent.sync.groups import HEADS_EVERY
 from agent.sync.ids import id_text
 from agent.sync.messages import Message
 from agent.sync.protocol import SyncNode
-from agent.sync.sealing import SYNC_STORE_KEY_PURPOSE, StoreSealer
+from agent.sync.sealing import StoreSealer
 from agent.sync.store import SyncStore
 from agent.sync.transport import summarize, worth_sending
 from janus_hsm import b64url
@@ -82,7 +82,7 @@ class Direct:
         """``vault`` keeps when heads were last offered to each device (in memory
         without one)."""
         directory.mkdir(mode=0o700, exist_ok=True)
-        sealer = None if vault is None else StoreSealer(vault.derived_key(SYNC_STORE_KEY_PURPOSE))
+        sealer = None if vault is None else StoreSealer.of_vault(vault)
         self.store = SyncStore(directory / DIRECT_DB, sealer=sealer)
         self.node = node
         self.keys = DeviceSyncKeys() if keys is None else keys

@@ -72,7 +72,7 @@ from agent.sync.group_rules import GroupRules
 from agent.sync.ids import ID_BYTES, id_bytes, new_conversation_id
 from agent.sync.messages import MAX_BODY, Message
 from agent.sync.protocol import Limits, SyncNode
-from agent.sync.sealing import SYNC_STORE_KEY_PURPOSE, StoreSealer
+from agent.sync.sealing import StoreSealer
 from agent.sync.store import SyncStore
 from agent.sync.sync_key import SyncKey, certify, parse_certificate
 from agent.sync.transport import (
@@ -155,8 +155,9 @@ class Groups:
         self._exit = contextlib.ExitStack()
         self._exit.enter_context(locked_file(directory / ".lock"))
         try:
-            sealer = StoreSealer(rels.vault.derived_key(SYNC_STORE_KEY_PURPOSE))
-            self.store = SyncStore(directory / STORE_FILE, durable=durable, sealer=sealer)
+            self.store = SyncStore(
+                directory / STORE_FILE, durable=durable, sealer=StoreSealer.of_vault(rels.vault)
+            )
             self._exit.callback(self.store.close)
             self._load(limits)
         except BaseException:

@@ -13,12 +13,15 @@ causal delivery needs them, and an id is a hash that says nothing of the body.
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.sync.errors import StoreError
+
+if TYPE_CHECKING:
+    from agent.relationships.vault import Vault
 
 #: What the vault derives the sync stores' key for (``Vault.derived_key``).
 SYNC_STORE_KEY_PURPOSE: Final = "sync-store"
@@ -35,6 +38,11 @@ class StoreSealer:
         if len(key) != 32:
             raise ValueError("a sync store key is 32 bytes")
         self._aead = AESGCM(key)
+
+    @classmethod
+    def of_vault(cls, vault: Vault) -> StoreSealer:
+        """The sealer of every sync store of the state whose vault this is."""
+        return cls(vault.derived_key(SYNC_STORE_KEY_PURPOSE))
 
     @staticmethod
     def _aad(conv: bytes, mid: bytes) -> bytes:

@@ -145,7 +145,21 @@ class SyncStore:
 
     def _check_sealing(self, sealer: StoreSealer | None) -> StoreSealer | None:
         """The sealer the store is to use: the one it was sealed with, or none."""
-        row = self._db.execute("SELECT value FROM store_meta WHERE name = 'sealed'").fetchone()
+        rows = []
+        # One transaction for the check and the sealing: two processes opening an unsealed
+        # store at once seal it once, and the second sees the first's mark.
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM store_meta WHERE name = 'sealed'").fetchone()
+            if row is None and sealer is not None:
+                rows = db.execute("SELECT conv, id, encoded FROM messages").fetchall()
+                db.executemany(
+                    "UPDATE messages SET encoded = ? WHERE conv = ? AND id = ?",
+                    [(sealer.seal(conv, mid, encoded), conv, mid) for conv, mid, encoded in rows],
+                )
+                db.execute(
+                    "INSERT INTO store_meta (name, value) VALUES ('sealed', ?)",
+                    (sealer.check_value(),),
+                )
         if row is not None:
             if sealer is None:
                 raise StoreError(
@@ -158,18 +172,6 @@ class SyncStore:
                     "device's state (its token)"
                 )
             return sealer
-        if sealer is None:
-            return None
-        with self._transaction() as db:
-            rows = db.execute("SELECT conv, id, encoded FROM messages").fetchall()
-            db.executemany(
-                "UPDATE messages SET encoded = ? WHERE conv = ? AND id = ?",
-                [(sealer.seal(conv, mid, encoded), conv, mid) for conv, mid, encoded in rows],
-            )
-            db.execute(
-                "INSERT INTO store_meta (name, value) VALUES ('sealed', ?)",
-                (sealer.check_value(),),
-            )
         if rows and self.path != ":memory:":
             # The plaintext bodies were in pages that are free now: rebuild the file
             # and empty the WAL, so that no page still holds one.

@@ -98,13 +98,12 @@ _READ_STORE = """
 import base64, json, sys
 from pathlib import Path
 from agent.relationships.manager import Relationships
-from agent.sync.sealing import SYNC_STORE_KEY_PURPOSE, StoreSealer
+from agent.sync.sealing import StoreSealer
 from agent.sync.store import SyncStore
 
 state, name = Path(sys.argv[1]), sys.argv[2]
 with Relationships.open(state) as rels:
-    sealer = StoreSealer(rels.vault.derived_key(SYNC_STORE_KEY_PURPOSE))
-    store = SyncStore(state / "sync" / name, sealer=sealer)
+    store = SyncStore(state / "sync" / name, sealer=StoreSealer.of_vault(rels.vault))
     shown = [m for conv in store.conversations() for _, m in store.delivered(conv)]
     store.close()
 print(json.dumps({

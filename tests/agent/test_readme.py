@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from agent.cloud.process import free_port
+from hardware.postgres import free_port
 from hardware.softhsm import ensure_token
 
 ROOT = Path(__file__).resolve().parents[2]

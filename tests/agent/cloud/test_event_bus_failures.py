@@ -19,9 +19,9 @@ import pytest
 
 from agent.bus.base import open_bus
 from agent.bus.events import Event, sign_event
-from agent.cloud.process import CloudProcess, free_port
+from agent.cloud.process import CloudProcess
 from hardware.nats_server import NatsServer
-from hardware.postgres import PostgresCluster, start_cluster
+from hardware.postgres import PostgresCluster, free_port, start_cluster
 from janus_hsm.algorithms import Algorithm
 from tests.agent.bus.conftest import drop_schema, new_schema, with_schema
 from tests.agent.cloud.bus_helpers import Owner, code, pay, start_instance, until, wait_caught_up

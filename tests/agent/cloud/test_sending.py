@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.cloud.process import CloudProcess, free_port
+from agent.cloud.process import CloudProcess
 from agent.edge.agent import EdgeAgent
 from agent.relationships.delivery import (
     SENDING_RESOURCE,
@@ -26,6 +26,7 @@ from agent.relationships.delivery import (
     ServiceError,
     seal_address,
 )
+from hardware.postgres import free_port
 from hardware.softhsm import SoftHSMToken
 from janus_hsm.public_keys import b64url_decode
 from policies.abilities import Ability

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.cloud.process import free_port
 from agent.hsm_service.client import HsmClientError, HsmUnreachableError
+from hardware.postgres import free_port
 from janus_hsm.provider import KeyHandle
 from tests.agent.hsm_service.hsmprocess import HsmServiceProcess, client
 

@@ -140,7 +140,7 @@ def test_missing_client_identity_is_a_clear_error(
 
 
 def test_unreachable_service_is_a_clear_error(as_client: Path) -> None:
-    from agent.cloud.process import free_port
+    from hardware.postgres import free_port
 
     key_ = f"hsm+http://127.0.0.1:{free_port()}/keys/hsm-sign"
     with pytest.raises(HsmProviderError) as exc:
